@@ -1,0 +1,298 @@
+//! Domain records as the store keeps them. Secrets appear only as [`SecretHash`]es or sealed
+//! (AEAD-encrypted) blobs, and every `Debug` here is safe to log.
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::UnixTime;
+use crate::crypto::secrets::SecretHash;
+use crate::crypto::signing::Algorithm;
+use crate::error::{Error, Result};
+use crate::ids::{ClientId, Email, PermissionName, RoleName, ScopeName, Slug};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Organisation {
+    pub id: String,
+    pub slug: Slug,
+    pub name: String,
+    pub created_at: UnixTime,
+    pub updated_at: UnixTime,
+}
+
+/// A resource server: the audience its tokens carry, and the scopes, roles and permissions it defines.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Service {
+    pub id: String,
+    pub org_id: String,
+    pub slug: Slug,
+    pub name: String,
+    pub audience: String,
+    pub scopes: Vec<ScopeName>,
+    pub roles: Vec<RoleName>,
+    pub permissions: Vec<PermissionName>,
+    pub created_at: UnixTime,
+    pub updated_at: UnixTime,
+}
+
+/// One permission granted to one role within an organisation.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct RoleGrant {
+    pub role: RoleName,
+    pub permission: PermissionName,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantType {
+    ClientCredentials,
+    AuthorizationCode,
+    RefreshToken,
+}
+
+impl GrantType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientCredentials => "client_credentials",
+            Self::AuthorizationCode => "authorization_code",
+            Self::RefreshToken => "refresh_token",
+        }
+    }
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "client_credentials" => Ok(Self::ClientCredentials),
+            "authorization_code" => Ok(Self::AuthorizationCode),
+            "refresh_token" => Ok(Self::RefreshToken),
+            _ => Err(Error::invalid(format!(
+                "unknown grant type {s:?}: expected client_credentials, authorization_code or refresh_token"
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMethod {
+    ClientSecretBasic,
+    ClientSecretPost,
+    PrivateKeyJwt,
+    TlsClientAuth,
+    None,
+}
+
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientSecretBasic => "client_secret_basic",
+            Self::ClientSecretPost => "client_secret_post",
+            Self::PrivateKeyJwt => "private_key_jwt",
+            Self::TlsClientAuth => "tls_client_auth",
+            Self::None => "none",
+        }
+    }
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "client_secret_basic" => Ok(Self::ClientSecretBasic),
+            "client_secret_post" => Ok(Self::ClientSecretPost),
+            "private_key_jwt" => Ok(Self::PrivateKeyJwt),
+            "tls_client_auth" => Ok(Self::TlsClientAuth),
+            "none" => Ok(Self::None),
+            _ => Err(Error::invalid(format!(
+                "unknown token_endpoint_auth_method {s:?}: expected client_secret_basic, client_secret_post, private_key_jwt, tls_client_auth or none"
+            ))),
+        }
+    }
+    pub fn uses_secret(self) -> bool {
+        matches!(self, Self::ClientSecretBasic | Self::ClientSecretPost)
+    }
+}
+
+/// An OAuth client. `secret_hash` is the keyed hash of the current secret; during a rotation
+/// grace period `previous_secret_hash` is accepted until `previous_secret_expires_at`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Application {
+    pub id: String,
+    pub org_id: String,
+    pub slug: Slug,
+    pub client_id: ClientId,
+    pub name: String,
+    pub grant_types: Vec<GrantType>,
+    pub scopes: Vec<ScopeName>,
+    pub roles: Vec<RoleName>,
+    pub auth_method: AuthMethod,
+    pub redirect_uris: Vec<String>,
+    pub access_token_lifetime: i64,
+    pub signing_alg: Algorithm,
+    pub enabled: bool,
+    pub secret_hash: Option<SecretHash>,
+    pub previous_secret_hash: Option<SecretHash>,
+    pub previous_secret_expires_at: Option<UnixTime>,
+    pub created_at: UnixTime,
+    pub updated_at: UnixTime,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct User {
+    pub id: String,
+    pub org_id: String,
+    pub email: Email,
+    pub name: Option<String>,
+    /// Argon2id PHC string.
+    pub password_hash: Option<String>,
+    pub roles: Vec<RoleName>,
+    pub enabled: bool,
+    pub created_at: UnixTime,
+    pub updated_at: UnixTime,
+}
+
+impl std::fmt::Debug for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("User")
+            .field("id", &self.id)
+            .field("org_id", &self.org_id)
+            .field("email", &self.email)
+            .field("roles", &self.roles)
+            .field("enabled", &self.enabled)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyState {
+    /// Published in the JWKS, not yet signing.
+    Next,
+    /// Signing.
+    Current,
+    /// Published until every token it signed has expired.
+    Retired,
+}
+
+impl KeyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Next => "next",
+            Self::Current => "current",
+            Self::Retired => "retired",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "next" => Some(Self::Next),
+            "current" => Some(Self::Current),
+            "retired" => Some(Self::Retired),
+            _ => None,
+        }
+    }
+}
+
+/// A token signing key at rest: the private key is sealed with the master key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredSigningKey {
+    pub kid: String,
+    pub alg: Algorithm,
+    pub state: KeyState,
+    pub sealed_private_key: Vec<u8>,
+    pub created_at: UnixTime,
+    pub activated_at: Option<UnixTime>,
+    /// For retired keys: when it may leave the JWKS.
+    pub expires_at: Option<UnixTime>,
+}
+
+impl std::fmt::Debug for StoredSigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredSigningKey")
+            .field("kid", &self.kid)
+            .field("alg", &self.alg)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaKind {
+    Root,
+    Issuing,
+}
+
+impl CaKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Root => "root",
+            Self::Issuing => "issuing",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "root" => Some(Self::Root),
+            "issuing" => Some(Self::Issuing),
+            _ => None,
+        }
+    }
+}
+
+/// A CA certificate and its sealed private key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CaCertificate {
+    pub id: String,
+    pub kind: CaKind,
+    pub subject: String,
+    pub certificate_pem: String,
+    pub sealed_private_key: Vec<u8>,
+    pub not_before: UnixTime,
+    pub not_after: UnixTime,
+    pub active: bool,
+    pub created_at: UnixTime,
+}
+
+impl std::fmt::Debug for CaCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaCertificate")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("subject", &self.subject)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An access token revoked before its expiry (RFC 7009): kept until `expires_at`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedToken {
+    pub jti: String,
+    pub client_id: String,
+    pub expires_at: UnixTime,
+    pub revoked_at: UnixTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditEvent {
+    pub id: String,
+    pub at: UnixTime,
+    pub org_id: Option<String>,
+    /// Who acted: a client id, user id, `system` or, for failed authentication, what was presented.
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    /// `success` or `failure`.
+    pub outcome: String,
+    pub ip: Option<String>,
+    pub details: serde_json::Value,
+}
+
+/// Offset pagination, bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    pub limit: u32,
+    pub offset: u64,
+}
+
+impl Page {
+    pub const MAX_LIMIT: u32 = 500;
+    pub fn new(limit: Option<u32>, offset: Option<u64>) -> Self {
+        Self { limit: limit.unwrap_or(100).clamp(1, Self::MAX_LIMIT), offset: offset.unwrap_or(0) }
+    }
+}
+
+impl Default for Page {
+    fn default() -> Self {
+        Self::new(None, None)
+    }
+}

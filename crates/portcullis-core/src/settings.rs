@@ -1,0 +1,40 @@
+//! The core's typed settings, built by the binary from its configuration. Values here are
+//! already valid: the binary's parser refuses anything else.
+
+use crate::crypto::signing::Algorithm;
+
+#[derive(Debug, Clone)]
+pub struct CoreSettings {
+    /// External base URL without a trailing slash; the `iss` of every token.
+    pub issuer: String,
+    /// Algorithms with a signing key; applications may choose among them.
+    pub signing_algorithms: Vec<Algorithm>,
+    pub default_access_token_lifetime: i64,
+    pub max_access_token_lifetime: i64,
+    /// Seconds between automatic signing-key rotations; 0 disables them.
+    pub key_rotation_interval: i64,
+    /// Default grace period during which a rotated-out client secret still works.
+    pub secret_rotation_grace: i64,
+    /// How long a cached client or service list may be served before it is re-read.
+    pub cache_ttl: i64,
+    pub bootstrap_admin_email: String,
+}
+
+impl CoreSettings {
+    pub fn for_issuer(issuer: &str) -> Self {
+        Self {
+            issuer: issuer.trim_end_matches('/').to_owned(),
+            signing_algorithms: Algorithm::ALL.to_vec(),
+            default_access_token_lifetime: 900,
+            max_access_token_lifetime: 86_400,
+            key_rotation_interval: 90 * 86_400,
+            secret_rotation_grace: 86_400,
+            cache_ttl: 30,
+            bootstrap_admin_email: "admin@portcullis.local".into(),
+        }
+    }
+    /// How long a retired key stays published: every token it signed has expired by then.
+    pub fn retired_key_publish_secs(&self) -> i64 {
+        self.max_access_token_lifetime + 300
+    }
+}

@@ -1,0 +1,843 @@
+//! Admin use cases: organisations, services (scopes, roles, permissions), role grants,
+//! applications (with secret rotation), users, audit events, and the authorization check.
+
+use std::collections::BTreeSet;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use super::*;
+use crate::crypto::password;
+use crate::crypto::secrets::{SecretHash, generate_secret};
+use crate::crypto::signing::Algorithm;
+use crate::ids::{ClientId, Email, PermissionName};
+use crate::model::{AuditEvent, AuthMethod, GrantType, Page, RoleGrant, User};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewOrganisation {
+    pub slug: String,
+    pub name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewService {
+    pub slug: String,
+    pub name: String,
+    pub audience: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default)]
+    pub permissions: Vec<String>,
+    /// role → permissions granted to it.
+    #[serde(default)]
+    pub grants: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewApplication {
+    pub slug: String,
+    pub name: String,
+    #[serde(default)]
+    pub grant_types: Option<Vec<String>>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default)]
+    pub token_endpoint_auth_method: Option<String>,
+    #[serde(default)]
+    pub redirect_uris: Vec<String>,
+    #[serde(default)]
+    pub access_token_lifetime: Option<i64>,
+    #[serde(default)]
+    pub access_token_signing_alg: Option<String>,
+    #[serde(default)]
+    pub enabled: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplicationPatch {
+    pub name: Option<String>,
+    pub grant_types: Option<Vec<String>>,
+    pub scopes: Option<Vec<String>>,
+    pub roles: Option<Vec<String>>,
+    pub redirect_uris: Option<Vec<String>>,
+    pub access_token_lifetime: Option<i64>,
+    pub access_token_signing_alg: Option<String>,
+    pub enabled: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretRotation {
+    /// Seconds the previous secret keeps working; default from settings, 0 ends it at once.
+    pub grace_period: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewUser {
+    pub email: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub password: Option<SecretString>,
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+impl std::fmt::Debug for NewUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewUser").field("email", &self.email).field("roles", &self.roles).finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthzCheck {
+    pub subject: String,
+    pub permission: String,
+    #[serde(default)]
+    pub resource: Option<String>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct AuthzDecision {
+    pub allowed: bool,
+    pub reason: String,
+}
+
+/// The public view of an application: never a secret or a hash.
+#[derive(Debug, Serialize)]
+pub struct ApplicationView {
+    pub client_id: String,
+    pub organisation: String,
+    pub slug: String,
+    pub name: String,
+    pub grant_types: Vec<&'static str>,
+    pub scopes: Vec<String>,
+    pub roles: Vec<String>,
+    pub token_endpoint_auth_method: &'static str,
+    pub redirect_uris: Vec<String>,
+    pub access_token_lifetime: i64,
+    pub access_token_signing_alg: &'static str,
+    pub enabled: bool,
+    pub previous_secret_expires_at: Option<UnixTime>,
+    pub created_at: UnixTime,
+    pub updated_at: UnixTime,
+}
+
+impl ApplicationView {
+    pub fn new(app: &Application, org_slug: &str) -> Self {
+        Self {
+            client_id: app.client_id.to_string(),
+            organisation: org_slug.to_owned(),
+            slug: app.slug.to_string(),
+            name: app.name.clone(),
+            grant_types: app.grant_types.iter().map(|g| g.as_str()).collect(),
+            scopes: app.scopes.iter().map(ToString::to_string).collect(),
+            roles: app.roles.iter().map(ToString::to_string).collect(),
+            token_endpoint_auth_method: app.auth_method.as_str(),
+            redirect_uris: app.redirect_uris.clone(),
+            access_token_lifetime: app.access_token_lifetime,
+            access_token_signing_alg: app.signing_alg.as_str(),
+            enabled: app.enabled,
+            previous_secret_expires_at: app.previous_secret_expires_at,
+            created_at: app.created_at,
+            updated_at: app.updated_at,
+        }
+    }
+}
+
+/// Created application: the secret is shown here and never again.
+#[derive(Debug)]
+pub struct CreatedApplication {
+    pub app: Application,
+    pub client_secret: Option<SecretString>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct UserView {
+    pub id: String,
+    pub email: String,
+    pub name: Option<String>,
+    pub roles: Vec<String>,
+    pub enabled: bool,
+    pub created_at: UnixTime,
+}
+
+impl From<&User> for UserView {
+    fn from(u: &User) -> Self {
+        Self {
+            id: u.id.clone(),
+            email: u.email.to_string(),
+            name: u.name.clone(),
+            roles: u.roles.iter().map(ToString::to_string).collect(),
+            enabled: u.enabled,
+            created_at: u.created_at,
+        }
+    }
+}
+
+fn parse_all<T>(items: &[String], f: impl Fn(&str) -> Result<T>) -> Result<Vec<T>> {
+    items.iter().map(|s| f(s)).collect()
+}
+
+fn dedup<T: Ord + Clone>(v: Vec<T>) -> Vec<T> {
+    v.into_iter().collect::<BTreeSet<_>>().into_iter().collect()
+}
+
+fn check_name(name: &str) -> Result<String> {
+    let n = name.trim();
+    if n.is_empty() || n.chars().count() > 200 || n.chars().any(char::is_control) {
+        return Err(Error::invalid("name must be 1 to 200 characters without control characters"));
+    }
+    Ok(n.to_owned())
+}
+
+/// Audiences are absolute URIs (RFC 8707 §2): a scheme, no fragment, ≤ 512 bytes.
+fn check_audience(a: &str) -> Result<()> {
+    let scheme_ok = a.split_once(':').is_some_and(|(s, rest)| {
+        !s.is_empty()
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+            && s.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+            && !rest.is_empty()
+    });
+    if !scheme_ok || a.len() > 512 || a.contains('#') || a.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Error::invalid(format!(
+            "invalid audience {:?}: expected an absolute URI without fragment, e.g. https://payments.example.com",
+            a.chars().take(64).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
+fn check_redirect_uri(u: &str) -> Result<String> {
+    let ok = (u.starts_with("https://") || u.starts_with("http://"))
+        && u.len() <= 2048
+        && !u.contains('#')
+        && !u.chars().any(|c| c.is_whitespace() || c.is_control());
+    if !ok {
+        return Err(Error::invalid(format!(
+            "invalid redirect URI {:?}: expected an absolute http(s) URL without fragment",
+            u.chars().take(64).collect::<String>()
+        )));
+    }
+    Ok(u.to_owned())
+}
+
+impl Portcullis {
+    // ---- organisations ------------------------------------------------------------------
+
+    pub async fn create_organisation(
+        &self,
+        who: &Principal,
+        ctx: &RequestContext,
+        req: NewOrganisation,
+    ) -> Result<Organisation> {
+        who.ensure_platform_admin()?;
+        let slug = Slug::parse(&req.slug)?;
+        let now = self.now();
+        let org = Organisation { id: new_id(), slug, name: check_name(&req.name)?, created_at: now, updated_at: now };
+        let ev = self.audit(
+            ctx,
+            &who.subject,
+            Some(&org.id),
+            "organisation.create",
+            org.slug.as_str(),
+            serde_json::json!({}),
+        );
+        self.store.create_organisation(&org, &ev).await.map_err(|e| conflict(e, "organisation", org.slug.as_str()))?;
+        Ok(org)
+    }
+
+    pub async fn organisation(&self, who: &Principal, slug: &str) -> Result<Organisation> {
+        who.ensure_admin(slug)?;
+        self.organisation_or_404(slug).await
+    }
+
+    pub async fn organisations(&self, who: &Principal, page: Page) -> Result<Vec<Organisation>> {
+        if who.is_platform_admin() {
+            return Ok(self.store.organisations(page).await?);
+        }
+        who.ensure_admin(&who.org)?;
+        Ok(vec![self.organisation_or_404(&who.org).await?])
+    }
+
+    // ---- services and roles ---------------------------------------------------------------
+
+    pub async fn create_service(
+        &self,
+        who: &Principal,
+        ctx: &RequestContext,
+        org_slug: &str,
+        req: NewService,
+    ) -> Result<Service> {
+        who.ensure_admin(org_slug)?;
+        let org = self.organisation_or_404(org_slug).await?;
+        let slug = Slug::parse(&req.slug)?;
+        if slug.as_str() == PLATFORM_SERVICE {
+            return Err(Error::invalid(format!("service slug {PLATFORM_SERVICE:?} is reserved")));
+        }
+        check_audience(&req.audience)?;
+        if req.audience == self.settings.issuer {
+            return Err(Error::invalid("a service audience cannot be the issuer"));
+        }
+        let owned = |svc: &str, what: &str, item: &str| -> Result<()> {
+            if svc == slug.as_str() {
+                Ok(())
+            } else {
+                Err(Error::invalid(format!("{what} {item:?} must start with this service's slug {:?}", slug.as_str())))
+            }
+        };
+        let scopes = dedup(parse_all(&req.scopes, crate::ids::ScopeName::parse)?);
+        for s in &scopes {
+            owned(s.service().unwrap_or_default(), "scope", s.as_str())?;
+        }
+        let roles = dedup(parse_all(&req.roles, RoleName::parse)?);
+        for r in &roles {
+            owned(r.service(), "role", r.as_str())?;
+        }
+        let permissions = dedup(parse_all(&req.permissions, PermissionName::parse)?);
+        for p in &permissions {
+            owned(p.service(), "permission", p.as_str())?;
+        }
+        let mut grants = Vec::new();
+        for (role, perms) in &req.grants {
+            let role = RoleName::parse(role)?;
+            if !roles.contains(&role) {
+                return Err(Error::invalid(format!("grants name role {role:?}, which is not in this service's roles")));
+            }
+            for p in perms {
+                let p = PermissionName::parse(p)?;
+                if !permissions.contains(&p) {
+                    return Err(Error::invalid(format!(
+                        "grants name permission {p:?}, which is not in this service's permissions"
+                    )));
+                }
+                grants.push(RoleGrant { role: role.clone(), permission: p });
+            }
+        }
+        let now = self.now();
+        let svc = Service {
+            id: new_id(),
+            org_id: org.id.clone(),
+            slug,
+            name: check_name(&req.name)?,
+            audience: req.audience,
+            scopes,
+            roles,
+            permissions,
+            created_at: now,
+            updated_at: now,
+        };
+        let ev = self.audit(
+            ctx,
+            &who.subject,
+            Some(&org.id),
+            "service.create",
+            svc.slug.as_str(),
+            serde_json::json!({ "audience": svc.audience }),
+        );
+        self.store
+            .create_service(&svc, &dedup(grants), &ev)
+            .await
+            .map_err(|e| conflict(e, "service (or audience)", svc.slug.as_str()))?;
+        self.forget_services(&org.id);
+        Ok(svc)
+    }
+
+    pub async fn services(&self, who: &Principal, org_slug: &str) -> Result<Vec<Service>> {
+        who.ensure_admin(org_slug)?;
+        let org = self.organisation_or_404(org_slug).await?;
+        Ok(self.store.services(&org.id).await?)
+    }
+
+    pub async fn service(&self, who: &Principal, org_slug: &str, slug: &str) -> Result<Service> {
+        who.ensure_admin(org_slug)?;
+        let org = self.organisation_or_404(org_slug).await?;
+        self.store.service(&org.id, slug).await?.ok_or_else(|| Error::NotFound(format!("service {slug:?}")))
+    }
+
+    pub async fn delete_service(
+        &self,
+        who: &Principal,
+        ctx: &RequestContext,
+        org_slug: &str,
+        slug: &str,
+    ) -> Result<()> {
+        who.ensure_admin(org_slug)?;
+        let org = self.organisation_or_404(org_slug).await?;
+        let ev = self.audit(ctx, &who.subject, Some(&org.id), "service.delete", slug, serde_json::json!({}));
+        if !self.store.delete_service(&org.id, slug, &ev).await? {
+            return Err(Error::NotFound(format!("service {slug:?}")));
+        }
+        self.forget_services(&org.id);
+        Ok(())
+    }
+
+    /// Every role defined in the organisation with the permissions granted to it.
+    pub async fn roles(&self, who: &Principal, org_slug: &str) -> Result<Vec<(RoleName, Vec<PermissionName>)>> {
+        who.ensure_admin(org_slug)?;
+        let org = self.organisation_or_404(org_slug).await?;
+        let grants = self.store.role_grants(&org.id).await?;
+        let mut out = Vec::new();
+        for svc in self.store.services(&org.id).await? {
+            for role in svc.roles {
+                let perms = grants.iter().filter(|g| g.role == role).map(|g| g.permission.clone()).collect();
+                out.push((role, perms));
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn set_role_permissions(
+        &self,
+        who: &Principal,
+        ctx: &RequestContext,
+        org_slug: &str,
+        role: &str,
+        permissions: Vec<String>,
+    ) -> Result<()> {
+        who.ensure_admin(org_slug)?;
+        let org = self.organisation_or_404(org_slug).await?;
+        let role = RoleName::parse(role)?;
+        let services = self.store.services(&org.id).await?;
+        let Some(svc) = services.iter().find(|s| s.roles.contains(&role)) else {
+            return Err(Error::NotFound(format!("role {role:?}")));
+        };
+        let perms = dedup(parse_all(&permissions, PermissionName::parse)?);
+        for p in &perms {
+            if !svc.permissions.contains(p) {
+                return Err(Error::invalid(format!(
+                    "permission {p:?} is not defined by service {:?}",
+                    svc.slug.as_str()
+                )));
+            }
+        }
+        let ev = self.audit(
+            ctx,
+            &who.subject,
+            Some(&org.id),
+            "role.set_permissions",
+            role.as_str(),
+            serde_json::json!({ "permissions": perms }),
+        );
+        self.store.set_role_permissions(&org.id, &role, &perms, &ev).await?;
+        Ok(())
+    }
+
+    // ---- applications -------------------------------------------------------------------
+
+    /// Checks that roles and scopes exist in the organisation and that the caller may grant them.
+    async fn check_grantable(
+        &self,
+        who: &Principal,
+        org: &Organisation,
+        roles: &[RoleName],
+        scopes: &[crate::ids::ScopeName],
+    ) -> Result<()> {
+        let services = self.store.services(&org.id).await?;
+        for r in roles {
+            if r.service() == PLATFORM_SERVICE {
+                let allowed = match r.as_str() {
+                    ROLE_ORG_ADMIN => who.can_admin(org.slug.as_str()),
+                    ROLE_PLATFORM_ADMIN | ROLE_GATEWAY => who.is_platform_admin(),
+                    _ => return Err(Error::invalid(format!("role {r:?} does not exist"))),
+                };
+                if !allowed {
+                    return Err(Error::Forbidden(format!("granting {r} requires a platform admin")));
+                }
+            } else if !services.iter().any(|s| s.roles.contains(r)) {
+                return Err(Error::invalid(format!(
+                    "role {r:?} is not defined by any service of organisation {}",
+                    org.slug
+                )));
+            }
+        }
+        for s in scopes {
+            if s.service().is_some() && !services.iter().any(|svc| svc.scopes.contains(s)) {
+                return Err(Error::invalid(format!(
+                    "scope {s:?} is not defined by any service of organisation {}",
+                    org.slug
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_lifetime(&self, l: i64) -> Result<i64> {
+        if !(30..=self.settings.max_access_token_lifetime).contains(&l) {
+            return Err(Error::invalid(format!(
+                "access_token_lifetime must be 30 to {} seconds",
+                self.settings.max_access_token_lifetime
+            )));
+        }
+        Ok(l)
+    }
+
+    fn check_alg(&self, a: &str) -> Result<Algorithm> {
+        let alg = Algorithm::parse(a)?;
+        if !self.settings.signing_algorithms.contains(&alg) {
+            return Err(Error::invalid(format!("signing algorithm {alg} is not enabled on this server")));
+        }
+        Ok(alg)
+    }
+
+    pub async fn create_application(
+        &self,
+        who: &Principal,
+        ctx: &RequestContext,
+        org_slug: &str,
+        req: NewApplication,
+    ) -> Result<CreatedApplication> {
+        who.ensure_admin(org_slug)?;
+        let org = self.organisation_or_404(org_slug).await?;
+        let slug = Slug::parse(&req.slug)?;
+        let grant_types = dedup_grants(parse_all(
+            req.grant_types.as_deref().unwrap_or(&["client_credentials".into()]),
+            GrantType::parse,
+        )?);
+        if grant_types.is_empty() {
+            return Err(Error::invalid("grant_types must name at least one grant"));
+        }
+        let auth_method =
+            AuthMethod::parse(req.token_endpoint_auth_method.as_deref().unwrap_or("client_secret_basic"))?;
+        if !auth_method.uses_secret() {
+            return Err(Error::invalid(format!(
+                "token_endpoint_auth_method {} is not available yet: use client_secret_basic or client_secret_post",
+                auth_method.as_str()
+            )));
+        }
+        let scopes = dedup(parse_all(&req.scopes, crate::ids::ScopeName::parse)?);
+        let roles = dedup(parse_all(&req.roles, RoleName::parse)?);
+        self.check_grantable(who, &org, &roles, &scopes).await?;
+        let redirect_uris = parse_all(&req.redirect_uris, check_redirect_uri)?;
+        let lifetime =
+            self.check_lifetime(req.access_token_lifetime.unwrap_or(self.settings.default_access_token_lifetime))?;
+        let signing_alg = self.check_alg(req.access_token_signing_alg.as_deref().unwrap_or("ES256"))?;
+        let secret = generate_secret()?;
+        let now = self.now();
+        let app = Application {
+            id: new_id(),
+            org_id: org.id.clone(),
+            client_id: ClientId::new(&org.slug, &slug),
+            slug,
+            name: check_name(&req.name)?,
+            grant_types,
+            scopes,
+            roles,
+            auth_method,
+            redirect_uris,
+            access_token_lifetime: lifetime,
+            signing_alg,
+            enabled: req.enabled.unwrap_or(true),
+            secret_hash: Some(SecretHash::of(self.vault.as_ref(), secret.expose_secret())),
+            previous_secret_hash: None,
+            previous_secret_expires_at: None,
+            created_at: now,
+            updated_at: now,
+        };
+        let ev = self.audit(
+            ctx,
+            &who.subject,
+            Some(&org.id),
+            "application.create",
+            app.client_id.as_str(),
+            serde_json::json!({ "roles": app.roles, "scopes": app.scopes }),
+        );
+        self.store
+            .create_application(&app, &ev)
+            .await
+            .map_err(|e| conflict(e, "application", app.client_id.as_str()))?;
+        self.forget_client(app.client_id.as_str());
+        Ok(CreatedApplication { app, client_secret: Some(secret) })
+    }
+
+    async fn app_in_org(&self, org: &Organisation, app_slug: &str) -> Result<Application> {
+        let client_id = format!("{}${}", org.slug, app_slug);
+        self.store
+            .application(&client_id)
+            .await?
+            .filter(|a| a.org_id == org.id)
+            .ok_or_else(|| Error::NotFound(format!("application {client_id:?}")))
+    }
+
+    pub async fn application(&self, who: &Principal, org_slug: &str, app_slug: &str) -> Result<Application> {
+        who.ensure_admin(org_slug)?;
+        let org = self.organisation_or_404(org_slug).await?;
+        self.app_in_org(&org, app_slug).await
+    }
+
+    pub async fn applications(&self, who: &Principal, org_slug: &str, page: Page) -> Result<Vec<Application>> {
+        who.ensure_admin(org_slug)?;
+        let org = self.organisation_or_404(org_slug).await?;
+        Ok(self.store.applications(&org.id, page).await?)
+    }
+
+    pub async fn update_application(
+        &self,
+        who: &Principal,
+        ctx: &RequestContext,
+        org_slug: &str,
+        app_slug: &str,
+        patch: ApplicationPatch,
+    ) -> Result<Application> {
+        who.ensure_admin(org_slug)?;
+        let org = self.organisation_or_404(org_slug).await?;
+        let old = self.app_in_org(&org, app_slug).await?;
+        let mut app = old.clone();
+        if let Some(n) = &patch.name {
+            app.name = check_name(n)?;
+        }
+        if let Some(g) = &patch.grant_types {
+            app.grant_types = dedup_grants(parse_all(g, GrantType::parse)?);
+            if app.grant_types.is_empty() {
+                return Err(Error::invalid("grant_types must name at least one grant"));
+            }
+        }
+        if let Some(s) = &patch.scopes {
+            app.scopes = dedup(parse_all(s, crate::ids::ScopeName::parse)?);
+        }
+        if let Some(r) = &patch.roles {
+            app.roles = dedup(parse_all(r, RoleName::parse)?);
+        }
+        let added_roles: Vec<_> = app.roles.iter().filter(|r| !old.roles.contains(r)).cloned().collect();
+        let added_scopes: Vec<_> = app.scopes.iter().filter(|s| !old.scopes.contains(s)).cloned().collect();
+        self.check_grantable(who, &org, &added_roles, &added_scopes).await?;
+        if let Some(u) = &patch.redirect_uris {
+            app.redirect_uris = parse_all(u, check_redirect_uri)?;
+        }
+        if let Some(l) = patch.access_token_lifetime {
+            app.access_token_lifetime = self.check_lifetime(l)?;
+        }
+        if let Some(a) = &patch.access_token_signing_alg {
+            app.signing_alg = self.check_alg(a)?;
+        }
+        if let Some(e) = patch.enabled {
+            app.enabled = e;
+        }
+        app.updated_at = self.now().max(old.updated_at + 1);
+        let ev = self.audit(
+            ctx,
+            &who.subject,
+            Some(&org.id),
+            "application.update",
+            app.client_id.as_str(),
+            serde_json::json!({ "enabled": app.enabled, "roles": app.roles, "scopes": app.scopes }),
+        );
+        self.store
+            .update_application(&app, old.updated_at, &ev)
+            .await
+            .map_err(|e| conflict(e, "application", app.client_id.as_str()))?;
+        self.forget_client(app.client_id.as_str());
+        Ok(app)
+    }
+
+    /// New secret now; the old one keeps working for the grace period.
+    pub async fn rotate_client_secret(
+        &self,
+        who: &Principal,
+        ctx: &RequestContext,
+        org_slug: &str,
+        app_slug: &str,
+        req: SecretRotation,
+    ) -> Result<(Application, SecretString)> {
+        who.ensure_admin(org_slug)?;
+        let org = self.organisation_or_404(org_slug).await?;
+        let old = self.app_in_org(&org, app_slug).await?;
+        if !old.auth_method.uses_secret() {
+            return Err(Error::invalid("this application does not authenticate with a secret"));
+        }
+        let grace = req.grace_period.unwrap_or(self.settings.secret_rotation_grace);
+        if !(0..=30 * 86_400).contains(&grace) {
+            return Err(Error::invalid("grace_period must be 0 to 2592000 seconds"));
+        }
+        let secret = generate_secret()?;
+        let now = self.now();
+        let mut app = old.clone();
+        app.previous_secret_hash = if grace > 0 { old.secret_hash.clone() } else { None };
+        app.previous_secret_expires_at = (grace > 0).then_some(now + grace);
+        app.secret_hash = Some(SecretHash::of(self.vault.as_ref(), secret.expose_secret()));
+        app.updated_at = now.max(old.updated_at + 1);
+        let ev = self.audit(
+            ctx,
+            &who.subject,
+            Some(&org.id),
+            "application.rotate_secret",
+            app.client_id.as_str(),
+            serde_json::json!({ "grace_period": grace }),
+        );
+        self.store
+            .update_application(&app, old.updated_at, &ev)
+            .await
+            .map_err(|e| conflict(e, "application", app.client_id.as_str()))?;
+        self.forget_client(app.client_id.as_str());
+        Ok((app, secret))
+    }
+
+    pub async fn delete_application(
+        &self,
+        who: &Principal,
+        ctx: &RequestContext,
+        org_slug: &str,
+        app_slug: &str,
+    ) -> Result<()> {
+        who.ensure_admin(org_slug)?;
+        let org = self.organisation_or_404(org_slug).await?;
+        let app = self.app_in_org(&org, app_slug).await?;
+        if org.slug.as_str() == PLATFORM_ORG && app.slug.as_str() == ADMIN_APP {
+            return Err(Error::Conflict(
+                "the bootstrap admin application cannot be deleted; disable it instead".into(),
+            ));
+        }
+        let ev = self.audit(
+            ctx,
+            &who.subject,
+            Some(&org.id),
+            "application.delete",
+            app.client_id.as_str(),
+            serde_json::json!({}),
+        );
+        self.store.delete_application(app.client_id.as_str(), &ev).await?;
+        self.forget_client(app.client_id.as_str());
+        Ok(())
+    }
+
+    // ---- users ----------------------------------------------------------------------------
+
+    pub async fn create_user(
+        &self,
+        who: &Principal,
+        ctx: &RequestContext,
+        org_slug: &str,
+        req: NewUser,
+    ) -> Result<User> {
+        who.ensure_admin(org_slug)?;
+        let org = self.organisation_or_404(org_slug).await?;
+        let email = Email::parse(&req.email)?;
+        let roles = dedup(parse_all(&req.roles, RoleName::parse)?);
+        self.check_grantable(who, &org, &roles, &[]).await?;
+        let name = req.name.as_deref().map(check_name).transpose()?;
+        let password_hash = match req.password {
+            Some(p) => {
+                password::check_password_policy(&p)?;
+                Some(
+                    tokio::task::spawn_blocking(move || password::hash_password(&p))
+                        .await
+                        .map_err(Error::internal)??,
+                )
+            }
+            None => None,
+        };
+        let now = self.now();
+        let user = User {
+            id: new_id(),
+            org_id: org.id.clone(),
+            email,
+            name,
+            password_hash,
+            roles,
+            enabled: true,
+            created_at: now,
+            updated_at: now,
+        };
+        let ev = self.audit(
+            ctx,
+            &who.subject,
+            Some(&org.id),
+            "user.create",
+            &user.id,
+            serde_json::json!({ "email": user.email, "roles": user.roles }),
+        );
+        self.store.create_user(&user, &ev).await.map_err(|e| conflict(e, "user with email", user.email.as_str()))?;
+        Ok(user)
+    }
+
+    pub async fn users(&self, who: &Principal, org_slug: &str, page: Page) -> Result<Vec<User>> {
+        who.ensure_admin(org_slug)?;
+        let org = self.organisation_or_404(org_slug).await?;
+        Ok(self.store.users(&org.id, page).await?)
+    }
+
+    pub async fn user(&self, who: &Principal, org_slug: &str, id: &str) -> Result<User> {
+        who.ensure_admin(org_slug)?;
+        let org = self.organisation_or_404(org_slug).await?;
+        self.store.user(&org.id, id).await?.ok_or_else(|| Error::NotFound(format!("user {id:?}")))
+    }
+
+    // ---- audit ------------------------------------------------------------------------------
+
+    pub async fn audit_events(&self, who: &Principal, org_slug: &str, page: Page) -> Result<Vec<AuditEvent>> {
+        who.ensure_admin(org_slug)?;
+        let org = self.organisation_or_404(org_slug).await?;
+        Ok(self.store.audit_events(Some(&org.id), page).await?)
+    }
+
+    // ---- authorization ----------------------------------------------------------------------
+
+    /// Does `subject` (a client id, or a user id of the caller's organisation) hold `permission`
+    /// through any of its roles? Callers see subjects of their own organisation only, unless
+    /// they are platform admins.
+    pub async fn authz_check(&self, who: &Principal, req: AuthzCheck) -> Result<AuthzDecision> {
+        let permission = PermissionName::parse(&req.permission)?;
+        if req.resource.as_ref().is_some_and(|r| r.len() > 1024) {
+            return Err(Error::invalid("resource must be at most 1024 bytes"));
+        }
+        let deny = |reason: String| Ok(AuthzDecision { allowed: false, reason });
+        let (org, roles, enabled) = if req.subject.contains('$') {
+            let client_id = ClientId::parse(&req.subject)?;
+            let Some(c) = self.client(client_id.as_str()).await? else {
+                return deny("unknown subject".into());
+            };
+            (c.org.clone(), c.app.roles.clone(), c.app.enabled)
+        } else {
+            let org = self.organisation_or_404(&who.org).await?;
+            let user = self.store.user(&org.id, &req.subject).await?;
+            match user {
+                Some(u) => (org, u.roles, u.enabled),
+                None => return deny("unknown subject".into()),
+            }
+        };
+        if !who.is_platform_admin() && org.slug.as_str() != who.org {
+            return Err(Error::Forbidden("the subject belongs to another organisation".into()));
+        }
+        if !enabled {
+            return deny("subject is disabled".into());
+        }
+        let grants = self.store.role_grants(&org.id).await?;
+        match grants.iter().find(|g| g.permission == permission && roles.contains(&g.role)) {
+            Some(g) => Ok(AuthzDecision { allowed: true, reason: format!("granted to role {}", g.role) }),
+            None => deny(format!("no role of the subject grants {permission}")),
+        }
+    }
+}
+
+fn dedup_grants(v: Vec<GrantType>) -> Vec<GrantType> {
+    let mut out: Vec<GrantType> = Vec::new();
+    for g in v {
+        if !out.contains(&g) {
+            out.push(g);
+        }
+    }
+    out
+}
+
+fn conflict(e: crate::error::StoreError, what: &str, name: &str) -> Error {
+    match e {
+        crate::error::StoreError::Conflict(_) => Error::Conflict(format!("{what} {name:?} already exists")),
+        other => other.into(),
+    }
+}
+
+impl std::fmt::Display for Organisation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.slug.as_str())
+    }
+}

@@ -1,0 +1,251 @@
+//! Use cases: [`Portcullis`] holds the ports (store, clock, vault) and the in-memory state
+//! (key ring, client and service caches) and exposes one method per use case. Each mutating
+//! use case is one store transaction with its audit event.
+
+mod admin;
+mod bootstrap;
+mod keys;
+mod oauth;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+pub use admin::*;
+pub use bootstrap::*;
+pub use oauth::*;
+
+use crate::clock::{Clock, UnixTime};
+use crate::crypto::keyring::KeyRing;
+use crate::crypto::vault::KeyVault;
+use crate::error::{Error, Result};
+use crate::ids::{RoleName, ScopeName, Slug, new_id};
+use crate::model::{Application, AuditEvent, Organisation, Service};
+use crate::settings::CoreSettings;
+use crate::store::Store;
+
+/// The platform organisation: home of the bootstrap admin and `portcullis$admin`.
+pub const PLATFORM_ORG: &str = "portcullis";
+/// The platform's own service: its roles guard Portcullis itself; its audience is the issuer.
+pub const PLATFORM_SERVICE: &str = "portcullis";
+pub const ROLE_PLATFORM_ADMIN: &str = "portcullis:admin";
+pub const ROLE_ORG_ADMIN: &str = "portcullis:org-admin";
+pub const ROLE_GATEWAY: &str = "portcullis:gateway";
+pub const ADMIN_APP: &str = "admin";
+
+/// Who is calling: derived from a verified access token.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub subject: String,
+    pub client_id: String,
+    /// Organisation slug.
+    pub org: String,
+    pub roles: Vec<String>,
+    pub scopes: Vec<String>,
+}
+
+impl Principal {
+    pub fn is_platform_admin(&self) -> bool {
+        self.roles.iter().any(|r| r == ROLE_PLATFORM_ADMIN)
+    }
+    /// Platform admins administer every organisation; `portcullis:org-admin` only its own.
+    pub fn can_admin(&self, org_slug: &str) -> bool {
+        self.is_platform_admin() || (self.org == org_slug && self.roles.iter().any(|r| r == ROLE_ORG_ADMIN))
+    }
+    pub fn ensure_admin(&self, org_slug: &str) -> Result<()> {
+        if self.can_admin(org_slug) {
+            Ok(())
+        } else {
+            Err(Error::Forbidden(format!(
+                "requires role {ROLE_PLATFORM_ADMIN}, or {ROLE_ORG_ADMIN} in organisation {org_slug}"
+            )))
+        }
+    }
+    pub fn ensure_platform_admin(&self) -> Result<()> {
+        if self.is_platform_admin() {
+            Ok(())
+        } else {
+            Err(Error::Forbidden(format!("requires role {ROLE_PLATFORM_ADMIN}")))
+        }
+    }
+}
+
+/// Where a request came from, for audit records.
+#[derive(Debug, Clone, Default)]
+pub struct RequestContext {
+    pub ip: Option<String>,
+    pub request_id: Option<String>,
+}
+
+struct Cached<T> {
+    value: T,
+    until: UnixTime,
+}
+
+/// Clients and organisations' services, read through on a miss and dropped on change, so the
+/// token endpoint needs no database round trip.
+#[derive(Default)]
+struct Caches {
+    clients: RwLock<HashMap<String, Cached<Arc<ClientEntry>>>>,
+    services: RwLock<HashMap<String, Cached<Arc<Vec<Service>>>>>,
+}
+
+/// A cached client with what the token endpoint needs beside it.
+#[derive(Debug)]
+pub struct ClientEntry {
+    pub app: Application,
+    pub org: Organisation,
+}
+
+pub struct Portcullis {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) vault: Arc<dyn KeyVault>,
+    pub(crate) keys: KeyRing,
+    pub(crate) settings: CoreSettings,
+    caches: Caches,
+}
+
+impl std::fmt::Debug for Portcullis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Portcullis").field("issuer", &self.settings.issuer).finish_non_exhaustive()
+    }
+}
+
+impl Portcullis {
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, vault: Arc<dyn KeyVault>, settings: CoreSettings) -> Self {
+        Self { store, clock, vault, keys: KeyRing::default(), settings, caches: Caches::default() }
+    }
+
+    pub fn settings(&self) -> &CoreSettings {
+        &self.settings
+    }
+    pub fn issuer(&self) -> &str {
+        &self.settings.issuer
+    }
+    pub fn now(&self) -> UnixTime {
+        self.clock.now()
+    }
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+    /// The JWKS document as served at `/oauth2/jwks`.
+    pub fn jwks(&self) -> Arc<str> {
+        self.keys.current().jwks()
+    }
+    pub fn keys_loaded(&self) -> bool {
+        self.keys.current().published_kids().next().is_some()
+    }
+
+    pub(crate) fn audit(
+        &self,
+        ctx: &RequestContext,
+        actor: &str,
+        org_id: Option<&str>,
+        action: &str,
+        target: &str,
+        details: serde_json::Value,
+    ) -> AuditEvent {
+        let mut details = details;
+        if let (Some(id), Some(obj)) = (&ctx.request_id, details.as_object_mut()) {
+            obj.insert("request_id".into(), id.clone().into());
+        }
+        AuditEvent {
+            id: new_id(),
+            at: self.now(),
+            org_id: org_id.map(str::to_owned),
+            actor: actor.to_owned(),
+            action: action.to_owned(),
+            target: target.to_owned(),
+            outcome: "success".to_owned(),
+            ip: ctx.ip.clone(),
+            details,
+        }
+    }
+
+    /// Records a failed authentication. Failures to record are logged, never shown.
+    pub async fn audit_failed_authentication(&self, ctx: &RequestContext, presented: &str, what: &str, reason: &str) {
+        let presented: String = presented.chars().take(128).collect();
+        let mut ev = self.audit(ctx, &presented, None, what, &presented, serde_json::json!({ "reason": reason }));
+        ev.outcome = "failure".to_owned();
+        if let Err(e) = self.store.append_audit(&ev).await {
+            tracing::error!(error = %e, "could not record a failed authentication");
+        }
+    }
+
+    // ---- caches -------------------------------------------------------------------------
+
+    pub(crate) async fn client(&self, client_id: &str) -> Result<Option<Arc<ClientEntry>>> {
+        let now = self.now();
+        if let Ok(map) = self.caches.clients.read()
+            && let Some(c) = map.get(client_id).filter(|c| c.until > now)
+        {
+            return Ok(Some(c.value.clone()));
+        }
+        let Some(app) = self.store.application(client_id).await? else {
+            return Ok(None);
+        };
+        let Some(org) = self.store.organisation_by_id(&app.org_id).await? else {
+            return Ok(None);
+        };
+        let entry = Arc::new(ClientEntry { app, org });
+        if let Ok(mut map) = self.caches.clients.write() {
+            if map.len() > 100_000 {
+                map.retain(|_, c| c.until > now);
+            }
+            map.insert(client_id.to_owned(), Cached { value: entry.clone(), until: now + self.settings.cache_ttl });
+        }
+        Ok(Some(entry))
+    }
+
+    pub(crate) fn forget_client(&self, client_id: &str) {
+        if let Ok(mut map) = self.caches.clients.write() {
+            map.remove(client_id);
+        }
+    }
+
+    pub(crate) async fn org_services(&self, org_id: &str) -> Result<Arc<Vec<Service>>> {
+        let now = self.now();
+        if let Ok(map) = self.caches.services.read()
+            && let Some(c) = map.get(org_id).filter(|c| c.until > now)
+        {
+            return Ok(c.value.clone());
+        }
+        let list = Arc::new(self.store.services(org_id).await?);
+        if let Ok(mut map) = self.caches.services.write() {
+            map.insert(org_id.to_owned(), Cached { value: list.clone(), until: now + self.settings.cache_ttl });
+        }
+        Ok(list)
+    }
+
+    pub(crate) fn forget_services(&self, org_id: &str) {
+        if let Ok(mut map) = self.caches.services.write() {
+            map.remove(org_id);
+        }
+    }
+
+    /// The platform's own service; its audience is always the current issuer.
+    pub fn platform_service(&self) -> Service {
+        let parse_role = |r: &str| RoleName::parse(r).ok();
+        Service {
+            id: "platform".into(),
+            org_id: String::new(),
+            slug: Slug::parse(PLATFORM_SERVICE).unwrap_or_else(|_| unreachable_slug()),
+            name: "Portcullis".into(),
+            audience: self.settings.issuer.clone(),
+            scopes: Vec::<ScopeName>::new(),
+            roles: [ROLE_PLATFORM_ADMIN, ROLE_ORG_ADMIN, ROLE_GATEWAY].into_iter().filter_map(parse_role).collect(),
+            permissions: Vec::new(),
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    pub(crate) async fn organisation_or_404(&self, slug: &str) -> Result<Organisation> {
+        self.store.organisation(slug).await?.ok_or_else(|| Error::NotFound(format!("organisation {slug:?}")))
+    }
+}
+
+/// `portcullis` is a valid slug; this exists only so no `unwrap` is needed.
+fn unreachable_slug() -> Slug {
+    serde_json::from_str("\"portcullis\"").unwrap_or_else(|_| Slug::parse("p").unwrap_or_else(|_| unreachable_slug()))
+}

@@ -1,0 +1,368 @@
+//! OAuth 2.0 use cases for machine clients: client authentication, the `client_credentials`
+//! grant (RFC 6749 §4.4) with RFC 8707 resource indicators and RFC 9068 access tokens,
+//! introspection (RFC 7662), revocation (RFC 7009), and turning a bearer token into a
+//! [`Principal`]. The token path touches no database: clients and services come from caches.
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+
+use super::*;
+use crate::crypto::jws;
+use crate::crypto::secrets::{SecretHash, plausible_secret};
+use crate::error::{OAuthError, OAuthErrorCode};
+use crate::ids::ClientId;
+use crate::model::{AuthMethod, GrantType, RevokedToken};
+use crate::tokens::{ACCESS_TOKEN_TYP, AccessClaims, Audience, TokenError, new_jti, verify_access_token};
+
+/// How the client authenticated at the endpoint, as parsed by the HTTP layer.
+pub enum ClientAuth {
+    Basic { client_id: String, secret: SecretString },
+    Post { client_id: String, secret: SecretString },
+}
+
+impl std::fmt::Debug for ClientAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Basic { client_id, .. } => write!(f, "Basic({client_id:?}, ..)"),
+            Self::Post { client_id, .. } => write!(f, "Post({client_id:?}, ..)"),
+        }
+    }
+}
+
+impl ClientAuth {
+    pub fn client_id(&self) -> &str {
+        match self {
+            Self::Basic { client_id, .. } | Self::Post { client_id, .. } => client_id,
+        }
+    }
+    fn method(&self) -> AuthMethod {
+        match self {
+            Self::Basic { .. } => AuthMethod::ClientSecretBasic,
+            Self::Post { .. } => AuthMethod::ClientSecretPost,
+        }
+    }
+    fn secret(&self) -> &SecretString {
+        match self {
+            Self::Basic { secret, .. } | Self::Post { secret, .. } => secret,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct TokenParams {
+    pub grant_type: String,
+    pub scope: Option<String>,
+    pub resource: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TokenResponse {
+    pub access_token: String,
+    pub token_type: &'static str,
+    pub expires_in: i64,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub scope: String,
+}
+
+/// RFC 7662 response. Inactive tokens answer `{"active": false}` and nothing else.
+#[derive(Debug, Serialize, Default)]
+pub struct Introspection {
+    pub active: bool,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub claims: Option<AccessClaims>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_type: Option<&'static str>,
+}
+
+impl Portcullis {
+    /// Authenticates a confidential client by its secret, in constant time and with the same
+    /// work for unknown and known clients. Every failure is audited.
+    pub async fn authenticate_client(
+        &self,
+        auth: &ClientAuth,
+        ctx: &RequestContext,
+    ) -> Result<Arc<ClientEntry>, OAuthError> {
+        let presented = SecretHash::of(self.vault.as_ref(), auth.secret().expose_secret());
+        let fail = |reason: &'static str| async move {
+            self.audit_failed_authentication(ctx, auth.client_id(), "client.authenticate", reason).await;
+            Err(OAuthError::invalid_client("client authentication failed"))
+        };
+        if !plausible_secret(auth.secret()) {
+            return fail("malformed secret").await;
+        }
+        let Ok(client_id) = ClientId::parse(auth.client_id()) else {
+            return fail("malformed client id").await;
+        };
+        let Some(entry) = self.client(client_id.as_str()).await? else {
+            return fail("unknown client").await;
+        };
+        let app = &entry.app;
+        let now = self.now();
+        let current = app.secret_hash.as_ref().is_some_and(|h| h.matches(&presented));
+        let previous = app.previous_secret_hash.as_ref().is_some_and(|h| h.matches(&presented))
+            && app.previous_secret_expires_at.is_some_and(|t| t > now);
+        if !(current | previous) {
+            return fail("wrong secret").await;
+        }
+        if app.auth_method != auth.method() {
+            // Enforce the registered method: no downgrade from one method to another.
+            self.audit_failed_authentication(
+                ctx,
+                auth.client_id(),
+                "client.authenticate",
+                "wrong authentication method",
+            )
+            .await;
+            return Err(OAuthError::invalid_client(format!(
+                "this client must authenticate with {}",
+                app.auth_method.as_str()
+            )));
+        }
+        if !app.enabled {
+            self.audit_failed_authentication(ctx, auth.client_id(), "client.authenticate", "client disabled").await;
+            return Err(OAuthError::invalid_client("client is disabled"));
+        }
+        Ok(entry)
+    }
+
+    /// The token endpoint. Only `client_credentials` exists so far.
+    pub async fn token(
+        &self,
+        auth: &ClientAuth,
+        params: &TokenParams,
+        ctx: &RequestContext,
+    ) -> Result<TokenResponse, OAuthError> {
+        let grant = match params.grant_type.as_str() {
+            "client_credentials" => GrantType::ClientCredentials,
+            "" => return Err(OAuthError::invalid_request("grant_type is required")),
+            "authorization_code" | "refresh_token" => {
+                // Known grants this server does not issue yet.
+                self.authenticate_client(auth, ctx).await?;
+                return Err(OAuthError::new(
+                    OAuthErrorCode::UnsupportedGrantType,
+                    format!("grant_type {} is not supported", params.grant_type),
+                ));
+            }
+            other => {
+                return Err(OAuthError::new(
+                    OAuthErrorCode::UnsupportedGrantType,
+                    format!("unsupported grant_type {:?}", other.chars().take(64).collect::<String>()),
+                ));
+            }
+        };
+        let entry = self.authenticate_client(auth, ctx).await?;
+        if !entry.app.grant_types.contains(&grant) {
+            return Err(OAuthError::new(
+                OAuthErrorCode::UnauthorizedClient,
+                "this client may not use grant_type client_credentials",
+            ));
+        }
+        self.issue_client_token(&entry, params).await
+    }
+
+    async fn issue_client_token(&self, entry: &ClientEntry, params: &TokenParams) -> Result<TokenResponse, OAuthError> {
+        let app = &entry.app;
+        let services = self.org_services(&app.org_id).await?;
+        let platform = self.platform_service();
+        let find_by_slug = |slug: &str| -> Option<&Service> {
+            if slug == PLATFORM_SERVICE { Some(&platform) } else { services.iter().find(|s| s.slug.as_str() == slug) }
+        };
+
+        // RFC 8707: a resource narrows the token to one service.
+        let target = match &params.resource {
+            None => None,
+            Some(r) => {
+                let svc =
+                    if *r == platform.audience { Some(&platform) } else { services.iter().find(|s| s.audience == *r) };
+                match svc {
+                    Some(s) => Some(s),
+                    None => {
+                        return Err(OAuthError::new(
+                            OAuthErrorCode::InvalidTarget,
+                            "resource is not a known audience of this client's organisation",
+                        ));
+                    }
+                }
+            }
+        };
+        let in_target = |svc: Option<&str>| target.is_none_or(|t| svc == Some(t.slug.as_str()));
+
+        let scopes: Vec<&str> = match &params.scope {
+            Some(requested) => {
+                let mut out = Vec::new();
+                for s in requested.split(' ').filter(|s| !s.is_empty()) {
+                    let allowed = app.scopes.iter().any(|a| a.as_str() == s);
+                    if !allowed || !in_target(s.split_once('/').map(|(svc, _)| svc)) {
+                        return Err(OAuthError::new(
+                            OAuthErrorCode::InvalidScope,
+                            format!(
+                                "scope {:?} is not allowed for this client{}",
+                                s.chars().take(64).collect::<String>(),
+                                if target.is_some() { " and resource" } else { "" }
+                            ),
+                        ));
+                    }
+                    if !out.contains(&s) {
+                        out.push(s);
+                    }
+                }
+                out
+            }
+            None => app
+                .scopes
+                .iter()
+                .map(|s| s.as_str())
+                .filter(|s| in_target(s.split_once('/').map(|(svc, _)| svc)))
+                .collect(),
+        };
+        let roles: Vec<String> =
+            app.roles.iter().filter(|r| in_target(Some(r.service()))).map(ToString::to_string).collect();
+
+        let audience = match target {
+            Some(t) => Audience::One(t.audience.clone()),
+            None => {
+                let mut auds: Vec<String> = Vec::new();
+                let owners = scopes
+                    .iter()
+                    .filter_map(|s| s.split_once('/').map(|(svc, _)| svc))
+                    .chain(roles.iter().map(|r| r.split_once(':').map(|(s, _)| s).unwrap_or_default()));
+                for slug in owners {
+                    if let Some(svc) = find_by_slug(slug)
+                        && !auds.contains(&svc.audience)
+                    {
+                        auds.push(svc.audience.clone());
+                    }
+                }
+                if auds.is_empty() {
+                    auds.push(app.client_id.to_string());
+                }
+                Audience::from_vec(auds)
+            }
+        };
+
+        let now = self.now();
+        let claims = AccessClaims {
+            iss: self.settings.issuer.clone(),
+            sub: app.client_id.to_string(),
+            aud: audience,
+            exp: now + app.access_token_lifetime,
+            iat: now,
+            jti: new_jti(),
+            client_id: app.client_id.to_string(),
+            scope: scopes.join(" "),
+            roles,
+            org: entry.org.slug.to_string(),
+            cnf: None,
+        };
+        let keys = self.keys.current();
+        let Some(signer) = keys.signer(app.signing_alg) else {
+            return Err(OAuthError {
+                internal: Some(format!("no signing key for {}", app.signing_alg)),
+                ..OAuthError::new(OAuthErrorCode::ServerError, "internal error")
+            });
+        };
+        let body = serde_json::to_vec(&claims).map_err(Error::internal)?;
+        let access_token = jws::sign(signer, ACCESS_TOKEN_TYP, &body)?;
+        Ok(TokenResponse {
+            access_token,
+            token_type: "Bearer",
+            expires_in: app.access_token_lifetime,
+            scope: claims.scope,
+        })
+    }
+
+    /// Verifies one of our access tokens and that it is still good: not revoked, and its
+    /// client still exists and is enabled.
+    pub async fn validate_access_token(&self, token: &str) -> Result<AccessClaims, TokenError> {
+        let keys = self.keys.current();
+        let claims = verify_access_token(token, &keys, &self.settings.issuer, self.now())?;
+        match self.store.is_token_revoked(&claims.jti).await {
+            Ok(false) => {}
+            Ok(true) => return Err(TokenError::Revoked),
+            Err(e) => {
+                tracing::error!(error = %e, "revocation check failed");
+                return Err(TokenError::Unavailable);
+            }
+        }
+        match self.client(&claims.client_id).await {
+            Ok(Some(c)) if c.app.enabled => Ok(claims),
+            Ok(_) => Err(TokenError::ClientGone),
+            Err(e) => {
+                tracing::error!(error = %e, "client lookup failed");
+                Err(TokenError::Unavailable)
+            }
+        }
+    }
+
+    /// RFC 7662. A caller sees tokens of its own organisation; platform admins and gateways see all.
+    pub async fn introspect(&self, caller: &ClientEntry, token: &str) -> Result<Introspection, OAuthError> {
+        let claims = match self.validate_access_token(token).await {
+            Ok(c) => c,
+            Err(TokenError::Unavailable) => {
+                return Err(Error::Store(crate::error::StoreError::Unavailable("introspection".into())).into());
+            }
+            Err(_) => return Ok(Introspection::default()),
+        };
+        let privileged =
+            caller.app.roles.iter().any(|r| r.as_str() == ROLE_PLATFORM_ADMIN || r.as_str() == ROLE_GATEWAY);
+        if !privileged && claims.org != caller.org.slug.as_str() {
+            return Ok(Introspection::default());
+        }
+        Ok(Introspection { active: true, claims: Some(claims), token_type: Some("Bearer") })
+    }
+
+    /// RFC 7009. Unknown or invalid tokens succeed silently; a token issued to another client
+    /// is refused. The revocation is durable before this returns.
+    pub async fn revoke(&self, caller: &ClientEntry, token: &str, ctx: &RequestContext) -> Result<(), OAuthError> {
+        let keys = self.keys.current();
+        // Expired tokens need no revocation; malformed ones are not ours.
+        let Ok(claims) = verify_access_token(token, &keys, &self.settings.issuer, self.now()) else {
+            return Ok(());
+        };
+        if claims.client_id != caller.app.client_id.as_str() {
+            return Err(OAuthError::new(OAuthErrorCode::UnauthorizedClient, "the token was not issued to this client"));
+        }
+        let rec = RevokedToken {
+            jti: claims.jti.clone(),
+            client_id: claims.client_id.clone(),
+            expires_at: claims.exp,
+            revoked_at: self.now(),
+        };
+        let ev = self.audit(
+            ctx,
+            caller.app.client_id.as_str(),
+            Some(&caller.app.org_id),
+            "token.revoke",
+            &claims.jti,
+            serde_json::json!({}),
+        );
+        self.store.revoke_token(&rec, &ev).await?;
+        Ok(())
+    }
+
+    /// The admin API's bearer authentication: a valid access token for this platform
+    /// (audience = issuer).
+    pub async fn principal_from_bearer(&self, token: &str, ctx: &RequestContext) -> Result<Principal, Error> {
+        let claims = match self.validate_access_token(token).await {
+            Ok(c) => c,
+            Err(TokenError::Unavailable) => {
+                return Err(Error::Store(crate::error::StoreError::Unavailable("token validation".into())));
+            }
+            Err(e) => {
+                self.audit_failed_authentication(ctx, "bearer", "api.authenticate", &e.to_string()).await;
+                return Err(Error::Unauthenticated(e.to_string()));
+            }
+        };
+        if !claims.aud.contains(&self.settings.issuer) {
+            self.audit_failed_authentication(ctx, &claims.client_id, "api.authenticate", "wrong audience").await;
+            return Err(Error::Unauthenticated("token audience is not this server".into()));
+        }
+        Ok(Principal {
+            subject: claims.sub.clone(),
+            client_id: claims.client_id.clone(),
+            org: claims.org.clone(),
+            scopes: claims.scopes().map(str::to_owned).collect(),
+            roles: claims.roles,
+        })
+    }
+}

@@ -1,0 +1,307 @@
+//! The admin API (`/api/v1/…`): bearer-authenticated JSON endpoints over the core's admin use
+//! cases. Authorization decisions are the core's; this module only speaks HTTP.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use portcullis_core::model::{Application, Organisation, Page, Service};
+use portcullis_core::usecases::*;
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+
+use crate::AppState;
+use crate::body::json_body;
+use crate::error::ApiError;
+
+/// The authenticated caller of an admin endpoint.
+pub struct Admin(pub Principal, pub RequestContext);
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let ctx = parts.extensions.get::<RequestContext>().cloned().unwrap_or_default();
+        let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
+            return Err(ApiError::Unauthenticated {
+                description: "a bearer access token is required".into(),
+                invalid_token: false,
+            });
+        };
+        let value = value.to_str().unwrap_or_default();
+        let token = match value.split_once(' ') {
+            Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") && !t.trim().is_empty() => t.trim(),
+            _ => {
+                return Err(ApiError::Unauthenticated {
+                    description: "the Authorization header must be 'Bearer <token>'".into(),
+                    invalid_token: true,
+                });
+            }
+        };
+        let principal = state.core.principal_from_bearer(token, &ctx).await?;
+        Ok(Admin(principal, ctx))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    limit: Option<u32>,
+    offset: Option<u64>,
+}
+
+impl PageQuery {
+    fn page(&self) -> Page {
+        Page::new(self.limit, self.offset)
+    }
+}
+
+fn org_json(o: &Organisation) -> serde_json::Value {
+    serde_json::json!({ "id": o.id, "slug": o.slug, "name": o.name, "created_at": o.created_at })
+}
+
+fn service_json(s: &Service) -> serde_json::Value {
+    serde_json::json!({
+        "id": s.id, "slug": s.slug, "name": s.name, "audience": s.audience,
+        "scopes": s.scopes, "roles": s.roles, "permissions": s.permissions, "created_at": s.created_at,
+    })
+}
+
+fn app_json(a: &Application, org: &str) -> serde_json::Value {
+    serde_json::to_value(ApplicationView::new(a, org)).unwrap_or_default()
+}
+
+fn created(v: serde_json::Value) -> Response {
+    (StatusCode::CREATED, Json(v)).into_response()
+}
+
+pub async fn create_organisation(
+    State(s): State<AppState>,
+    Admin(who, ctx): Admin,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let req: NewOrganisation = json_body(&headers, body).await?;
+    let org = s.core.create_organisation(&who, &ctx, req).await?;
+    Ok(created(org_json(&org)))
+}
+
+pub async fn organisations(
+    State(s): State<AppState>,
+    Admin(who, _): Admin,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let list = s.core.organisations(&who, q.page()).await?;
+    Ok(Json(serde_json::json!({ "items": list.iter().map(org_json).collect::<Vec<_>>() })))
+}
+
+pub async fn organisation(
+    State(s): State<AppState>,
+    Admin(who, _): Admin,
+    Path(org): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(org_json(&s.core.organisation(&who, &org).await?)))
+}
+
+pub async fn create_service(
+    State(s): State<AppState>,
+    Admin(who, ctx): Admin,
+    Path(org): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let req: NewService = json_body(&headers, body).await?;
+    let svc = s.core.create_service(&who, &ctx, &org, req).await?;
+    Ok(created(service_json(&svc)))
+}
+
+pub async fn services(
+    State(s): State<AppState>,
+    Admin(who, _): Admin,
+    Path(org): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let list = s.core.services(&who, &org).await?;
+    Ok(Json(serde_json::json!({ "items": list.iter().map(service_json).collect::<Vec<_>>() })))
+}
+
+pub async fn service(
+    State(s): State<AppState>,
+    Admin(who, _): Admin,
+    Path((org, svc)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(service_json(&s.core.service(&who, &org, &svc).await?)))
+}
+
+pub async fn delete_service(
+    State(s): State<AppState>,
+    Admin(who, ctx): Admin,
+    Path((org, svc)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    s.core.delete_service(&who, &ctx, &org, &svc).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn roles(
+    State(s): State<AppState>,
+    Admin(who, _): Admin,
+    Path(org): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let list = s.core.roles(&who, &org).await?;
+    let items: Vec<_> = list.iter().map(|(r, p)| serde_json::json!({ "role": r, "permissions": p })).collect();
+    Ok(Json(serde_json::json!({ "items": items })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolePermissions {
+    permissions: Vec<String>,
+}
+
+pub async fn set_role(
+    State(s): State<AppState>,
+    Admin(who, ctx): Admin,
+    Path((org, role)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let req: RolePermissions = json_body(&headers, body).await?;
+    s.core.set_role_permissions(&who, &ctx, &org, &role, req.permissions.clone()).await?;
+    Ok(Json(serde_json::json!({ "role": role, "permissions": req.permissions })))
+}
+
+pub async fn create_application(
+    State(s): State<AppState>,
+    Admin(who, ctx): Admin,
+    Path(org): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let req: NewApplication = json_body(&headers, body).await?;
+    let created_app = s.core.create_application(&who, &ctx, &org, req).await?;
+    let mut v = app_json(&created_app.app, &org);
+    if let (Some(secret), Some(obj)) = (&created_app.client_secret, v.as_object_mut()) {
+        obj.insert("client_secret".into(), secret.expose_secret().into());
+    }
+    let mut r = created(v);
+    r.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    Ok(r)
+}
+
+pub async fn applications(
+    State(s): State<AppState>,
+    Admin(who, _): Admin,
+    Path(org): Path<String>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let list = s.core.applications(&who, &org, q.page()).await?;
+    Ok(Json(serde_json::json!({ "items": list.iter().map(|a| app_json(a, &org)).collect::<Vec<_>>() })))
+}
+
+pub async fn application(
+    State(s): State<AppState>,
+    Admin(who, _): Admin,
+    Path((org, app)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(app_json(&s.core.application(&who, &org, &app).await?, &org)))
+}
+
+pub async fn update_application(
+    State(s): State<AppState>,
+    Admin(who, ctx): Admin,
+    Path((org, app)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let patch: ApplicationPatch = json_body(&headers, body).await?;
+    Ok(Json(app_json(&s.core.update_application(&who, &ctx, &org, &app, patch).await?, &org)))
+}
+
+pub async fn delete_application(
+    State(s): State<AppState>,
+    Admin(who, ctx): Admin,
+    Path((org, app)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    s.core.delete_application(&who, &ctx, &org, &app).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn rotate_secret(
+    State(s): State<AppState>,
+    Admin(who, ctx): Admin,
+    Path((org, app)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    // An empty body means "default grace period".
+    let req: SecretRotation = if headers.contains_key(header::CONTENT_TYPE) {
+        json_body(&headers, body).await?
+    } else {
+        SecretRotation::default()
+    };
+    let (a, secret) = s.core.rotate_client_secret(&who, &ctx, &org, &app, req).await?;
+    let mut v = app_json(&a, &org);
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("client_secret".into(), secret.expose_secret().into());
+    }
+    let mut r = Json(v).into_response();
+    r.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    Ok(r)
+}
+
+pub async fn create_user(
+    State(s): State<AppState>,
+    Admin(who, ctx): Admin,
+    Path(org): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let req: NewUser = json_body(&headers, body).await?;
+    let u = s.core.create_user(&who, &ctx, &org, req).await?;
+    Ok(created(serde_json::to_value(UserView::from(&u)).unwrap_or_default()))
+}
+
+pub async fn users(
+    State(s): State<AppState>,
+    Admin(who, _): Admin,
+    Path(org): Path<String>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let list = s.core.users(&who, &org, q.page()).await?;
+    Ok(Json(serde_json::json!({ "items": list.iter().map(UserView::from).collect::<Vec<_>>() })))
+}
+
+pub async fn user(
+    State(s): State<AppState>,
+    Admin(who, _): Admin,
+    Path((org, id)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(serde_json::to_value(UserView::from(&s.core.user(&who, &org, &id).await?)).unwrap_or_default()))
+}
+
+pub async fn audit_events(
+    State(s): State<AppState>,
+    Admin(who, _): Admin,
+    Path(org): Path<String>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let list = s.core.audit_events(&who, &org, q.page()).await?;
+    Ok(Json(serde_json::json!({ "items": list })))
+}
+
+pub async fn authz_check(
+    State(s): State<AppState>,
+    Admin(who, _): Admin,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<AuthzDecision>, ApiError> {
+    let req: AuthzCheck = json_body(&headers, body).await?;
+    Ok(Json(s.core.authz_check(&who, req).await?))
+}
+
+pub async fn rotate_keys(State(s): State<AppState>, Admin(who, _): Admin) -> Result<Json<serde_json::Value>, ApiError> {
+    who.ensure_platform_admin()?;
+    let kids = s.core.rotate_signing_keys(&who.subject).await?;
+    Ok(Json(serde_json::json!({ "current": kids })))
+}

@@ -1,0 +1,113 @@
+//! Strict request-body extraction: the content type must be the one the endpoint takes, the
+//! body is read up to a limit (413 beyond it), form parameters may not repeat (RFC 6749 §3.2)
+//! and JSON bodies may not carry unknown fields.
+
+use std::collections::HashMap;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, header};
+use serde::de::DeserializeOwned;
+
+use crate::error::{ApiError, OAuthApiError};
+use portcullis_core::OAuthError;
+
+pub const OAUTH_BODY_LIMIT: usize = 64 * 1024;
+pub const API_BODY_LIMIT: usize = 1024 * 1024;
+
+fn media_type(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
+}
+
+pub enum BodyError {
+    TooLarge,
+    Unreadable,
+}
+
+pub async fn read_limited(body: Body, limit: usize) -> Result<bytes::Bytes, BodyError> {
+    match axum::body::to_bytes(body, limit).await {
+        Ok(b) => Ok(b),
+        Err(e) => {
+            // A length-limit error is the only one a client can cause on purpose.
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(s) = source {
+                if s.to_string().contains("length limit exceeded") {
+                    return Err(BodyError::TooLarge);
+                }
+                source = s.source();
+            }
+            Err(BodyError::Unreadable)
+        }
+    }
+}
+
+/// Parsed `application/x-www-form-urlencoded` parameters, each at most once. Parameters with
+/// an empty value count as absent (RFC 6749 §3.1).
+#[derive(Debug, Default)]
+pub struct Form(HashMap<String, String>);
+
+impl Form {
+    pub fn parse(bytes: &[u8]) -> Result<Self, OAuthError> {
+        let mut map = HashMap::new();
+        for (k, v) in form_urlencoded::parse(bytes) {
+            if map.insert(k.to_string(), v.to_string()).is_some() {
+                return Err(OAuthError::invalid_request(format!(
+                    "parameter {:?} is repeated",
+                    k.chars().take(64).collect::<String>()
+                )));
+            }
+        }
+        map.retain(|_, v| !v.is_empty());
+        Ok(Self(map))
+    }
+    pub fn get(&self, k: &str) -> Option<&str> {
+        self.0.get(k).map(String::as_str)
+    }
+    pub fn take(&mut self, k: &str) -> Option<String> {
+        self.0.remove(k)
+    }
+}
+
+pub async fn oauth_form(headers: &HeaderMap, body: Body) -> Result<Form, OAuthApiError> {
+    if media_type(headers).as_deref() != Some("application/x-www-form-urlencoded") {
+        return Err(OAuthError::invalid_request("content type must be application/x-www-form-urlencoded").into());
+    }
+    let bytes = match read_limited(body, OAUTH_BODY_LIMIT).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => return Err(OAuthApiError::too_large(OAUTH_BODY_LIMIT)),
+        Err(BodyError::Unreadable) => return Err(OAuthError::invalid_request("request body could not be read").into()),
+    };
+    if std::str::from_utf8(&bytes).is_err() {
+        return Err(OAuthError::invalid_request("request body is not UTF-8").into());
+    }
+    Ok(Form::parse(&bytes)?)
+}
+
+pub async fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Result<T, ApiError> {
+    if media_type(headers).as_deref() != Some("application/json") {
+        return Err(ApiError::BadRequest("content type must be application/json".into()));
+    }
+    let bytes = match read_limited(body, API_BODY_LIMIT).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => return Err(ApiError::PayloadTooLarge(API_BODY_LIMIT)),
+        Err(BodyError::Unreadable) => return Err(ApiError::BadRequest("request body could not be read".into())),
+    };
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forms_refuse_repeats_and_drop_empty_values() {
+        let f = Form::parse(b"a=1&b=&c=x%2By+z").unwrap();
+        assert_eq!(f.get("a"), Some("1"));
+        assert_eq!(f.get("b"), None);
+        assert_eq!(f.get("c"), Some("x+y z"));
+        let e = Form::parse(b"grant_type=a&grant_type=b").unwrap_err();
+        assert!(e.description.contains("grant_type"));
+    }
+}

@@ -1,0 +1,212 @@
+//! The one HTTP error mapping. Every non-2xx response carries `x-error` (safe, human-readable)
+//! and `x-error-id` (unique, also in the log line). 500s say nothing about internals.
+//! OAuth endpoints answer RFC 6749 JSON; 401s carry `WWW-Authenticate`.
+
+use axum::Json;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use portcullis_core::{Error, OAuthError, OAuthErrorCode, StoreError};
+
+pub static X_ERROR: HeaderName = HeaderName::from_static("x-error");
+pub static X_ERROR_ID: HeaderName = HeaderName::from_static("x-error-id");
+
+pub fn new_error_id() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+/// Header-safe text: printable ASCII only, bounded.
+pub fn header_text(s: &str) -> HeaderValue {
+    let clean: String = s.chars().take(300).map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' }).collect();
+    HeaderValue::from_str(&clean).unwrap_or_else(|_| HeaderValue::from_static("error"))
+}
+
+fn stamp(headers: &mut HeaderMap, msg: &str, id: &str) {
+    headers.insert(X_ERROR.clone(), header_text(msg));
+    headers.insert(X_ERROR_ID.clone(), header_text(id));
+}
+
+/// Logs an error response once, with its id; internals only ever go here.
+fn log(status: StatusCode, id: &str, public: &str, internal: Option<&str>) {
+    if status.is_server_error() {
+        tracing::error!(
+            error_id = id,
+            status = status.as_u16(),
+            error = public,
+            internal = internal.unwrap_or(""),
+            "request failed"
+        );
+    } else {
+        tracing::info!(error_id = id, status = status.as_u16(), error = public, "request refused");
+    }
+}
+
+/// An error on the JSON API.
+#[derive(Debug)]
+pub enum ApiError {
+    Core(Error),
+    BadRequest(String),
+    PayloadTooLarge(usize),
+    /// 401 with a Bearer challenge.
+    Unauthenticated {
+        description: String,
+        invalid_token: bool,
+    },
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Unauthenticated(d) => ApiError::Unauthenticated { description: d, invalid_token: true },
+            e => ApiError::Core(e),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::Core(e.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let id = new_error_id();
+        let mut internal = None;
+        let mut retry_after = None;
+        let mut challenge = None;
+        let (status, public) = match self {
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
+            ApiError::PayloadTooLarge(max) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, format!("request body is larger than {max} bytes"))
+            }
+            ApiError::Unauthenticated { description, invalid_token } => {
+                challenge = Some(if invalid_token {
+                    format!(
+                        "Bearer realm=\"portcullis\", error=\"invalid_token\", error_description=\"{}\"",
+                        description.replace('"', "'")
+                    )
+                } else {
+                    "Bearer realm=\"portcullis\"".to_owned()
+                });
+                (StatusCode::UNAUTHORIZED, description)
+            }
+            ApiError::Core(e) => match e {
+                Error::InvalidInput(m) => (StatusCode::BAD_REQUEST, m),
+                Error::NotFound(m) => (StatusCode::NOT_FOUND, format!("{m} not found")),
+                Error::Conflict(m) => (StatusCode::CONFLICT, m),
+                Error::Unauthenticated(m) => {
+                    challenge = Some("Bearer realm=\"portcullis\", error=\"invalid_token\"".to_owned());
+                    (StatusCode::UNAUTHORIZED, m)
+                }
+                Error::Forbidden(m) => (StatusCode::FORBIDDEN, m),
+                Error::RateLimited { retry_after_secs } => {
+                    retry_after = Some(retry_after_secs);
+                    (StatusCode::TOO_MANY_REQUESTS, "too many requests".to_owned())
+                }
+                Error::Store(StoreError::Full(m)) => {
+                    internal = Some(m);
+                    (StatusCode::INSUFFICIENT_STORAGE, "storage is full; the change was not saved".to_owned())
+                }
+                Error::Store(StoreError::Unavailable(m)) => {
+                    internal = Some(m);
+                    retry_after = Some(2);
+                    (StatusCode::SERVICE_UNAVAILABLE, "storage is unavailable; try again".to_owned())
+                }
+                other => {
+                    internal = Some(other.to_string());
+                    (StatusCode::INTERNAL_SERVER_ERROR, format!("internal error (error id {id})"))
+                }
+            },
+        };
+        log(status, &id, &public, internal.as_deref());
+        let body = serde_json::json!({ "error": status.canonical_reason().unwrap_or("error").to_lowercase().replace(' ', "_"), "error_description": public, "error_id": id });
+        let mut resp = (status, Json(body)).into_response();
+        stamp(resp.headers_mut(), &public, &id);
+        if let Some(c) = challenge {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, header_text(&c));
+        }
+        if let Some(s) = retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        resp
+    }
+}
+
+/// An error on an OAuth endpoint: RFC 6749 §5.2 JSON.
+#[derive(Debug)]
+pub struct OAuthApiError {
+    pub err: OAuthError,
+    /// The client tried HTTP Basic: a 401 must challenge with Basic (RFC 6749 §5.2).
+    pub basic_challenge: bool,
+    pub status: Option<StatusCode>,
+}
+
+impl From<OAuthError> for OAuthApiError {
+    fn from(err: OAuthError) -> Self {
+        Self { err, basic_challenge: false, status: None }
+    }
+}
+
+impl OAuthApiError {
+    pub fn too_large(max: usize) -> Self {
+        Self {
+            err: OAuthError::invalid_request(format!("request body is larger than {max} bytes")),
+            basic_challenge: false,
+            status: Some(StatusCode::PAYLOAD_TOO_LARGE),
+        }
+    }
+}
+
+impl IntoResponse for OAuthApiError {
+    fn into_response(self) -> Response {
+        let id = new_error_id();
+        let status = self.status.unwrap_or(match self.err.code {
+            OAuthErrorCode::InvalidClient => StatusCode::UNAUTHORIZED,
+            OAuthErrorCode::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            OAuthErrorCode::ServerError => StatusCode::INTERNAL_SERVER_ERROR,
+            OAuthErrorCode::TemporarilyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_REQUEST,
+        });
+        let description = if status == StatusCode::INTERNAL_SERVER_ERROR {
+            format!("internal error (error id {id})")
+        } else {
+            self.err.description.clone()
+        };
+        log(status, &id, &format!("{}: {description}", self.err.code.as_str()), self.err.internal.as_deref());
+        let body = serde_json::json!({ "error": self.err.code.as_str(), "error_description": description });
+        let mut resp = (status, Json(body)).into_response();
+        let h = resp.headers_mut();
+        stamp(h, &format!("{}: {description}", self.err.code.as_str()), &id);
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+        if status == StatusCode::UNAUTHORIZED {
+            let c = if self.basic_challenge {
+                "Basic realm=\"portcullis\", charset=\"UTF-8\""
+            } else {
+                "Basic realm=\"portcullis\""
+            };
+            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(c));
+        }
+        if let Some(s) = self.err.retry_after_secs {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        resp
+    }
+}
+
+/// Last line of defence: any error response produced outside our handlers (unknown route,
+/// wrong method, a framework rejection) still gets `x-error` and `x-error-id`.
+pub fn ensure_error_headers(resp: &mut Response) {
+    let status = resp.status();
+    if (status.is_client_error() || status.is_server_error()) && !resp.headers().contains_key(&X_ERROR) {
+        let id = new_error_id();
+        let msg = match status {
+            StatusCode::NOT_FOUND => "no such endpoint".to_owned(),
+            StatusCode::METHOD_NOT_ALLOWED => "method not allowed on this endpoint".to_owned(),
+            StatusCode::PAYLOAD_TOO_LARGE => "request body is too large".to_owned(),
+            s => s.canonical_reason().unwrap_or("error").to_owned(),
+        };
+        log(status, &id, &msg, None);
+        stamp(resp.headers_mut(), &msg, &id);
+    }
+}

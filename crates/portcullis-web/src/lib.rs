@@ -1,0 +1,130 @@
+//! Portcullis's HTTP surface on axum: OAuth 2.0 endpoints, the admin API, health and metrics.
+//! The only place that turns core errors into status codes (see [`error`]). One middleware
+//! gives every request an id, times it, counts it by route and status, and makes sure every
+//! error response carries `x-error` and `x-error-id`.
+
+pub mod admin;
+pub mod body;
+pub mod error;
+pub mod oauth;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
+use portcullis_core::Portcullis;
+use portcullis_core::usecases::RequestContext;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub core: Arc<Portcullis>,
+    pub metrics: Option<PrometheusHandle>,
+}
+
+pub fn router(state: AppState) -> Router {
+    use admin as a;
+    let org = "/api/v1/organisations/{org}";
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_page))
+        .route("/.well-known/openid-configuration", get(oauth::discovery))
+        .route("/.well-known/oauth-authorization-server", get(oauth::discovery))
+        .route("/oauth2/jwks", get(oauth::jwks))
+        .route("/oauth2/token", post(oauth::token))
+        .route("/oauth2/introspect", post(oauth::introspect))
+        .route("/oauth2/revoke", post(oauth::revoke))
+        .route("/api/v1/organisations", post(a::create_organisation).get(a::organisations))
+        .route(org, get(a::organisation))
+        .route(&format!("{org}/services"), post(a::create_service).get(a::services))
+        .route(&format!("{org}/services/{{svc}}"), get(a::service).delete(a::delete_service))
+        .route(&format!("{org}/roles"), get(a::roles))
+        .route(&format!("{org}/roles/{{role}}"), axum::routing::put(a::set_role))
+        .route(&format!("{org}/applications"), post(a::create_application).get(a::applications))
+        .route(
+            &format!("{org}/applications/{{app}}"),
+            get(a::application).patch(a::update_application).delete(a::delete_application),
+        )
+        .route(&format!("{org}/applications/{{app}}/rotate-secret"), post(a::rotate_secret))
+        .route(&format!("{org}/users"), post(a::create_user).get(a::users))
+        .route(&format!("{org}/users/{{id}}"), get(a::user))
+        .route(&format!("{org}/audit-events"), get(a::audit_events))
+        .route("/api/v1/authz/check", post(a::authz_check))
+        .route("/api/v1/keys/rotate", post(a::rotate_keys))
+        .layer(middleware::from_fn(observe))
+        .with_state(state)
+}
+
+/// A client-supplied request id is kept only if it is short and plain (no log injection).
+fn request_id(req: &Request) -> String {
+    req.headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| (1..=64).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string())
+}
+
+async fn observe(mut req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let id = request_id(&req);
+    let ip = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
+    let route =
+        req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
+    let method = req.method().clone();
+    req.extensions_mut().insert(RequestContext { ip, request_id: Some(id.clone()) });
+    let span = tracing::debug_span!("request", request_id = %id, %method, route = %route);
+    let mut resp = tracing::Instrument::instrument(next.run(req), span).await;
+    error::ensure_error_headers(&mut resp);
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    let status = resp.status().as_u16();
+    let elapsed = start.elapsed().as_secs_f64();
+    metrics::counter!("portcullis_http_requests_total", "route" => route.clone(), "status" => status.to_string())
+        .increment(1);
+    metrics::histogram!("portcullis_http_request_duration_seconds", "route" => route.clone()).record(elapsed);
+    tracing::debug!(request_id = %id, %method, route = %route, status, elapsed_ms = elapsed * 1e3, "request");
+    resp
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Ready when the database answers and signing keys are loaded.
+async fn readyz(State(s): State<AppState>) -> Response {
+    let db = s.core.store().ping().await;
+    if let Err(e) = &db {
+        tracing::warn!(error = %e, "readiness: database unreachable");
+    }
+    let keys = s.core.keys_loaded();
+    let body = serde_json::json!({ "database": db.is_ok(), "keys": keys });
+    if db.is_ok() && keys {
+        axum::Json(body).into_response()
+    } else {
+        let mut r = (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+        let id = error::new_error_id();
+        r.headers_mut().insert(
+            error::X_ERROR.clone(),
+            HeaderValue::from_static("not ready: database unreachable or keys not loaded"),
+        );
+        r.headers_mut().insert(error::X_ERROR_ID.clone(), error::header_text(&id));
+        r
+    }
+}
+
+async fn metrics_page(State(s): State<AppState>) -> Response {
+    match &s.metrics {
+        Some(h) => ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], h.render())
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "metrics are not enabled").into_response(),
+    }
+}

@@ -1,0 +1,171 @@
+//! OAuth 2.0 endpoints: discovery (both well-known paths), JWKS, token, introspection and
+//! revocation. Client authentication is parsed here (HTTP Basic per RFC 6749 §2.3.1, or the
+//! form) and checked by the core.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use portcullis_core::OAuthError;
+use portcullis_core::usecases::{ClientAuth, RequestContext, TokenParams};
+use secrecy::SecretString;
+
+use crate::AppState;
+use crate::body::{Form, oauth_form};
+use crate::error::OAuthApiError;
+
+pub async fn discovery(State(s): State<AppState>) -> Response {
+    let iss = s.core.issuer();
+    let algs: Vec<&str> = s.core.settings().signing_algorithms.iter().map(|a| a.as_str()).collect();
+    let doc = serde_json::json!({
+        "issuer": iss,
+        "token_endpoint": format!("{iss}/oauth2/token"),
+        "jwks_uri": format!("{iss}/oauth2/jwks"),
+        "introspection_endpoint": format!("{iss}/oauth2/introspect"),
+        "revocation_endpoint": format!("{iss}/oauth2/revoke"),
+        "grant_types_supported": ["client_credentials"],
+        "response_types_supported": [],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "access_token_signing_alg_values_supported": algs,
+        "scopes_supported": portcullis_core::ids::STANDARD_SCOPES,
+    });
+    let mut r = Json(doc).into_response();
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
+    r
+}
+
+pub async fn jwks(State(s): State<AppState>) -> Response {
+    let body = s.core.jwks();
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/jwk-set+json")),
+            // Short: a rotated-in key must be seen well before it signs.
+            (header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=60")),
+        ],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// Decodes one half of HTTP Basic credentials: form-urlencoded per RFC 6749 §2.3.1 (clients
+/// that do not encode send `$`, which decodes to itself).
+fn basic_part(s: &str) -> String {
+    form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned()).unwrap_or_default()
+}
+
+/// Works out how the client authenticated, refusing ambiguity (RFC 6749 §2.3).
+fn client_auth(headers: &HeaderMap, form: &mut Form) -> Result<ClientAuth, OAuthApiError> {
+    let basic = match headers.get(header::AUTHORIZATION) {
+        None => None,
+        Some(v) => {
+            let v = v.to_str().unwrap_or_default();
+            let (scheme, rest) = v.split_once(' ').unwrap_or((v, ""));
+            if !scheme.eq_ignore_ascii_case("basic") {
+                return Err(OAuthApiError {
+                    basic_challenge: true,
+                    ..OAuthError::invalid_client(
+                        "unsupported authorization scheme: use HTTP Basic or client_secret_post",
+                    )
+                    .into()
+                });
+            }
+            let decoded = STANDARD.decode(rest.trim()).ok().and_then(|b| String::from_utf8(b).ok());
+            let Some((id, secret)) = decoded.as_deref().and_then(|d| d.split_once(':')) else {
+                return Err(OAuthApiError {
+                    basic_challenge: true,
+                    ..OAuthError::invalid_client("malformed HTTP Basic credentials").into()
+                });
+            };
+            Some((basic_part(id), basic_part(secret)))
+        }
+    };
+    let form_id = form.take("client_id");
+    let form_secret = form.take("client_secret");
+    match (basic, form_secret) {
+        (Some(_), Some(_)) => Err(OAuthError::invalid_request("use exactly one client authentication method").into()),
+        (Some((id, secret)), None) => {
+            if form_id.as_deref().is_some_and(|f| f != id) {
+                return Err(OAuthApiError {
+                    basic_challenge: true,
+                    ..OAuthError::invalid_client("client_id does not match the authenticated client").into()
+                });
+            }
+            Ok(ClientAuth::Basic { client_id: id, secret: SecretString::from(secret) })
+        }
+        (None, Some(secret)) => match form_id {
+            Some(id) => Ok(ClientAuth::Post { client_id: id, secret: SecretString::from(secret) }),
+            None => Err(OAuthError::invalid_request("client_secret without client_id").into()),
+        },
+        (None, None) => Err(OAuthApiError {
+            basic_challenge: true,
+            ..OAuthError::invalid_client("client authentication is required").into()
+        }),
+    }
+}
+
+fn with_challenge(auth: &ClientAuth, e: OAuthError) -> OAuthApiError {
+    OAuthApiError { basic_challenge: matches!(auth, ClientAuth::Basic { .. }), ..e.into() }
+}
+
+fn no_store(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    r
+}
+
+pub async fn token(
+    State(s): State<AppState>,
+    ctx: axum::Extension<RequestContext>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, OAuthApiError> {
+    let mut form = oauth_form(&headers, body).await?;
+    let auth = client_auth(&headers, &mut form)?;
+    let params = TokenParams {
+        grant_type: form.take("grant_type").unwrap_or_default(),
+        scope: form.take("scope"),
+        resource: form.take("resource"),
+    };
+    let resp = s.core.token(&auth, &params, &ctx).await.map_err(|e| with_challenge(&auth, e))?;
+    metrics::counter!("portcullis_tokens_issued_total", "grant" => "client_credentials").increment(1);
+    Ok(no_store(Json(resp).into_response()))
+}
+
+pub async fn introspect(
+    State(s): State<AppState>,
+    ctx: axum::Extension<RequestContext>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, OAuthApiError> {
+    let mut form = oauth_form(&headers, body).await?;
+    let auth = client_auth(&headers, &mut form)?;
+    let caller = s.core.authenticate_client(&auth, &ctx).await.map_err(|e| with_challenge(&auth, e))?;
+    let Some(token) = form.take("token") else {
+        return Err(OAuthError::invalid_request("token is required").into());
+    };
+    let result = s.core.introspect(&caller, &token).await?;
+    Ok(no_store(Json(result).into_response()))
+}
+
+pub async fn revoke(
+    State(s): State<AppState>,
+    ctx: axum::Extension<RequestContext>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, OAuthApiError> {
+    let mut form = oauth_form(&headers, body).await?;
+    let auth = client_auth(&headers, &mut form)?;
+    let caller = s.core.authenticate_client(&auth, &ctx).await.map_err(|e| with_challenge(&auth, e))?;
+    let Some(token) = form.take("token") else {
+        return Err(OAuthError::invalid_request("token is required").into());
+    };
+    // `token_type_hint` is only a hint (RFC 7009 §2.1): every token type is searched anyway.
+    s.core.revoke(&caller, &token, &ctx).await?;
+    Ok(no_store(StatusCode::OK.into_response()))
+}

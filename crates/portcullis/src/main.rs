@@ -1,0 +1,525 @@
+//! The `portcullis` binary: command line, configuration, logging, and wiring the adapters
+//! (SQLite or PostgreSQL store, local key vault, system clock) into the core and the web
+//! router. The only place that reads the environment, the config file or the wall clock
+//! through the system adapter.
+
+mod config;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use clap::{Args, Parser, Subcommand};
+use portcullis_core::Portcullis;
+use portcullis_core::clock::{Clock, SystemClock};
+use portcullis_core::crypto::vault::{LocalKeyVault, MASTER_KEY_LEN};
+use portcullis_core::model::Page;
+use portcullis_core::settings::CoreSettings;
+use portcullis_core::store::Store;
+use portcullis_core::usecases::*;
+use portcullis_store::{PgStore, SqliteStore};
+use secrecy::ExposeSecret;
+use tracing_subscriber::EnvFilter;
+use zeroize::Zeroizing;
+
+use crate::config::{FlagOverrides, Settings, secret_env};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "Identity provider, OAuth 2.0 server, CA and API gateway in one binary"
+)]
+struct Cli {
+    /// TOML configuration file.
+    #[arg(long, global = true, env = "PORTCULLIS_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen address, ADDR:PORT (port 0 picks a free port).
+    #[arg(long, global = true)]
+    listen: Option<String>,
+    /// External base URL (the token issuer).
+    #[arg(long, global = true)]
+    issuer: Option<String>,
+    /// Data directory (master key, SQLite database, outbox).
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// postgres://… to use PostgreSQL instead of the embedded SQLite.
+    #[arg(long, global = true)]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the server.
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Token signing keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Administrative tasks run directly against the database.
+    #[command(subcommand)]
+    Admin(Box<AdminCommand>),
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// Promote every algorithm's next key to current now (running servers pick it up
+    /// within tokens.key_check_interval).
+    Rotate,
+    /// Print the published JWKS.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum AdminCommand {
+    #[command(subcommand)]
+    Org(OrgCommand),
+    #[command(subcommand)]
+    Service(ServiceCommand),
+    #[command(subcommand)]
+    App(AppCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum OrgCommand {
+    Create {
+        #[arg(long)]
+        slug: String,
+        #[arg(long)]
+        name: String,
+    },
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum ServiceCommand {
+    Create(ServiceArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServiceArgs {
+    #[arg(long)]
+    org: String,
+    #[arg(long)]
+    slug: String,
+    #[arg(long)]
+    name: String,
+    #[arg(long)]
+    audience: String,
+    /// Repeatable: payments/read
+    #[arg(long = "scope")]
+    scopes: Vec<String>,
+    /// Repeatable: payments:admin
+    #[arg(long = "role")]
+    roles: Vec<String>,
+    /// Repeatable: payments.invoice.read
+    #[arg(long = "permission")]
+    permissions: Vec<String>,
+    /// Repeatable: ROLE=PERMISSION
+    #[arg(long = "grant")]
+    grants: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum AppCommand {
+    /// Create an application; prints its client secret once.
+    Create(AppArgs),
+    /// Show an application by client id (org$app).
+    Show {
+        #[arg(long)]
+        client_id: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct AppArgs {
+    #[arg(long)]
+    org: String,
+    #[arg(long)]
+    slug: String,
+    #[arg(long)]
+    name: String,
+    #[arg(long = "grant-type")]
+    grant_types: Vec<String>,
+    #[arg(long = "scope")]
+    scopes: Vec<String>,
+    #[arg(long = "role")]
+    roles: Vec<String>,
+    #[arg(long)]
+    auth_method: Option<String>,
+    #[arg(long)]
+    lifetime: Option<i64>,
+    #[arg(long)]
+    alg: Option<String>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let flags = FlagOverrides {
+        listen: cli.listen.clone(),
+        issuer: cli.issuer.clone(),
+        data_dir: cli.data_dir.clone(),
+        database_url: cli.database_url.clone(),
+    };
+    let settings = match config::load(cli.config.as_ref(), flags) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("portcullis: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_logging(&settings);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("portcullis: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.command, settings)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("portcullis: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(s: &Settings) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&s.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if s.log.format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// The adapters, opened once.
+struct Wired {
+    core: Arc<Portcullis>,
+    _lock: Option<std::fs::File>,
+}
+
+async fn open_store(s: &Settings, clock: &dyn Clock) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match &s.database_url {
+        Some(url) if url.starts_with("postgres") => {
+            Arc::new(PgStore::connect(url, clock.now()).await.context("connecting to PostgreSQL")?)
+        }
+        Some(url) => Arc::new(SqliteStore::open_url(url, clock.now()).await.context("opening SQLite")?),
+        None => {
+            let path = s.data_dir.join("portcullis.db");
+            Arc::new(
+                SqliteStore::open(&path, clock.now()).await.with_context(|| format!("opening {}", path.display()))?,
+            )
+        }
+    })
+}
+
+fn ensure_data_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    }
+    Ok(())
+}
+
+/// One `serve` per data directory: an exclusive lock held for the process's life.
+fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    let path = dir.join("portcullis.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            bail!("another portcullis process is already using data directory {}", dir.display())
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
+    }
+}
+
+/// The master key: `PORTCULLIS_MASTER_KEY` (base64), else `data_dir/master.key` (mode 0600),
+/// created only when the database has never been initialised.
+fn master_key(dir: &Path, db_initialised: bool) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    let decode = |s: &str, from: &str| -> anyhow::Result<Zeroizing<Vec<u8>>> {
+        let k = Zeroizing::new(
+            B64.decode(s.trim())
+                .map_err(|_| anyhow::anyhow!("{from}: expected base64 of {MASTER_KEY_LEN} random bytes"))?,
+        );
+        if k.len() != MASTER_KEY_LEN {
+            bail!("{from}: expected base64 of {MASTER_KEY_LEN} random bytes, got {} bytes", k.len());
+        }
+        Ok(k)
+    };
+    if let Some(k) = secret_env("MASTER_KEY")? {
+        return decode(k.expose_secret(), "PORTCULLIS_MASTER_KEY");
+    }
+    let path = dir.join("master.key");
+    if path.exists() {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                bail!(
+                    "{} is readable by other users (mode {:o}); run: chmod 600 {}",
+                    path.display(),
+                    mode & 0o777,
+                    path.display()
+                );
+            }
+        }
+        let text =
+            Zeroizing::new(std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?);
+        return decode(&text, &path.display().to_string());
+    }
+    if db_initialised {
+        bail!(
+            "the database is initialised but {} is missing and PORTCULLIS_MASTER_KEY is not set: restore the master key",
+            path.display()
+        );
+    }
+    let key = LocalKeyVault::generate_master_key()?;
+    let text = Zeroizing::new(B64.encode(key.as_ref()));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    use std::io::Write;
+    let mut f = opts.open(&path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    tracing::info!(path = %path.display(), "created a new master key");
+    Ok(Zeroizing::new(key.to_vec()))
+}
+
+async fn wire(s: &Settings, issuer: String, lock: bool) -> anyhow::Result<Wired> {
+    ensure_data_dir(&s.data_dir)?;
+    let lock = if lock { Some(lock_data_dir(&s.data_dir)?) } else { None };
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let store = open_store(s, clock.as_ref()).await?;
+    let initialised = store.setting("vault_check").await?.is_some();
+    let key = master_key(&s.data_dir, initialised)?;
+    let vault = Arc::new(LocalKeyVault::new(&key)?);
+    drop(key);
+    let mut core = CoreSettings::for_issuer(&issuer);
+    core.signing_algorithms = s.algorithms.clone();
+    core.default_access_token_lifetime = s.raw.tokens.default_lifetime;
+    core.max_access_token_lifetime = s.raw.tokens.max_lifetime;
+    core.key_rotation_interval = s.raw.tokens.key_rotation_interval;
+    core.secret_rotation_grace = s.raw.clients.secret_rotation_grace;
+    core.cache_ttl = s.raw.clients.cache_ttl;
+    core.bootstrap_admin_email = s.raw.bootstrap.admin_email.clone();
+    let core = Arc::new(Portcullis::new(store, clock, vault, core));
+    let report = core
+        .bootstrap(BootstrapSecrets {
+            admin_password: secret_env("ADMIN_PASSWORD")?,
+            admin_client_secret: secret_env("ADMIN_CLIENT_SECRET")?,
+        })
+        .await
+        .context("initialising")?;
+    for what in &report.created {
+        tracing::info!("created {what}");
+    }
+    print_generated(&report);
+    Ok(Wired { core, _lock: lock })
+}
+
+/// The one place generated bootstrap secrets are shown: standard output, once, never the log.
+fn print_generated(r: &BootstrapReport) {
+    if r.generated_admin_password.is_none() && r.generated_admin_client_secret.is_none() {
+        return;
+    }
+    println!("Portcullis initialised. Save these now; they are not shown again:");
+    if let Some(p) = &r.generated_admin_password {
+        println!("  admin user:          {}", r.admin_email.as_deref().unwrap_or(""));
+        println!("  admin password:      {}", p.expose_secret());
+    }
+    if let Some(s) = &r.generated_admin_client_secret {
+        println!("  admin client id:     {PLATFORM_ORG}${ADMIN_APP}");
+        println!("  admin client secret: {}", s.expose_secret());
+    }
+}
+
+fn cli_principal() -> Principal {
+    Principal {
+        subject: "cli".into(),
+        client_id: "cli".into(),
+        org: PLATFORM_ORG.into(),
+        roles: vec![ROLE_PLATFORM_ADMIN.into()],
+        scopes: vec![],
+    }
+}
+
+fn default_issuer(s: &Settings, bound: SocketAddr) -> String {
+    s.issuer.clone().unwrap_or_else(|| format!("http://{bound}"))
+}
+
+async fn run(cmd: Command, s: Settings) -> anyhow::Result<()> {
+    match cmd {
+        Command::Serve => serve(s).await,
+        Command::Migrate => {
+            ensure_data_dir(&s.data_dir)?;
+            open_store(&s, &SystemClock).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Keys(k) => {
+            let w = wire(&s, default_issuer(&s, s.listen), false).await?;
+            match k {
+                KeysCommand::Rotate => {
+                    let kids = w.core.rotate_signing_keys("cli").await?;
+                    println!("rotated; now signing with: {}", kids.join(", "));
+                }
+                KeysCommand::List => println!("{}", w.core.jwks()),
+            }
+            Ok(())
+        }
+        Command::Admin(a) => {
+            let w = wire(&s, default_issuer(&s, s.listen), false).await?;
+            admin(&w.core, *a).await
+        }
+    }
+}
+
+async fn admin(core: &Portcullis, cmd: AdminCommand) -> anyhow::Result<()> {
+    let who = cli_principal();
+    let ctx = RequestContext { ip: None, request_id: Some("cli".into()) };
+    match cmd {
+        AdminCommand::Org(OrgCommand::Create { slug, name }) => {
+            let o = core.create_organisation(&who, &ctx, NewOrganisation { slug, name }).await?;
+            println!("{}", serde_json::json!({ "id": o.id, "slug": o.slug, "name": o.name }));
+        }
+        AdminCommand::Org(OrgCommand::List) => {
+            for o in core.organisations(&who, Page::default()).await? {
+                println!("{}\t{}", o.slug, o.name);
+            }
+        }
+        AdminCommand::Service(ServiceCommand::Create(a)) => {
+            let mut grants = std::collections::BTreeMap::<String, Vec<String>>::new();
+            for g in a.grants {
+                let (r, p) =
+                    g.split_once('=').ok_or_else(|| anyhow::anyhow!("--grant {g:?}: expected ROLE=PERMISSION"))?;
+                grants.entry(r.into()).or_default().push(p.into());
+            }
+            let req = NewService {
+                slug: a.slug,
+                name: a.name,
+                audience: a.audience,
+                scopes: a.scopes,
+                roles: a.roles,
+                permissions: a.permissions,
+                grants,
+            };
+            let svc = core.create_service(&who, &ctx, &a.org, req).await?;
+            println!("{}", serde_json::json!({ "id": svc.id, "slug": svc.slug, "audience": svc.audience }));
+        }
+        AdminCommand::App(AppCommand::Create(a)) => {
+            let req = NewApplication {
+                slug: a.slug,
+                name: a.name,
+                grant_types: (!a.grant_types.is_empty()).then_some(a.grant_types),
+                scopes: a.scopes,
+                roles: a.roles,
+                token_endpoint_auth_method: a.auth_method,
+                redirect_uris: vec![],
+                access_token_lifetime: a.lifetime,
+                access_token_signing_alg: a.alg,
+                enabled: None,
+            };
+            let c = core.create_application(&who, &ctx, &a.org, req).await?;
+            let mut v = serde_json::to_value(ApplicationView::new(&c.app, &a.org))?;
+            if let (Some(secret), Some(obj)) = (&c.client_secret, v.as_object_mut()) {
+                obj.insert("client_secret".into(), secret.expose_secret().into());
+            }
+            println!("{v}");
+        }
+        AdminCommand::App(AppCommand::Show { client_id }) => {
+            let id = portcullis_core::ids::ClientId::parse(&client_id)?;
+            let (org, app) = client_id.split_once('$').unwrap_or_default();
+            let a = core.application(&who, org, app).await?;
+            println!("{}", serde_json::to_string_pretty(&ApplicationView::new(&a, id.org()))?);
+        }
+    }
+    Ok(())
+}
+
+async fn serve(s: Settings) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(s.listen).await.with_context(|| format!("binding {}", s.listen))?;
+    let bound = listener.local_addr()?;
+    let w = wire(&s, default_issuer(&s, bound), true).await?;
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])
+        .and_then(|b| b.install_recorder())
+        .map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
+    spawn_maintenance(w.core.clone(), metrics.clone(), Duration::from_secs(s.raw.tokens.key_check_interval));
+    let app = portcullis_web::router(portcullis_web::AppState { core: w.core.clone(), metrics: Some(metrics) });
+    tracing::info!(issuer = %w.core.issuer(), "listening on http://{bound}");
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving")?;
+    tracing::info!("shut down cleanly");
+    Ok(())
+}
+
+/// Background upkeep: the key schedule (and picking up keys rotated elsewhere), purging
+/// expired revocations, and the metrics recorder's housekeeping.
+fn spawn_maintenance(core: Arc<Portcullis>, metrics: metrics_exporter_prometheus::PrometheusHandle, every: Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match core.maintain_keys().await {
+                Ok(true) => tracing::info!("signing keys rotated on schedule"),
+                Ok(false) => {}
+                Err(e) => tracing::error!(error = %e, "key maintenance failed"),
+            }
+            if let Err(e) = core.store().purge_expired_revocations(core.now()).await {
+                tracing::warn!(error = %e, "purging expired revocations failed");
+            }
+            metrics.run_upkeep();
+        }
+    });
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
