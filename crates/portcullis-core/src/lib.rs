@@ -8,6 +8,7 @@ pub mod crypto;
 pub mod error;
 pub mod ids;
 pub mod model;
+pub mod ratelimit;
 pub mod settings;
 pub mod store;
 pub mod tokens;

@@ -18,6 +18,8 @@ pub struct CoreSettings {
     /// How long a cached client or service list may be served before it is re-read.
     pub cache_ttl: i64,
     pub bootstrap_admin_email: String,
+    /// Failed client authentications allowed per client id and per IP address each minute.
+    pub auth_failures_per_minute: u32,
 }
 
 impl CoreSettings {
@@ -31,6 +33,7 @@ impl CoreSettings {
             secret_rotation_grace: 86_400,
             cache_ttl: 30,
             bootstrap_admin_email: "admin@portcullis.local".into(),
+            auth_failures_per_minute: 30,
         }
     }
     /// How long a retired key stays published: every token it signed has expired by then.

@@ -60,6 +60,8 @@ pub struct TokenConfig {
 pub struct ClientConfig {
     pub secret_rotation_grace: i64,
     pub cache_ttl: i64,
+    /// Failed client authentications allowed per client id and per IP each minute (then 429).
+    pub auth_failures_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,7 +86,7 @@ impl Default for Config {
                 key_rotation_interval: 90 * 86_400,
                 key_check_interval: 30,
             },
-            clients: ClientConfig { secret_rotation_grace: 86_400, cache_ttl: 30 },
+            clients: ClientConfig { secret_rotation_grace: 86_400, cache_ttl: 30, auth_failures_per_minute: 30 },
             bootstrap: BootstrapConfig { admin_email: "admin@portcullis.local".into() },
         }
     }

@@ -330,6 +330,7 @@ async fn wire(s: &Settings, issuer: String, lock: bool) -> anyhow::Result<Wired>
     core.key_rotation_interval = s.raw.tokens.key_rotation_interval;
     core.secret_rotation_grace = s.raw.clients.secret_rotation_grace;
     core.cache_ttl = s.raw.clients.cache_ttl;
+    core.auth_failures_per_minute = s.raw.clients.auth_failures_per_minute.max(1);
     core.bootstrap_admin_email = s.raw.bootstrap.admin_email.clone();
     let core = Arc::new(Portcullis::new(store, clock, vault, core));
     let report = core

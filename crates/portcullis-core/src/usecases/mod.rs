@@ -103,6 +103,8 @@ pub struct Portcullis {
     pub(crate) keys: KeyRing,
     pub(crate) settings: CoreSettings,
     caches: Caches,
+    /// Failed client authentications per client id and per IP.
+    auth_failures: crate::ratelimit::FailureLimiter,
 }
 
 impl std::fmt::Debug for Portcullis {
@@ -113,7 +115,8 @@ impl std::fmt::Debug for Portcullis {
 
 impl Portcullis {
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, vault: Arc<dyn KeyVault>, settings: CoreSettings) -> Self {
-        Self { store, clock, vault, keys: KeyRing::default(), settings, caches: Caches::default() }
+        let auth_failures = crate::ratelimit::FailureLimiter::new(settings.auth_failures_per_minute, 60);
+        Self { store, clock, vault, keys: KeyRing::default(), settings, caches: Caches::default(), auth_failures }
     }
 
     pub fn settings(&self) -> &CoreSettings {

@@ -82,10 +82,24 @@ impl Portcullis {
         auth: &ClientAuth,
         ctx: &RequestContext,
     ) -> Result<Arc<ClientEntry>, OAuthError> {
+        let now = self.now();
+        let client_key = format!("client:{}", auth.client_id().chars().take(128).collect::<String>());
+        let ip_key = ctx.ip.as_ref().map(|ip| format!("ip:{ip}"));
+        for key in std::iter::once(&client_key).chain(ip_key.as_ref()) {
+            if let Err(retry_after_secs) = self.auth_failures.check(key, now) {
+                return Err(Error::RateLimited { retry_after_secs }.into());
+            }
+        }
         let presented = SecretHash::of(self.vault.as_ref(), auth.secret().expose_secret());
-        let fail = |reason: &'static str| async move {
-            self.audit_failed_authentication(ctx, auth.client_id(), "client.authenticate", reason).await;
-            Err(OAuthError::invalid_client("client authentication failed"))
+        let fail = |reason: &'static str| {
+            self.auth_failures.record_failure(&client_key, now);
+            if let Some(k) = &ip_key {
+                self.auth_failures.record_failure(k, now);
+            }
+            async move {
+                self.audit_failed_authentication(ctx, auth.client_id(), "client.authenticate", reason).await;
+                Err(OAuthError::invalid_client("client authentication failed"))
+            }
         };
         if !plausible_secret(auth.secret()) {
             return fail("malformed secret").await;
@@ -97,7 +111,6 @@ impl Portcullis {
             return fail("unknown client").await;
         };
         let app = &entry.app;
-        let now = self.now();
         let current = app.secret_hash.as_ref().is_some_and(|h| h.matches(&presented));
         let previous = app.previous_secret_hash.as_ref().is_some_and(|h| h.matches(&presented))
             && app.previous_secret_expires_at.is_some_and(|t| t > now);

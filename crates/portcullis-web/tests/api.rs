@@ -1,0 +1,368 @@
+//! Handler tests: the real router over a real SQLite store, driven with `oneshot` and a
+//! manual clock, so expiry, rotation, grace periods and rate limits are tested without sleeping.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use base64::Engine;
+use portcullis_core::Portcullis;
+use portcullis_core::clock::{Clock, ManualClock};
+use portcullis_core::crypto::signing::Algorithm;
+use portcullis_core::crypto::vault::LocalKeyVault;
+use portcullis_core::model::Page;
+use portcullis_core::settings::CoreSettings;
+use portcullis_core::usecases::BootstrapSecrets;
+use portcullis_store::SqliteStore;
+use portcullis_web::{AppState, router};
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+const ISS: &str = "https://issuer.test";
+const ADMIN_SECRET: &str = "admin-secret-0123456789abcdefghijklmnopqrstuv";
+
+struct Env {
+    app: Router,
+    clock: Arc<ManualClock>,
+    core: Arc<Portcullis>,
+    _dir: tempfile::TempDir,
+}
+
+async fn env_with(tweak: impl FnOnce(&mut CoreSettings)) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_900_000_000));
+    let store = SqliteStore::open(&dir.path().join("t.db"), clock.now()).await.unwrap();
+    let mut settings = CoreSettings::for_issuer(ISS);
+    settings.signing_algorithms = vec![Algorithm::ES256];
+    tweak(&mut settings);
+    let core = Arc::new(Portcullis::new(
+        Arc::new(store),
+        clock.clone(),
+        Arc::new(LocalKeyVault::new(&[42u8; 32]).unwrap()),
+        settings,
+    ));
+    core.bootstrap(BootstrapSecrets {
+        admin_password: Some(SecretString::from("bootstrap-password-123")),
+        admin_client_secret: Some(SecretString::from(ADMIN_SECRET)),
+    })
+    .await
+    .unwrap();
+    let app = router(AppState { core: core.clone(), metrics: None });
+    Env { app, clock, core, _dir: dir }
+}
+
+async fn env() -> Env {
+    env_with(|_| {}).await
+}
+
+fn basic(id: &str, secret: &str) -> String {
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}")))
+}
+
+async fn send(app: &Router, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Value) {
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+    let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    if !status.is_success() {
+        assert!(headers.contains_key("x-error") && headers.contains_key("x-error-id"), "{status} without x-error");
+    }
+    (status, headers, v)
+}
+
+async fn token(app: &Router, id: &str, secret: &str, extra: &str) -> (StatusCode, axum::http::HeaderMap, Value) {
+    let req = Request::post("/oauth2/token")
+        .header(header::AUTHORIZATION, basic(id, secret))
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from(format!("grant_type=client_credentials{extra}")))
+        .unwrap();
+    send(app, req).await
+}
+
+async fn admin_token(app: &Router) -> String {
+    let (s, _, v) = token(app, "portcullis$admin", ADMIN_SECRET, "").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    v["access_token"].as_str().unwrap().to_owned()
+}
+
+async fn api(app: &Router, method: &str, path: &str, bearer: &str, body: Option<Value>) -> (StatusCode, Value) {
+    let mut b = Request::builder().method(method).uri(path).header(header::AUTHORIZATION, format!("Bearer {bearer}"));
+    let body = match body {
+        Some(v) => {
+            b = b.header(header::CONTENT_TYPE, "application/json");
+            Body::from(v.to_string())
+        }
+        None => Body::empty(),
+    };
+    let (s, _, v) = send(app, b.body(body).unwrap()).await;
+    (s, v)
+}
+
+async fn introspect(app: &Router, id: &str, secret: &str, tok: &str) -> Value {
+    let req = Request::post("/oauth2/introspect")
+        .header(header::AUTHORIZATION, basic(id, secret))
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from(format!("token={tok}")))
+        .unwrap();
+    let (s, _, v) = send(app, req).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    v
+}
+
+async fn jwks_kids(app: &Router) -> Vec<String> {
+    let (s, _, v) = send(app, Request::get("/oauth2/jwks").body(Body::empty()).unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    v["keys"].as_array().unwrap().iter().map(|k| k["kid"].as_str().unwrap().to_owned()).collect()
+}
+
+fn kid_of(jwt: &str) -> String {
+    let h = jwt.split('.').next().unwrap();
+    let v: Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(h).unwrap()).unwrap();
+    v["kid"].as_str().unwrap().to_owned()
+}
+
+fn claims_of(jwt: &str) -> Value {
+    let p = jwt.split('.').nth(1).unwrap();
+    serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(p).unwrap()).unwrap()
+}
+
+/// org `acme`, services `payments` and `ledger`, app `billing` with scopes in both.
+async fn acme(e: &Env) -> (String, String) {
+    let t = admin_token(&e.app).await;
+    let (s, v) = api(&e.app, "POST", "/api/v1/organisations", &t, Some(json!({"slug": "acme", "name": "Acme"}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    for (svc, aud) in [("payments", "https://payments.test"), ("ledger", "https://ledger.test")] {
+        let body = json!({
+            "slug": svc, "name": svc, "audience": aud,
+            "scopes": [format!("{svc}/read")], "roles": [format!("{svc}:reader")],
+            "permissions": [format!("{svc}.entry.read")],
+            "grants": { format!("{svc}:reader"): [format!("{svc}.entry.read")] },
+        });
+        let (s, v) = api(&e.app, "POST", "/api/v1/organisations/acme/services", &t, Some(body)).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+    let body = json!({"slug": "billing", "name": "Billing", "scopes": ["payments/read", "ledger/read"], "roles": ["payments:reader", "ledger:reader"]});
+    let (s, v) = api(&e.app, "POST", "/api/v1/organisations/acme/applications", &t, Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    (v["client_id"].as_str().unwrap().to_owned(), v["client_secret"].as_str().unwrap().to_owned())
+}
+
+#[tokio::test]
+async fn tokens_expire_by_the_injected_clock() {
+    let e = env().await;
+    let (id, secret) = acme(&e).await;
+    let (s, h, v) = token(&e.app, &id, &secret, "").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(h.get(header::CACHE_CONTROL).unwrap(), "no-store");
+    let tok = v["access_token"].as_str().unwrap();
+    assert_eq!(v["expires_in"], 900);
+    assert_eq!(introspect(&e.app, &id, &secret, tok).await["active"], true);
+    e.clock.advance(899);
+    assert_eq!(introspect(&e.app, &id, &secret, tok).await["active"], true);
+    e.clock.advance(10);
+    assert_eq!(introspect(&e.app, &id, &secret, tok).await, json!({"active": false}));
+
+    let admin = admin_token(&e.app).await;
+    e.clock.advance(1000);
+    let (s, _) = api(&e.app, "GET", "/api/v1/organisations", &admin, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "an expired admin token is refused");
+}
+
+#[tokio::test]
+async fn resource_indicator_narrows_audience_scopes_and_roles() {
+    let e = env().await;
+    let (id, secret) = acme(&e).await;
+    let (_, _, v) = token(&e.app, &id, &secret, "").await;
+    let c = claims_of(v["access_token"].as_str().unwrap());
+    let mut aud: Vec<String> = serde_json::from_value(c["aud"].clone()).unwrap();
+    aud.sort();
+    assert_eq!(aud, ["https://ledger.test", "https://payments.test"]);
+    assert_eq!(c["org"], "acme");
+    assert_eq!(c["sub"], id);
+
+    let (s, _, v) = token(&e.app, &id, &secret, "&resource=https%3A%2F%2Fpayments.test").await;
+    assert_eq!(s, StatusCode::OK);
+    let c = claims_of(v["access_token"].as_str().unwrap());
+    assert_eq!(c["aud"], "https://payments.test");
+    assert_eq!(c["scope"], "payments/read");
+    assert_eq!(c["roles"], json!(["payments:reader"]));
+
+    let (s, _, v) = token(&e.app, &id, &secret, "&resource=https%3A%2F%2Fpayments.test&scope=ledger%2Fread").await;
+    assert_eq!((s, v["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_scope")));
+    let (s, _, v) = token(&e.app, &id, &secret, "&scope=payments%2Fwrite").await;
+    assert_eq!((s, v["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_scope")));
+    let (s, _, v) = token(&e.app, &id, &secret, "&resource=https%3A%2F%2Felsewhere.test").await;
+    assert_eq!((s, v["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_target")));
+}
+
+#[tokio::test]
+async fn rotation_publishes_next_before_use_and_drops_retired_after_expiry() {
+    let e = env_with(|s| s.key_rotation_interval = 7 * 86_400).await;
+    let (id, secret) = acme(&e).await;
+    let before = jwks_kids(&e.app).await;
+    assert_eq!(before.len(), 2, "current and next");
+    let (_, _, v) = token(&e.app, &id, &secret, "").await;
+    let t1 = v["access_token"].as_str().unwrap().to_owned();
+    let k1 = kid_of(&t1);
+
+    let admin = admin_token(&e.app).await;
+    let (s, v) = api(&e.app, "POST", "/api/v1/keys/rotate", &admin, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (_, _, v) = token(&e.app, &id, &secret, "").await;
+    let k2 = kid_of(v["access_token"].as_str().unwrap());
+    assert_ne!(k1, k2);
+    assert!(before.contains(&k2), "the new signing key was published before it signed");
+    let after = jwks_kids(&e.app).await;
+    assert_eq!(after.len(), 3, "retired, current, next");
+    assert!(after.contains(&k1));
+    assert_eq!(introspect(&e.app, &id, &secret, &t1).await["active"], true, "old tokens stay valid");
+
+    // Not due yet: nothing rotates. Past max lifetime + margin the retired key leaves the JWKS.
+    e.clock.advance(86_400 + 301);
+    assert!(!e.core.maintain_keys().await.unwrap());
+    let later = jwks_kids(&e.app).await;
+    assert!(!later.contains(&k1), "retired key dropped once every token it signed has expired");
+    assert_eq!(later.len(), 2);
+
+    // The schedule rotates by itself once the interval has passed.
+    e.clock.advance(7 * 86_400);
+    assert!(e.core.maintain_keys().await.unwrap());
+    let (_, _, v) = token(&e.app, &id, &secret, "").await;
+    assert_ne!(kid_of(v["access_token"].as_str().unwrap()), k2);
+}
+
+#[tokio::test]
+async fn rotated_secret_grace_period_ends_by_the_clock() {
+    let e = env().await;
+    let (id, old) = acme(&e).await;
+    let admin = admin_token(&e.app).await;
+    let (s, v) = api(
+        &e.app,
+        "POST",
+        "/api/v1/organisations/acme/applications/billing/rotate-secret",
+        &admin,
+        Some(json!({"grace_period": 100})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let new = v["client_secret"].as_str().unwrap().to_owned();
+    assert_ne!(new, old);
+    assert_eq!(token(&e.app, &id, &new, "").await.0, StatusCode::OK);
+    assert_eq!(token(&e.app, &id, &old, "").await.0, StatusCode::OK, "old secret works during the grace period");
+    e.clock.advance(101);
+    let (s, h, v) = token(&e.app, &id, &old, "").await;
+    assert_eq!((s, v["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("invalid_client")));
+    assert!(h.get(header::WWW_AUTHENTICATE).unwrap().to_str().unwrap().starts_with("Basic"));
+    assert_eq!(token(&e.app, &id, &new, "").await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn failed_client_authentication_is_rate_limited_and_audited() {
+    let e = env_with(|s| s.auth_failures_per_minute = 5).await;
+    let (id, secret) = acme(&e).await;
+    for _ in 0..5 {
+        assert_eq!(token(&e.app, &id, "wrong-secret", "").await.0, StatusCode::UNAUTHORIZED);
+    }
+    let (s, h, v) = token(&e.app, &id, &secret, "").await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert!(h.contains_key(header::RETRY_AFTER));
+    e.clock.advance(61);
+    assert_eq!(token(&e.app, &id, &secret, "").await.0, StatusCode::OK);
+
+    let events = e.core.store().audit_events(None, Page::default()).await.unwrap();
+    let failures = events.iter().filter(|ev| ev.action == "client.authenticate" && ev.outcome == "failure").count();
+    assert_eq!(failures, 5);
+    let creates = events.iter().filter(|ev| ev.action == "application.create" && ev.target == "acme$billing").count();
+    assert_eq!(creates, 1, "admin changes are audited");
+}
+
+#[tokio::test]
+async fn org_admins_are_confined_to_their_organisation() {
+    let e = env().await;
+    acme(&e).await;
+    let admin = admin_token(&e.app).await;
+    let (s, _) =
+        api(&e.app, "POST", "/api/v1/organisations", &admin, Some(json!({"slug": "beta", "name": "Beta"}))).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let body = json!({"slug": "ops", "name": "Ops", "roles": ["portcullis:org-admin"]});
+    let (s, v) = api(&e.app, "POST", "/api/v1/organisations/acme/applications", &admin, Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (id, secret) = (v["client_id"].as_str().unwrap().to_owned(), v["client_secret"].as_str().unwrap().to_owned());
+    let (_, _, v) = token(&e.app, &id, &secret, "").await;
+    let t = v["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(claims_of(&t)["aud"], ISS);
+
+    let svc = json!({"slug": "crm", "name": "CRM", "audience": "https://crm.test", "roles": ["crm:user"]});
+    assert_eq!(
+        api(&e.app, "POST", "/api/v1/organisations/acme/services", &t, Some(svc.clone())).await.0,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        api(&e.app, "POST", "/api/v1/organisations/beta/services", &t, Some(svc)).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(api(&e.app, "GET", "/api/v1/organisations/beta", &t, None).await.0, StatusCode::FORBIDDEN);
+    let org = json!({"slug": "gamma", "name": "G"});
+    assert_eq!(api(&e.app, "POST", "/api/v1/organisations", &t, Some(org)).await.0, StatusCode::FORBIDDEN);
+    let esc = json!({"slug": "esc", "name": "Escalate", "roles": ["portcullis:admin"]});
+    assert_eq!(
+        api(&e.app, "POST", "/api/v1/organisations/acme/applications", &t, Some(esc)).await.0,
+        StatusCode::FORBIDDEN
+    );
+    let (s, v) = api(&e.app, "GET", "/api/v1/organisations", &t, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["items"].as_array().unwrap().len(), 1, "sees only its own organisation");
+}
+
+#[tokio::test]
+async fn authz_check_follows_role_grants() {
+    let e = env().await;
+    let (id, _) = acme(&e).await;
+    let admin = admin_token(&e.app).await;
+    let check = |perm: &str| json!({"subject": id, "permission": perm});
+    let (s, v) = api(&e.app, "POST", "/api/v1/authz/check", &admin, Some(check("payments.entry.read"))).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["allowed"], true, "{v}");
+    let (_, v) = api(
+        &e.app,
+        "PUT",
+        "/api/v1/organisations/acme/roles/payments:reader",
+        &admin,
+        Some(json!({"permissions": []})),
+    )
+    .await;
+    assert_eq!(v["permissions"], json!([]));
+    let (_, v) = api(&e.app, "POST", "/api/v1/authz/check", &admin, Some(check("payments.entry.read"))).await;
+    assert_eq!(v["allowed"], false);
+    assert!(v["reason"].as_str().unwrap().contains("payments.entry.read"));
+    let (s, _) = api(&e.app, "POST", "/api/v1/authz/check", &admin, Some(check("payments-entry-read"))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn disabled_clients_lose_their_tokens() {
+    let e = env().await;
+    let (id, secret) = acme(&e).await;
+    let (_, _, v) = token(&e.app, &id, &secret, "").await;
+    let t = v["access_token"].as_str().unwrap().to_owned();
+    let admin = admin_token(&e.app).await;
+    let (s, _) = api(
+        &e.app,
+        "PATCH",
+        "/api/v1/organisations/acme/applications/billing",
+        &admin,
+        Some(json!({"enabled": false})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, v) = token(&e.app, &id, &secret, "").await;
+    assert_eq!((s, v["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("invalid_client")));
+    let active = introspect(&e.app, "portcullis$admin", ADMIN_SECRET, &t).await;
+    assert_eq!(active, json!({"active": false}), "tokens of a disabled client introspect inactive");
+}
