@@ -25,7 +25,9 @@ fn stamp(headers: &mut HeaderMap, msg: &str, id: &str) {
     headers.insert(X_ERROR_ID.clone(), header_text(id));
 }
 
-/// Logs an error response once, with its id; internals only ever go here.
+/// Logs what a client must not see: the internals of a server-side failure, under the error
+/// id the client gets. (Every refused request is also logged by the request middleware, with
+/// its request id, route and `x-error`.)
 fn log(status: StatusCode, id: &str, public: &str, internal: Option<&str>) {
     if status.is_server_error() {
         tracing::error!(
@@ -33,10 +35,8 @@ fn log(status: StatusCode, id: &str, public: &str, internal: Option<&str>) {
             status = status.as_u16(),
             error = public,
             internal = internal.unwrap_or(""),
-            "request failed"
+            "server-side failure"
         );
-    } else {
-        tracing::info!(error_id = id, status = status.as_u16(), error = public, "request refused");
     }
 }
 

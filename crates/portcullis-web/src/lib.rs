@@ -91,7 +91,21 @@ async fn observe(mut req: Request, next: Next) -> Response {
     metrics::counter!("portcullis_http_requests_total", "route" => route.clone(), "status" => status.to_string())
         .increment(1);
     metrics::histogram!("portcullis_http_request_duration_seconds", "route" => route.clone()).record(elapsed);
-    tracing::debug!(request_id = %id, %method, route = %route, status, elapsed_ms = elapsed * 1e3, "request");
+    if status >= 400 {
+        let text =
+            |h: &axum::http::HeaderName| resp.headers().get(h).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        tracing::info!(
+            request_id = %id,
+            %method,
+            route = %route,
+            status,
+            error_id = %text(&error::X_ERROR_ID),
+            error = %text(&error::X_ERROR),
+            "request refused"
+        );
+    } else {
+        tracing::debug!(request_id = %id, %method, route = %route, status, elapsed_ms = elapsed * 1e3, "request");
+    }
     resp
 }
 

@@ -269,15 +269,18 @@ async fn failed_client_authentication_is_rate_limited_and_audited() {
     for _ in 0..5 {
         assert_eq!(token(&e.app, &id, "wrong-secret", "").await.0, StatusCode::UNAUTHORIZED);
     }
-    let (s, h, v) = token(&e.app, &id, &secret, "").await;
+    let (s, h, v) = token(&e.app, &id, "wrong-secret", "").await;
     assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert_eq!(v["error"], "slow_down");
     assert!(h.contains_key(header::RETRY_AFTER));
-    e.clock.advance(61);
+    // The holder of the right secret is never locked out by someone else's failures.
     assert_eq!(token(&e.app, &id, &secret, "").await.0, StatusCode::OK);
+    e.clock.advance(61);
+    assert_eq!(token(&e.app, &id, "wrong-secret", "").await.0, StatusCode::UNAUTHORIZED, "a new window");
 
     let events = e.core.store().audit_events(None, Page::default()).await.unwrap();
     let failures = events.iter().filter(|ev| ev.action == "client.authenticate" && ev.outcome == "failure").count();
-    assert_eq!(failures, 5);
+    assert_eq!(failures, 6, "failures within the limit are audited; refused ones are not");
     let creates = events.iter().filter(|ev| ev.action == "application.create" && ev.target == "acme$billing").count();
     assert_eq!(creates, 1, "admin changes are audited");
 }

@@ -498,7 +498,7 @@ fn spawn_maintenance(core: Arc<Portcullis>, metrics: metrics_exporter_prometheus
                 Ok(false) => {}
                 Err(e) => tracing::error!(error = %e, "key maintenance failed"),
             }
-            if let Err(e) = core.store().purge_expired_revocations(core.now()).await {
+            if let Err(e) = core.purge_expired_revocations().await {
                 tracing::warn!(error = %e, "purging expired revocations failed");
             }
             metrics.run_upkeep();

@@ -53,10 +53,14 @@ pub enum JwsError {
 
 /// Signs `claims` (already-serialised JSON) into a compact JWS with `typ`.
 pub fn sign(key: &SigningKey, typ: &str, claims_json: &[u8]) -> Result<String> {
-    let header =
-        serde_json::to_vec(&HeaderOut { alg: key.alg().as_str(), kid: key.kid(), typ }).map_err(Error::internal)?;
     let mut out = String::with_capacity(claims_json.len() * 4 / 3 + 200);
-    B64.encode_string(&header, &mut out);
+    if typ == crate::tokens::ACCESS_TOKEN_TYP {
+        out.push_str(key.at_jwt_header());
+    } else {
+        let header =
+            serde_json::to_vec(&HeaderOut { alg: key.alg().as_str(), kid: key.kid(), typ }).map_err(Error::internal)?;
+        B64.encode_string(&header, &mut out);
+    }
     out.push('.');
     B64.encode_string(claims_json, &mut out);
     let sig = key.sign(out.as_bytes())?;

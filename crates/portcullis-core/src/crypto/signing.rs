@@ -60,6 +60,8 @@ pub struct SigningKey {
     signer: Signer,
     verifier: VerifyingKey,
     rng: SystemRandom,
+    /// base64url of the `at+jwt` protected header, built once per key.
+    at_jwt_header: String,
 }
 
 impl fmt::Debug for SigningKey {
@@ -110,7 +112,9 @@ impl SigningKey {
         };
         let kid = public.thumbprint()?;
         let verifier = VerifyingKey { kid: kid.clone(), alg, public };
-        Ok(Self { kid, alg, signer, verifier, rng: SystemRandom::new() })
+        let header = serde_json::json!({ "alg": alg.as_str(), "kid": kid, "typ": crate::tokens::ACCESS_TOKEN_TYP });
+        let at_jwt_header = B64.encode(serde_json::to_vec(&header).map_err(Error::internal)?);
+        Ok(Self { kid, alg, signer, verifier, rng: SystemRandom::new(), at_jwt_header })
     }
 
     pub fn kid(&self) -> &str {
@@ -118,6 +122,10 @@ impl SigningKey {
     }
     pub fn alg(&self) -> Algorithm {
         self.alg
+    }
+    /// The encoded protected header for access tokens.
+    pub fn at_jwt_header(&self) -> &str {
+        &self.at_jwt_header
     }
     pub fn verifying_key(&self) -> &VerifyingKey {
         &self.verifier

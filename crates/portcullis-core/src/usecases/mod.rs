@@ -105,6 +105,8 @@ pub struct Portcullis {
     caches: Caches,
     /// Failed client authentications per client id and per IP.
     auth_failures: crate::ratelimit::FailureLimiter,
+    /// The platform's own service, built once (its audience is the issuer).
+    pub(crate) platform: Service,
 }
 
 impl std::fmt::Debug for Portcullis {
@@ -116,7 +118,17 @@ impl std::fmt::Debug for Portcullis {
 impl Portcullis {
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, vault: Arc<dyn KeyVault>, settings: CoreSettings) -> Self {
         let auth_failures = crate::ratelimit::FailureLimiter::new(settings.auth_failures_per_minute, 60);
-        Self { store, clock, vault, keys: KeyRing::default(), settings, caches: Caches::default(), auth_failures }
+        let platform = platform_service(&settings.issuer);
+        Self {
+            store,
+            clock,
+            vault,
+            keys: KeyRing::default(),
+            settings,
+            caches: Caches::default(),
+            auth_failures,
+            platform,
+        }
     }
 
     pub fn settings(&self) -> &CoreSettings {
@@ -226,25 +238,34 @@ impl Portcullis {
         }
     }
 
+    /// Drops revocations of tokens that can no longer be accepted (past `exp` plus skew).
+    pub async fn purge_expired_revocations(&self) -> Result<u64> {
+        Ok(self.store.purge_expired_revocations(self.now() - crate::tokens::SKEW_SECS - 60).await?)
+    }
+
     /// The platform's own service; its audience is always the current issuer.
-    pub fn platform_service(&self) -> Service {
-        let parse_role = |r: &str| RoleName::parse(r).ok();
-        Service {
-            id: "platform".into(),
-            org_id: String::new(),
-            slug: Slug::parse(PLATFORM_SERVICE).unwrap_or_else(|_| unreachable_slug()),
-            name: "Portcullis".into(),
-            audience: self.settings.issuer.clone(),
-            scopes: Vec::<ScopeName>::new(),
-            roles: [ROLE_PLATFORM_ADMIN, ROLE_ORG_ADMIN, ROLE_GATEWAY].into_iter().filter_map(parse_role).collect(),
-            permissions: Vec::new(),
-            created_at: 0,
-            updated_at: 0,
-        }
+    pub fn platform_service(&self) -> &Service {
+        &self.platform
     }
 
     pub(crate) async fn organisation_or_404(&self, slug: &str) -> Result<Organisation> {
         self.store.organisation(slug).await?.ok_or_else(|| Error::NotFound(format!("organisation {slug:?}")))
+    }
+}
+
+fn platform_service(issuer: &str) -> Service {
+    let parse_role = |r: &str| RoleName::parse(r).ok();
+    Service {
+        id: "platform".into(),
+        org_id: String::new(),
+        slug: Slug::parse(PLATFORM_SERVICE).unwrap_or_else(|_| unreachable_slug()),
+        name: "Portcullis".into(),
+        audience: issuer.to_owned(),
+        scopes: Vec::<ScopeName>::new(),
+        roles: [ROLE_PLATFORM_ADMIN, ROLE_ORG_ADMIN, ROLE_GATEWAY].into_iter().filter_map(parse_role).collect(),
+        permissions: Vec::new(),
+        created_at: 0,
+        updated_at: 0,
     }
 }
 

@@ -83,40 +83,11 @@ impl Portcullis {
         ctx: &RequestContext,
     ) -> Result<Arc<ClientEntry>, OAuthError> {
         let now = self.now();
-        let client_key = format!("client:{}", auth.client_id().chars().take(128).collect::<String>());
-        let ip_key = ctx.ip.as_ref().map(|ip| format!("ip:{ip}"));
-        for key in std::iter::once(&client_key).chain(ip_key.as_ref()) {
-            if let Err(retry_after_secs) = self.auth_failures.check(key, now) {
-                return Err(Error::RateLimited { retry_after_secs }.into());
-            }
-        }
-        let presented = SecretHash::of(self.vault.as_ref(), auth.secret().expose_secret());
-        let fail = |reason: &'static str| {
-            self.auth_failures.record_failure(&client_key, now);
-            if let Some(k) = &ip_key {
-                self.auth_failures.record_failure(k, now);
-            }
-            async move {
-                self.audit_failed_authentication(ctx, auth.client_id(), "client.authenticate", reason).await;
-                Err(OAuthError::invalid_client("client authentication failed"))
-            }
-        };
-        if !plausible_secret(auth.secret()) {
-            return fail("malformed secret").await;
-        }
-        let Ok(client_id) = ClientId::parse(auth.client_id()) else {
-            return fail("malformed client id").await;
-        };
-        let Some(entry) = self.client(client_id.as_str()).await? else {
-            return fail("unknown client").await;
+        let entry = match self.check_client_secret(auth).await? {
+            Ok(entry) => entry,
+            Err(reason) => return Err(self.client_authentication_failed(auth, ctx, now, reason).await),
         };
         let app = &entry.app;
-        let current = app.secret_hash.as_ref().is_some_and(|h| h.matches(&presented));
-        let previous = app.previous_secret_hash.as_ref().is_some_and(|h| h.matches(&presented))
-            && app.previous_secret_expires_at.is_some_and(|t| t > now);
-        if !(current | previous) {
-            return fail("wrong secret").await;
-        }
         if app.auth_method != auth.method() {
             // Enforce the registered method: no downgrade from one method to another.
             self.audit_failed_authentication(
@@ -136,6 +107,51 @@ impl Portcullis {
             return Err(OAuthError::invalid_client("client is disabled"));
         }
         Ok(entry)
+    }
+
+    /// Looks the client up (cache first) and compares the secret's keyed hash in constant
+    /// time. `Ok(Err(reason))` is a failed authentication; `Err` a storage failure.
+    async fn check_client_secret(&self, auth: &ClientAuth) -> Result<Result<Arc<ClientEntry>, &'static str>, Error> {
+        let presented = SecretHash::of(self.vault.as_ref(), auth.secret().expose_secret());
+        if !plausible_secret(auth.secret()) {
+            return Ok(Err("malformed secret"));
+        }
+        let Ok(client_id) = ClientId::parse(auth.client_id()) else {
+            return Ok(Err("malformed client id"));
+        };
+        let Some(entry) = self.client(client_id.as_str()).await? else {
+            return Ok(Err("unknown client"));
+        };
+        let app = &entry.app;
+        let current = app.secret_hash.as_ref().is_some_and(|h| h.matches(&presented));
+        let previous = app.previous_secret_hash.as_ref().is_some_and(|h| h.matches(&presented))
+            && app.previous_secret_expires_at.is_some_and(|t| t > self.now());
+        if current | previous { Ok(Ok(entry)) } else { Ok(Err("wrong secret")) }
+    }
+
+    /// A failed client authentication: counted per client id and per IP. Within the limit it
+    /// is audited and answered `invalid_client`; beyond it, 429 without further work. The
+    /// counters are consulted only on failure, so spraying wrong secrets at a client id never
+    /// locks out the holder of the right one.
+    async fn client_authentication_failed(
+        &self,
+        auth: &ClientAuth,
+        ctx: &RequestContext,
+        now: UnixTime,
+        reason: &str,
+    ) -> OAuthError {
+        let client_key = format!("client:{}", auth.client_id().chars().take(128).collect::<String>());
+        let ip_key = ctx.ip.as_ref().map(|ip| format!("ip:{ip}"));
+        for key in std::iter::once(&client_key).chain(ip_key.as_ref()) {
+            if let Err(retry_after_secs) = self.auth_failures.check(key, now) {
+                return Error::RateLimited { retry_after_secs }.into();
+            }
+        }
+        for key in std::iter::once(&client_key).chain(ip_key.as_ref()) {
+            self.auth_failures.record_failure(key, now);
+        }
+        self.audit_failed_authentication(ctx, auth.client_id(), "client.authenticate", reason).await;
+        OAuthError::invalid_client("client authentication failed")
     }
 
     /// The token endpoint. Only `client_credentials` exists so far.
@@ -176,9 +192,9 @@ impl Portcullis {
     async fn issue_client_token(&self, entry: &ClientEntry, params: &TokenParams) -> Result<TokenResponse, OAuthError> {
         let app = &entry.app;
         let services = self.org_services(&app.org_id).await?;
-        let platform = self.platform_service();
+        let platform = &self.platform;
         let find_by_slug = |slug: &str| -> Option<&Service> {
-            if slug == PLATFORM_SERVICE { Some(&platform) } else { services.iter().find(|s| s.slug.as_str() == slug) }
+            if slug == PLATFORM_SERVICE { Some(platform) } else { services.iter().find(|s| s.slug.as_str() == slug) }
         };
 
         // RFC 8707: a resource narrows the token to one service.
@@ -186,7 +202,7 @@ impl Portcullis {
             None => None,
             Some(r) => {
                 let svc =
-                    if *r == platform.audience { Some(&platform) } else { services.iter().find(|s| s.audience == *r) };
+                    if *r == platform.audience { Some(platform) } else { services.iter().find(|s| s.audience == *r) };
                 match svc {
                     Some(s) => Some(s),
                     None => {
@@ -377,5 +393,32 @@ impl Portcullis {
             scopes: claims.scopes().map(str::to_owned).collect(),
             roles: claims.roles,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::signing::{Algorithm, SigningKey};
+
+    #[test]
+    fn debug_output_never_contains_secrets() {
+        let secret = "s3cr3t-value-that-must-not-leak-0123456789";
+        let auth = ClientAuth::Basic { client_id: "a$b".into(), secret: SecretString::from(secret) };
+        assert!(!format!("{auth:?}").contains(secret));
+        let user: NewUser =
+            serde_json::from_value(serde_json::json!({"email": "a@b.test", "password": secret})).unwrap();
+        assert!(!format!("{user:?}").contains(secret));
+        let report = BootstrapReport {
+            generated_admin_password: Some(SecretString::from(secret)),
+            generated_admin_client_secret: Some(SecretString::from(secret)),
+            ..Default::default()
+        };
+        assert!(!format!("{report:?}").contains(secret));
+        let (key, pkcs8) = SigningKey::generate(Algorithm::EdDSA).unwrap();
+        let dbg = format!("{key:?}");
+        assert!(dbg.contains(key.kid()));
+        let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pkcs8.as_slice());
+        assert!(!dbg.contains(&b64[..16]));
     }
 }

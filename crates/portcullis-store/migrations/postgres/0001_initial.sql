@@ -1,5 +1,5 @@
 -- Portcullis schema v1 (postgres). Ids are text (UUIDv7), timestamps integer Unix seconds,
--- lists JSON text. Secrets appear only as keyed hashes; private keys only sealed (AEAD).
+-- lists JSON text. Sorted text columns use the C collation so both backends order by bytes. Secrets appear only as keyed hashes; private keys only sealed (AEAD).
 
 CREATE TABLE settings (
     key   TEXT PRIMARY KEY,
@@ -8,7 +8,7 @@ CREATE TABLE settings (
 
 CREATE TABLE organisations (
     id         TEXT PRIMARY KEY,
-    slug       TEXT NOT NULL UNIQUE,
+    slug       TEXT COLLATE "C" NOT NULL UNIQUE,
     name       TEXT NOT NULL,
     created_at BIGINT NOT NULL,
     updated_at BIGINT NOT NULL
@@ -17,7 +17,7 @@ CREATE TABLE organisations (
 CREATE TABLE services (
     id          TEXT PRIMARY KEY,
     org_id      TEXT NOT NULL REFERENCES organisations(id),
-    slug        TEXT NOT NULL,
+    slug        TEXT COLLATE "C" NOT NULL,
     name        TEXT NOT NULL,
     audience    TEXT NOT NULL UNIQUE,
     scopes      TEXT NOT NULL,
@@ -38,7 +38,7 @@ CREATE TABLE role_permissions (
 CREATE TABLE applications (
     id                         TEXT PRIMARY KEY,
     org_id                     TEXT NOT NULL REFERENCES organisations(id),
-    slug                       TEXT NOT NULL,
+    slug                       TEXT COLLATE "C" NOT NULL,
     client_id                  TEXT NOT NULL UNIQUE,
     name                       TEXT NOT NULL,
     grant_types                TEXT NOT NULL,
@@ -60,7 +60,7 @@ CREATE TABLE applications (
 CREATE TABLE users (
     id            TEXT PRIMARY KEY,
     org_id        TEXT NOT NULL REFERENCES organisations(id),
-    email         TEXT NOT NULL,
+    email         TEXT COLLATE "C" NOT NULL,
     name          TEXT,
     password_hash TEXT,
     roles         TEXT NOT NULL,
