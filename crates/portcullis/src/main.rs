@@ -478,6 +478,10 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
     spawn_maintenance(w.core.clone(), metrics.clone(), Duration::from_secs(s.raw.tokens.key_check_interval));
     let app = portcullis_web::router(portcullis_web::AppState { core: w.core.clone(), metrics: Some(metrics) });
     tracing::info!(issuer = %w.core.issuer(), "listening on http://{bound}");
+    // Responses are written whole; never hold them back for Nagle.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(shutdown)
         .await
