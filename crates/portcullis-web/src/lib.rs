@@ -58,6 +58,7 @@ pub fn router(state: AppState) -> Router {
         .route(&format!("{org}/audit-events"), get(a::audit_events))
         .route("/api/v1/authz/check", post(a::authz_check))
         .route("/api/v1/keys/rotate", post(a::rotate_keys))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(middleware::from_fn(observe))
         .with_state(state)
 }
@@ -109,6 +110,17 @@ async fn observe(mut req: Request, next: Next) -> Response {
     resp
 }
 
+/// A panic anywhere below (ours are linted away; a dependency's are not) becomes a plain 500
+/// with the error headers, never a dropped connection or a leaked message.
+fn panicked(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let what = err
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| err.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned());
+    error::ApiError::Core(portcullis_core::Error::Internal(format!("handler panicked: {what}"))).into_response()
+}
+
 async fn healthz() -> &'static str {
     "ok"
 }
@@ -140,5 +152,19 @@ async fn metrics_page(State(s): State<AppState>) -> Response {
         Some(h) => ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))], h.render())
             .into_response(),
         None => (StatusCode::NOT_FOUND, "metrics are not enabled").into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_an_opaque_500_with_error_headers() {
+        let r = panicked(Box::new("secret internal detail"));
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let x = r.headers().get(&error::X_ERROR).unwrap().to_str().unwrap();
+        assert!(x.starts_with("internal error") && !x.contains("secret"), "{x}");
+        assert!(r.headers().contains_key(&error::X_ERROR_ID));
     }
 }

@@ -369,3 +369,36 @@ async fn disabled_clients_lose_their_tokens() {
     let active = introspect(&e.app, "portcullis$admin", ADMIN_SECRET, &t).await;
     assert_eq!(active, json!({"active": false}), "tokens of a disabled client introspect inactive");
 }
+
+#[tokio::test]
+async fn failed_bearer_authentication_is_audited_then_rate_limited_per_ip() {
+    let e = env_with(|s| s.auth_failures_per_minute = 3).await;
+    let from = |ip: [u8; 4]| {
+        let mut req = Request::get("/api/v1/organisations")
+            .header(header::AUTHORIZATION, "Bearer not-a-token")
+            .body(Body::empty())
+            .unwrap();
+        req.extensions_mut().insert(axum::extract::ConnectInfo(std::net::SocketAddr::from((ip, 4000))));
+        req
+    };
+    for _ in 0..3 {
+        let (s, h, _) = send(&e.app, from([10, 0, 0, 1])).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert!(h.get(header::WWW_AUTHENTICATE).unwrap().to_str().unwrap().starts_with("Bearer"));
+    }
+    let (s, h, _) = send(&e.app, from([10, 0, 0, 1])).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    assert!(h.contains_key(header::RETRY_AFTER));
+    assert_eq!(send(&e.app, from([10, 0, 0, 2])).await.0, StatusCode::UNAUTHORIZED, "other addresses are unaffected");
+    let audited = e.core.store().audit_events(None, Page::default()).await.unwrap();
+    let n = audited.iter().filter(|ev| ev.action == "api.authenticate" && ev.ip.as_deref() == Some("10.0.0.1")).count();
+    assert_eq!(n, 3, "refusals beyond the limit write nothing");
+    // A valid admin token from the limited address still works.
+    let admin = admin_token(&e.app).await;
+    let mut req = Request::get("/api/v1/organisations")
+        .header(header::AUTHORIZATION, format!("Bearer {admin}"))
+        .body(Body::empty())
+        .unwrap();
+    req.extensions_mut().insert(axum::extract::ConnectInfo(std::net::SocketAddr::from(([10, 0, 0, 1], 4000))));
+    assert_eq!(send(&e.app, req).await.0, StatusCode::OK);
+}

@@ -1150,3 +1150,96 @@ async fn secret_rotation_grace() {
     s.stop_clean();
     s.assert_no_logged_errors();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_admin_commands_create_what_the_server_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap().to_owned();
+    let cli = |args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--data-dir", &data]);
+        run_cli(&all, &[])
+    };
+    let r = cli(&["admin", "org", "create", "--slug", "cli-org", "--name", "CLI Org"]);
+    assert!(r.status.success(), "{}", r.stderr);
+    let org: Value = serde_json::from_str(r.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(org["slug"], "cli-org");
+
+    let r = cli(&["admin", "org", "create", "--slug", "Bad Slug", "--name", "x"]);
+    assert!(!r.status.success(), "an ill-formed slug must be refused");
+    assert!(r.stderr.contains("expected"), "the error names the expected form:\n{}", r.stderr);
+
+    let r = cli(&[
+        "admin",
+        "service",
+        "create",
+        "--org",
+        "cli-org",
+        "--slug",
+        "pay",
+        "--name",
+        "Pay",
+        "--audience",
+        "https://pay.cli.test",
+        "--scope",
+        "pay/read",
+        "--role",
+        "pay:reader",
+        "--permission",
+        "pay.invoice.read",
+        "--grant",
+        "pay:reader=pay.invoice.read",
+    ]);
+    assert!(r.status.success(), "{}", r.stderr);
+
+    let r = cli(&[
+        "admin",
+        "app",
+        "create",
+        "--org",
+        "cli-org",
+        "--slug",
+        "app",
+        "--name",
+        "App",
+        "--scope",
+        "pay/read",
+        "--role",
+        "pay:reader",
+        "--lifetime",
+        "600",
+    ]);
+    assert!(r.status.success(), "{}", r.stderr);
+    let created: Value = serde_json::from_str(r.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(created["client_id"], "cli-org$app");
+    let secret = created["client_secret"].as_str().unwrap().to_owned();
+
+    let r = cli(&["admin", "app", "show", "--client-id", "cli-org$app"]);
+    assert!(r.status.success(), "{}", r.stderr);
+    let shown: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(shown["access_token_lifetime"], 600);
+    assert_eq!(shown["roles"], json!(["pay:reader"]));
+    assert!(shown.get("client_secret").is_none() && !r.stdout.contains(&secret), "show never reveals the secret");
+
+    // The server serves what the CLI created, and the CLI's changes are audited.
+    let mut s = Server::start(dir.path(), &[], &[]);
+    let t = token_request(&s, "cli-org$app", &secret, &[]).await;
+    t.expect(200);
+    assert_eq!(t.json["expires_in"], 600, "{}", t.text);
+    let v = py_verify(&s, t.json["access_token"].as_str().unwrap(), "https://pay.cli.test");
+    assert_eq!(v["claims"]["roles"], json!(["pay:reader"]));
+    let api = Api::admin(&s).await;
+    let events = api.get("/api/v1/organisations/cli-org/audit-events").await;
+    events.expect(200);
+    let actions: Vec<(&str, &str)> = events.json["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["actor"].as_str().unwrap(), e["action"].as_str().unwrap()))
+        .collect();
+    for action in ["organisation.create", "service.create", "application.create"] {
+        assert!(actions.contains(&("cli", action)), "{action} by cli not audited: {actions:?}");
+    }
+    s.stop_clean();
+    s.assert_no_logged_errors();
+}

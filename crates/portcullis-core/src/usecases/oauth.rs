@@ -369,6 +369,21 @@ impl Portcullis {
         Ok(())
     }
 
+    /// A refused bearer token: audited, and counted per IP so a flood of bad tokens cannot turn
+    /// into a flood of audit writes (beyond the limit: 429, nothing written).
+    async fn bearer_authentication_failed(&self, ctx: &RequestContext, presented: &str, reason: &str) -> Error {
+        if let Some(ip) = &ctx.ip {
+            let key = format!("bearer-ip:{ip}");
+            let now = self.now();
+            if let Err(retry_after_secs) = self.auth_failures.check(&key, now) {
+                return Error::RateLimited { retry_after_secs };
+            }
+            self.auth_failures.record_failure(&key, now);
+        }
+        self.audit_failed_authentication(ctx, presented, "api.authenticate", reason).await;
+        Error::Unauthenticated(reason.to_owned())
+    }
+
     /// The admin API's bearer authentication: a valid access token for this platform
     /// (audience = issuer).
     pub async fn principal_from_bearer(&self, token: &str, ctx: &RequestContext) -> Result<Principal, Error> {
@@ -377,14 +392,12 @@ impl Portcullis {
             Err(TokenError::Unavailable) => {
                 return Err(Error::Store(crate::error::StoreError::Unavailable("token validation".into())));
             }
-            Err(e) => {
-                self.audit_failed_authentication(ctx, "bearer", "api.authenticate", &e.to_string()).await;
-                return Err(Error::Unauthenticated(e.to_string()));
-            }
+            Err(e) => return Err(self.bearer_authentication_failed(ctx, "bearer", &e.to_string()).await),
         };
         if !claims.aud.contains(&self.settings.issuer) {
-            self.audit_failed_authentication(ctx, &claims.client_id, "api.authenticate", "wrong audience").await;
-            return Err(Error::Unauthenticated("token audience is not this server".into()));
+            return Err(self
+                .bearer_authentication_failed(ctx, &claims.client_id, "token audience is not this server")
+                .await);
         }
         Ok(Principal {
             subject: claims.sub.clone(),
