@@ -137,18 +137,29 @@ pub async fn token(
     Ok(no_store(Json(resp).into_response()))
 }
 
+/// The common start of introspection and revocation (RFC 7662 §2.1, RFC 7009 §2.1): an
+/// authenticated client and a `token` parameter.
+async fn authenticated_token_request(
+    s: &AppState,
+    ctx: &RequestContext,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(std::sync::Arc<portcullis_core::usecases::ClientEntry>, String), OAuthApiError> {
+    let mut form = oauth_form(headers, body).await?;
+    let auth = client_auth(headers, &mut form)?;
+    let caller = s.core.authenticate_client(&auth, ctx).await.map_err(|e| with_challenge(&auth, e))?;
+    // `token_type_hint` is only a hint (RFC 7009 §2.1): every token type is searched anyway.
+    let token = form.take("token").ok_or_else(|| OAuthError::invalid_request("token is required"))?;
+    Ok((caller, token))
+}
+
 pub async fn introspect(
     State(s): State<AppState>,
     ctx: axum::Extension<RequestContext>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, OAuthApiError> {
-    let mut form = oauth_form(&headers, body).await?;
-    let auth = client_auth(&headers, &mut form)?;
-    let caller = s.core.authenticate_client(&auth, &ctx).await.map_err(|e| with_challenge(&auth, e))?;
-    let Some(token) = form.take("token") else {
-        return Err(OAuthError::invalid_request("token is required").into());
-    };
+    let (caller, token) = authenticated_token_request(&s, &ctx, &headers, body).await?;
     let result = s.core.introspect(&caller, &token).await?;
     Ok(no_store(Json(result).into_response()))
 }
@@ -159,13 +170,7 @@ pub async fn revoke(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, OAuthApiError> {
-    let mut form = oauth_form(&headers, body).await?;
-    let auth = client_auth(&headers, &mut form)?;
-    let caller = s.core.authenticate_client(&auth, &ctx).await.map_err(|e| with_challenge(&auth, e))?;
-    let Some(token) = form.take("token") else {
-        return Err(OAuthError::invalid_request("token is required").into());
-    };
-    // `token_type_hint` is only a hint (RFC 7009 §2.1): every token type is searched anyway.
+    let (caller, token) = authenticated_token_request(&s, &ctx, &headers, body).await?;
     s.core.revoke(&caller, &token, &ctx).await?;
     Ok(no_store(StatusCode::OK.into_response()))
 }
