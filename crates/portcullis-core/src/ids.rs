@@ -79,6 +79,10 @@ string_newtype!(
     ClientId
 );
 impl ClientId {
+    /// Whether `s` has the form, without allocating (the token path checks every request).
+    pub fn is_valid(s: &str) -> bool {
+        s.split_once('$').is_some_and(|(org, app)| is_slug(org) && is_slug(app))
+    }
     pub fn parse(s: &str) -> Result<Self, Error> {
         match s.split_once('$') {
             Some((org, app)) if is_slug(org) && is_slug(app) => Ok(Self(s.to_owned())),

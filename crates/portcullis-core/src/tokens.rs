@@ -56,6 +56,39 @@ impl AccessClaims {
     }
 }
 
+/// The claims as issued, borrowing everything: serialises exactly like [`AccessClaims`]
+/// without copying a string per claim on the token path.
+#[derive(Debug, Serialize)]
+pub struct AccessClaimsRef<'a> {
+    pub iss: &'a str,
+    pub sub: &'a str,
+    pub aud: AudienceRef<'a>,
+    pub exp: i64,
+    pub iat: i64,
+    pub jti: &'a str,
+    pub client_id: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub scope: &'a str,
+    pub roles: &'a [&'a str],
+    pub org: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum AudienceRef<'a> {
+    One(&'a str),
+    Many(&'a [&'a str]),
+}
+
+impl<'a> AudienceRef<'a> {
+    pub fn of(v: &'a [&'a str]) -> Self {
+        match v {
+            [one] => AudienceRef::One(one),
+            many => AudienceRef::Many(many),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
     #[error(transparent)]
@@ -141,6 +174,27 @@ mod tests {
             org: "a".into(),
             cnf: None,
         }
+    }
+
+    #[test]
+    fn borrowed_claims_serialise_like_owned_ones() {
+        let owned = AccessClaims { aud: Audience::Many(vec!["a".into(), "b".into()]), ..claims(2000) };
+        let auds = ["a", "b"];
+        let borrowed = AccessClaimsRef {
+            iss: &owned.iss,
+            sub: &owned.sub,
+            aud: AudienceRef::of(&auds),
+            exp: owned.exp,
+            iat: owned.iat,
+            jti: &owned.jti,
+            client_id: &owned.client_id,
+            scope: &owned.scope,
+            roles: &[],
+            org: &owned.org,
+        };
+        assert_eq!(serde_json::to_string(&borrowed).unwrap(), serde_json::to_string(&owned).unwrap());
+        let one = ["a"];
+        assert_eq!(serde_json::to_value(AudienceRef::of(&one)).unwrap(), serde_json::json!("a"));
     }
 
     #[test]

@@ -14,11 +14,12 @@ use portcullis_core::OAuthError;
 pub const OAUTH_BODY_LIMIT: usize = 64 * 1024;
 pub const API_BODY_LIMIT: usize = 1024 * 1024;
 
-fn media_type(headers: &HeaderMap) -> Option<String> {
+/// Whether the request's media type (parameters such as `charset` aside) is `expected`.
+fn has_media_type(headers: &HeaderMap, expected: &str) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
+        .is_some_and(|v| v.split(';').next().unwrap_or_default().trim().eq_ignore_ascii_case(expected))
 }
 
 pub enum BodyError {
@@ -71,7 +72,7 @@ impl Form {
 }
 
 pub async fn oauth_form(headers: &HeaderMap, body: Body) -> Result<Form, OAuthApiError> {
-    if media_type(headers).as_deref() != Some("application/x-www-form-urlencoded") {
+    if !has_media_type(headers, "application/x-www-form-urlencoded") {
         return Err(OAuthError::invalid_request("content type must be application/x-www-form-urlencoded").into());
     }
     let bytes = match read_limited(body, OAUTH_BODY_LIMIT).await {
@@ -86,7 +87,7 @@ pub async fn oauth_form(headers: &HeaderMap, body: Body) -> Result<Form, OAuthAp
 }
 
 pub async fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Result<T, ApiError> {
-    if media_type(headers).as_deref() != Some("application/json") {
+    if !has_media_type(headers, "application/json") {
         return Err(ApiError::BadRequest("content type must be application/json".into()));
     }
     let bytes = match read_limited(body, API_BODY_LIMIT).await {

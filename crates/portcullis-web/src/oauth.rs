@@ -55,6 +55,9 @@ pub async fn jwks(State(s): State<AppState>) -> Response {
 /// Decodes one half of HTTP Basic credentials: form-urlencoded per RFC 6749 §2.3.1 (clients
 /// that do not encode send `$`, which decodes to itself).
 fn basic_part(s: &str) -> String {
+    if !s.contains(['%', '+']) {
+        return s.to_owned();
+    }
     form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned()).unwrap_or_default()
 }
 

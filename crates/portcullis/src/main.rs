@@ -28,6 +28,11 @@ use zeroize::Zeroizing;
 
 use crate::config::{FlagOverrides, Settings, secret_env};
 
+/// mimalloc: the token path makes a few dozen small allocations per request, and glibc's
+/// allocator showed up as 8 % of server CPU under load (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "portcullis",

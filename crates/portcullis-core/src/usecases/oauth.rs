@@ -12,7 +12,9 @@ use crate::crypto::secrets::{SecretHash, plausible_secret};
 use crate::error::{OAuthError, OAuthErrorCode};
 use crate::ids::ClientId;
 use crate::model::{AuthMethod, GrantType, RevokedToken};
-use crate::tokens::{ACCESS_TOKEN_TYP, AccessClaims, Audience, TokenError, new_jti, verify_access_token};
+use crate::tokens::{
+    ACCESS_TOKEN_TYP, AccessClaims, AccessClaimsRef, AudienceRef, TokenError, new_jti, verify_access_token,
+};
 
 /// How the client authenticated at the endpoint, as parsed by the HTTP layer.
 pub enum ClientAuth {
@@ -116,10 +118,10 @@ impl Portcullis {
         if !plausible_secret(auth.secret()) {
             return Ok(Err("malformed secret"));
         }
-        let Ok(client_id) = ClientId::parse(auth.client_id()) else {
+        if !ClientId::is_valid(auth.client_id()) {
             return Ok(Err("malformed client id"));
-        };
-        let Some(entry) = self.client(client_id.as_str()).await? else {
+        }
+        let Some(entry) = self.client(auth.client_id()).await? else {
             return Ok(Err("unknown client"));
         };
         let app = &entry.app;
@@ -244,44 +246,43 @@ impl Portcullis {
                 .filter(|s| in_target(s.split_once('/').map(|(svc, _)| svc)))
                 .collect(),
         };
-        let roles: Vec<String> =
-            app.roles.iter().filter(|r| in_target(Some(r.service()))).map(ToString::to_string).collect();
+        let roles: Vec<&str> = app.roles.iter().filter(|r| in_target(Some(r.service()))).map(|r| r.as_str()).collect();
 
-        let audience = match target {
-            Some(t) => Audience::One(t.audience.clone()),
+        let mut auds: Vec<&str> = Vec::with_capacity(2);
+        match target {
+            Some(t) => auds.push(&t.audience),
             None => {
-                let mut auds: Vec<String> = Vec::new();
                 let owners = scopes
                     .iter()
                     .filter_map(|s| s.split_once('/').map(|(svc, _)| svc))
                     .chain(roles.iter().map(|r| r.split_once(':').map(|(s, _)| s).unwrap_or_default()));
                 for slug in owners {
                     if let Some(svc) = find_by_slug(slug)
-                        && !auds.contains(&svc.audience)
+                        && !auds.contains(&svc.audience.as_str())
                     {
-                        auds.push(svc.audience.clone());
+                        auds.push(&svc.audience);
                     }
                 }
                 if auds.is_empty() {
-                    auds.push(app.client_id.to_string());
+                    auds.push(app.client_id.as_str());
                 }
-                Audience::from_vec(auds)
             }
-        };
+        }
 
         let now = self.now();
-        let claims = AccessClaims {
-            iss: self.settings.issuer.clone(),
-            sub: app.client_id.to_string(),
-            aud: audience,
+        let jti = new_jti();
+        let scope = scopes.join(" ");
+        let claims = AccessClaimsRef {
+            iss: &self.settings.issuer,
+            sub: app.client_id.as_str(),
+            aud: AudienceRef::of(&auds),
             exp: now + app.access_token_lifetime,
             iat: now,
-            jti: new_jti(),
-            client_id: app.client_id.to_string(),
-            scope: scopes.join(" "),
-            roles,
-            org: entry.org.slug.to_string(),
-            cnf: None,
+            jti: &jti,
+            client_id: app.client_id.as_str(),
+            scope: &scope,
+            roles: &roles,
+            org: entry.org.slug.as_str(),
         };
         let keys = self.keys.current();
         let Some(signer) = keys.signer(app.signing_alg) else {
@@ -292,12 +293,7 @@ impl Portcullis {
         };
         let body = serde_json::to_vec(&claims).map_err(Error::internal)?;
         let access_token = jws::sign(signer, ACCESS_TOKEN_TYP, &body)?;
-        Ok(TokenResponse {
-            access_token,
-            token_type: "Bearer",
-            expires_in: app.access_token_lifetime,
-            scope: claims.scope,
-        })
+        Ok(TokenResponse { access_token, token_type: "Bearer", expires_in: app.access_token_lifetime, scope })
     }
 
     /// Verifies one of our access tokens and that it is still good: not revoked, and its
