@@ -402,3 +402,20 @@ async fn failed_bearer_authentication_is_audited_then_rate_limited_per_ip() {
     req.extensions_mut().insert(axum::extract::ConnectInfo(std::net::SocketAddr::from(([10, 0, 0, 1], 4000))));
     assert_eq!(send(&e.app, req).await.0, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_service_in_use_cannot_be_deleted() {
+    let e = env().await;
+    acme(&e).await;
+    let admin = admin_token(&e.app).await;
+    let (s, v) = api(&e.app, "DELETE", "/api/v1/organisations/acme/services/ledger", &admin, None).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(v["error_description"].as_str().unwrap().contains("acme$billing"), "{v}");
+    let patch = json!({"scopes": ["payments/read"], "roles": ["payments:reader"]});
+    let (s, _) = api(&e.app, "PATCH", "/api/v1/organisations/acme/applications/billing", &admin, Some(patch)).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = api(&e.app, "DELETE", "/api/v1/organisations/acme/services/ledger", &admin, None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = api(&e.app, "GET", "/api/v1/organisations/acme/services/ledger", &admin, None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}

@@ -374,12 +374,55 @@ impl Portcullis {
     ) -> Result<()> {
         who.ensure_admin(org_slug)?;
         let org = self.organisation_or_404(org_slug).await?;
+        let users = self.service_users(&org.id, slug).await?;
+        if !users.is_empty() {
+            return Err(Error::Conflict(format!(
+                "service {slug:?} is still used by {}: remove its roles and scopes from them first",
+                users.join(", ")
+            )));
+        }
         let ev = self.audit(ctx, &who.subject, Some(&org.id), "service.delete", slug, serde_json::json!({}));
         if !self.store.delete_service(&org.id, slug, &ev).await? {
             return Err(Error::NotFound(format!("service {slug:?}")));
         }
         self.forget_services(&org.id);
         Ok(())
+    }
+
+    /// Applications and users that hold a role or scope of service `slug` (at most 10 named),
+    /// so a service is never deleted from under them.
+    async fn service_users(&self, org_id: &str, slug: &str) -> Result<Vec<String>> {
+        const SHOWN: usize = 10;
+        let mut found = Vec::new();
+        let mut page = Page::new(Some(Page::MAX_LIMIT), None);
+        loop {
+            let apps = self.store.applications(org_id, page).await?;
+            for a in &apps {
+                let uses =
+                    a.roles.iter().any(|r| r.service() == slug) || a.scopes.iter().any(|s| s.service() == Some(slug));
+                if uses && found.len() < SHOWN {
+                    found.push(format!("application {}", a.client_id));
+                }
+            }
+            if apps.len() < Page::MAX_LIMIT as usize || found.len() >= SHOWN {
+                break;
+            }
+            page.offset += u64::from(Page::MAX_LIMIT);
+        }
+        let mut page = Page::new(Some(Page::MAX_LIMIT), None);
+        loop {
+            let users = self.store.users(org_id, page).await?;
+            for u in &users {
+                if u.roles.iter().any(|r| r.service() == slug) && found.len() < SHOWN {
+                    found.push(format!("user {}", u.email));
+                }
+            }
+            if users.len() < Page::MAX_LIMIT as usize || found.len() >= SHOWN {
+                break;
+            }
+            page.offset += u64::from(Page::MAX_LIMIT);
+        }
+        Ok(found)
     }
 
     /// Every role defined in the organisation with the permissions granted to it.

@@ -77,8 +77,9 @@ pub struct Introspection {
 }
 
 impl Portcullis {
-    /// Authenticates a confidential client by its secret, in constant time and with the same
-    /// work for unknown and known clients. Every failure is audited.
+    /// Authenticates a confidential client by its secret (keyed hash, compared in constant
+    /// time), enforcing its registered method and enabled flag. Failures are audited and, past
+    /// the per-minute limit, refused with 429.
     pub async fn authenticate_client(
         &self,
         auth: &ClientAuth,
