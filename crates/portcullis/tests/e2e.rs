@@ -1243,3 +1243,35 @@ async fn cli_admin_commands_create_what_the_server_serves() {
     s.stop_clean();
     s.assert_no_logged_errors();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_rotation_reaches_a_running_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Server::start(dir.path(), &[], &[("PORTCULLIS_TOKENS__KEY_CHECK_INTERVAL", "1")]);
+    let api = Api::admin(&s).await;
+    let billing = setup_acme(&api).await;
+    let t1 = access_token(&s, "acme$billing", &billing).await;
+    let k1 = kid_of(&py_verify(&s, &t1, PAYMENTS_AUD));
+
+    // The CLI works on the live database beside the server (SQLite WAL; the lock is per serve).
+    let cli = run_cli(&["keys", "rotate", "--data-dir", dir.path().to_str().unwrap()], &[]);
+    assert!(cli.status.success(), "keys rotate beside a running server failed:\n{}", cli.stderr);
+    let now_signing = cli.stdout.split_once("now signing with:").unwrap().1.to_owned();
+
+    // Within tokens.key_check_interval the server re-reads the key table and signs with the new key.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let k2 = loop {
+        let t = access_token(&s, "acme$billing", &billing).await;
+        let k = kid_of(&py_verify(&s, &t, PAYMENTS_AUD));
+        if k != k1 {
+            break k;
+        }
+        assert!(Instant::now() < deadline, "the running server never picked up the CLI's rotation");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(now_signing.contains(&k2), "{k2} is not what the CLI promoted: {now_signing}");
+    assert!(jwks_kids(&s).await.contains(&k1), "the retired key stays published");
+    assert_eq!(py_introspect(&s, "acme$billing", &billing, &t1)["active"], true);
+    s.stop_clean();
+    s.assert_no_logged_errors();
+}
