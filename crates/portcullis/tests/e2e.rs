@@ -1275,3 +1275,40 @@ async fn cli_rotation_reaches_a_running_server() {
     s.stop_clean();
     s.assert_no_logged_errors();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_signing_algorithm_verifies_with_an_independent_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Server::start(dir.path(), &[], &[]);
+    let api = Api::admin(&s).await;
+    setup_acme(&api).await;
+    for alg in ["ES256", "RS256", "PS256", "EdDSA"] {
+        let slug = format!("signer-{}", alg.to_ascii_lowercase());
+        let secret = create_app(
+            &api,
+            "acme",
+            json!({ "slug": slug, "name": alg, "scopes": ["payments/read"], "access_token_signing_alg": alg }),
+        )
+        .await;
+        let client_id = format!("acme${slug}");
+        let token = access_token(&s, &client_id, &secret).await;
+        let v = py_ok(&["verify", "--issuer", &s.url, "--token", &token, "--audience", PAYMENTS_AUD, "--alg", alg]);
+        assert_eq!(v["header"]["alg"], alg, "{v}");
+        assert_eq!(v["claims"]["client_id"], client_id.as_str(), "{v}");
+        // The key is bound to its algorithm: the same token does not verify as another one.
+        let other = if alg == "RS256" { "PS256" } else { "RS256" };
+        let (ok, _) =
+            py(&["verify", "--issuer", &s.url, "--token", &token, "--audience", PAYMENTS_AUD, "--alg", other]);
+        assert!(!ok, "{alg} token accepted as {other}");
+    }
+    let bad = api
+        .post(
+            "/api/v1/organisations/acme/applications",
+            &json!({"slug": "hs", "name": "HS", "access_token_signing_alg": "HS256"}),
+        )
+        .await;
+    bad.expect_error(400, "bad_request");
+    assert!(bad.header("x-error").unwrap().contains("ES256"), "the error lists the algorithms: {}", bad.text);
+    s.stop_clean();
+    s.assert_no_logged_errors();
+}
