@@ -66,7 +66,9 @@ async fn main() {
     }
     report("core token use case", start);
 
-    let app = portcullis_web::router(portcullis_web::AppState { core, metrics: None });
+    // The recorder the binary installs, so metric recording is counted as in production.
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().unwrap();
+    let app = portcullis_web::router(portcullis_web::AppState { core, metrics: Some(metrics) });
     let basic =
         format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("portcullis$admin:{SECRET}")));
     let start = Instant::now();
