@@ -419,3 +419,51 @@ async fn a_service_in_use_cannot_be_deleted() {
     let (s, _) = api(&e.app, "GET", "/api/v1/organisations/acme/services/ledger", &admin, None).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn org_admins_cannot_take_over_applications_holding_platform_roles() {
+    let e = env().await;
+    acme(&e).await;
+    let admin = admin_token(&e.app).await;
+    let org_admin = |org: &'static str, slug: &'static str| {
+        let app = e.app.clone();
+        let admin = admin.clone();
+        async move {
+            let body = json!({"slug": slug, "name": slug, "roles": ["portcullis:org-admin"]});
+            let (s, v) =
+                api(&app, "POST", &format!("/api/v1/organisations/{org}/applications"), &admin, Some(body)).await;
+            assert_eq!(s, StatusCode::CREATED, "{v}");
+            let (_, _, t) =
+                token(&app, v["client_id"].as_str().unwrap(), v["client_secret"].as_str().unwrap(), "").await;
+            t["access_token"].as_str().unwrap().to_owned()
+        }
+    };
+    // An admin of the platform organisation is not a platform admin.
+    let p = org_admin("portcullis", "ops").await;
+    let base = "/api/v1/organisations/portcullis/applications/admin";
+    let (s, v) = api(&e.app, "POST", &format!("{base}/rotate-secret"), &p, Some(json!({}))).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert_eq!(api(&e.app, "PATCH", base, &p, Some(json!({"enabled": false}))).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(api(&e.app, "DELETE", base, &p, None).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(
+        token(&e.app, "portcullis$admin", ADMIN_SECRET, "").await.0,
+        StatusCode::OK,
+        "the admin secret still works"
+    );
+
+    // Nor may an organisation admin take an application a platform admin granted portcullis:gateway.
+    let body = json!({"slug": "gw", "name": "Gateway", "roles": ["portcullis:gateway"]});
+    let (s, _) = api(&e.app, "POST", "/api/v1/organisations/acme/applications", &admin, Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let a = org_admin("acme", "ops").await;
+    let gw = "/api/v1/organisations/acme/applications/gw";
+    assert_eq!(api(&e.app, "POST", &format!("{gw}/rotate-secret"), &a, Some(json!({}))).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(api(&e.app, "PATCH", gw, &a, Some(json!({"name": "mine"}))).await.0, StatusCode::FORBIDDEN);
+    // Its own organisation's ordinary applications it manages as before.
+    let (s, v) =
+        api(&e.app, "POST", "/api/v1/organisations/acme/applications/billing/rotate-secret", &a, Some(json!({}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // And the platform admin may still rotate the gateway's secret.
+    let (s, _) = api(&e.app, "POST", &format!("{gw}/rotate-secret"), &admin, Some(json!({}))).await;
+    assert_eq!(s, StatusCode::OK);
+}

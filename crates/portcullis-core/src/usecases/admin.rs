@@ -479,6 +479,26 @@ impl Portcullis {
     // ---- applications -------------------------------------------------------------------
 
     /// Checks that roles and scopes exist in the organisation and that the caller may grant them.
+    /// Changing an application (its settings, its secret, its existence) is granting what it
+    /// holds: the caller must be allowed to grant every platform role the application has, or
+    /// an organisation admin could rotate the secret of an application holding
+    /// `portcullis:admin` (such as `portcullis$admin`) and take its role.
+    fn ensure_may_manage(&self, who: &Principal, app: &Application) -> Result<()> {
+        for r in &app.roles {
+            let allowed = match r.as_str() {
+                ROLE_PLATFORM_ADMIN | ROLE_GATEWAY => who.is_platform_admin(),
+                _ => true,
+            };
+            if !allowed {
+                return Err(Error::Forbidden(format!(
+                    "application {} holds {r}: only a platform admin may change it",
+                    app.client_id
+                )));
+            }
+        }
+        Ok(())
+    }
+
     async fn check_grantable(
         &self,
         who: &Principal,
@@ -635,6 +655,7 @@ impl Portcullis {
         who.ensure_admin(org_slug)?;
         let org = self.organisation_or_404(org_slug).await?;
         let old = self.app_in_org(&org, app_slug).await?;
+        self.ensure_may_manage(who, &old)?;
         let mut app = old.clone();
         if let Some(n) = &patch.name {
             app.name = check_name(n)?;
@@ -695,6 +716,7 @@ impl Portcullis {
         who.ensure_admin(org_slug)?;
         let org = self.organisation_or_404(org_slug).await?;
         let old = self.app_in_org(&org, app_slug).await?;
+        self.ensure_may_manage(who, &old)?;
         if !old.auth_method.uses_secret() {
             return Err(Error::invalid("this application does not authenticate with a secret"));
         }
@@ -735,6 +757,7 @@ impl Portcullis {
         who.ensure_admin(org_slug)?;
         let org = self.organisation_or_404(org_slug).await?;
         let app = self.app_in_org(&org, app_slug).await?;
+        self.ensure_may_manage(who, &app)?;
         if org.slug.as_str() == PLATFORM_ORG && app.slug.as_str() == ADMIN_APP {
             return Err(Error::Conflict(
                 "the bootstrap admin application cannot be deleted; disable it instead".into(),
