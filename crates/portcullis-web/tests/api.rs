@@ -467,3 +467,22 @@ async fn org_admins_cannot_take_over_applications_holding_platform_roles() {
     let (s, _) = api(&e.app, "POST", &format!("{gw}/rotate-secret"), &admin, Some(json!({}))).await;
     assert_eq!(s, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_role_taken_away_stops_counting_before_the_token_expires() {
+    let e = env().await;
+    acme(&e).await;
+    let admin = admin_token(&e.app).await;
+    let body = json!({"slug": "ops", "name": "Ops", "roles": ["portcullis:org-admin"]});
+    let (_, v) = api(&e.app, "POST", "/api/v1/organisations/acme/applications", &admin, Some(body)).await;
+    let (_, _, t) = token(&e.app, v["client_id"].as_str().unwrap(), v["client_secret"].as_str().unwrap(), "").await;
+    let ops = t["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(api(&e.app, "GET", "/api/v1/organisations/acme/applications", &ops, None).await.0, StatusCode::OK);
+    let (s, _) =
+        api(&e.app, "PATCH", "/api/v1/organisations/acme/applications/ops", &admin, Some(json!({"roles": []}))).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        api(&e.app, "GET", "/api/v1/organisations/acme/applications", &ops, None).await.0,
+        StatusCode::FORBIDDEN
+    );
+}

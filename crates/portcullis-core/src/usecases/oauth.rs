@@ -396,12 +396,19 @@ impl Portcullis {
                 .bearer_authentication_failed(ctx, &claims.client_id, "token audience is not this server")
                 .await);
         }
+        // A role taken away from the client stops counting at once (within the client cache's
+        // lifetime), not when its tokens expire.
+        let held = match self.client(&claims.client_id).await? {
+            Some(c) => c.app.roles.clone(),
+            None => Vec::new(),
+        };
+        let roles = claims.roles.iter().filter(|r| held.iter().any(|h| h.as_str() == r.as_str())).cloned().collect();
         Ok(Principal {
             subject: claims.sub.clone(),
             client_id: claims.client_id.clone(),
             org: claims.org.clone(),
             scopes: claims.scopes().map(str::to_owned).collect(),
-            roles: claims.roles,
+            roles,
         })
     }
 }
