@@ -3,6 +3,9 @@
 
 use crate::crypto::signing::Algorithm;
 
+/// `Cache-Control: max-age` of the JWKS document, in seconds.
+pub const JWKS_MAX_AGE: i64 = 60;
+
 #[derive(Debug, Clone)]
 pub struct CoreSettings {
     /// External base URL without a trailing slash; the `iss` of every token.
@@ -13,6 +16,8 @@ pub struct CoreSettings {
     pub max_access_token_lifetime: i64,
     /// Seconds between automatic signing-key rotations; 0 disables them.
     pub key_rotation_interval: i64,
+    /// How often every node re-reads the key table (seconds).
+    pub key_check_interval: i64,
     /// Default grace period during which a rotated-out client secret still works.
     pub secret_rotation_grace: i64,
     /// How long a cached client or service list may be served before it is re-read.
@@ -30,14 +35,23 @@ impl CoreSettings {
             default_access_token_lifetime: 900,
             max_access_token_lifetime: 86_400,
             key_rotation_interval: 90 * 86_400,
+            key_check_interval: 30,
             secret_rotation_grace: 86_400,
             cache_ttl: 30,
             bootstrap_admin_email: "admin@portcullis.local".into(),
             auth_failures_per_minute: 30,
         }
     }
-    /// How long a retired key stays published: every token it signed has expired by then.
+    /// How long a retired key stays published after it stopped signing here: every token it
+    /// signed has expired by then, including those signed by nodes that learn of the rotation
+    /// only at their next key check.
     pub fn retired_key_publish_secs(&self) -> i64 {
-        self.max_access_token_lifetime + 300
+        self.max_access_token_lifetime + self.key_check_interval + JWKS_MAX_AGE + crate::tokens::SKEW_SECS + 300
+    }
+
+    /// How long a `next` key must have been published before it may sign: every node has
+    /// re-read the key table and every JWKS cache honouring our `max-age` has refreshed.
+    pub fn key_publish_delay(&self) -> i64 {
+        JWKS_MAX_AGE + self.key_check_interval + 30
     }
 }

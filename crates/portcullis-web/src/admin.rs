@@ -300,8 +300,19 @@ pub async fn authz_check(
     Ok(Json(s.core.authz_check(&who, req).await?))
 }
 
-pub async fn rotate_keys(State(s): State<AppState>, Admin(who, _): Admin) -> Result<Json<serde_json::Value>, ApiError> {
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+pub async fn rotate_keys(
+    State(s): State<AppState>,
+    Admin(who, _): Admin,
+    Query(q): Query<RotateQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     who.ensure_platform_admin()?;
-    let kids = s.core.rotate_signing_keys(&who.subject).await?;
+    let kids = s.core.rotate_signing_keys(&who.subject, q.force).await?;
     Ok(Json(serde_json::json!({ "current": kids })))
 }

@@ -103,6 +103,11 @@ impl IntoResponse for ApiError {
                     retry_after = Some(retry_after_secs);
                     (StatusCode::TOO_MANY_REQUESTS, "too many requests".to_owned())
                 }
+                Error::Store(StoreError::Conflict(m)) => {
+                    internal = Some(m);
+                    (StatusCode::CONFLICT, "the resource was changed concurrently; retry".to_owned())
+                }
+                Error::Store(StoreError::NotFound) => (StatusCode::NOT_FOUND, "not found".to_owned()),
                 Error::Store(StoreError::Full(m)) => {
                     internal = Some(m);
                     (StatusCode::INSUFFICIENT_STORAGE, "storage is full; the change was not saved".to_owned())
@@ -208,5 +213,24 @@ pub fn ensure_error_headers(resp: &mut Response) {
         };
         log(status, &id, &msg, None);
         stamp(resp.headers_mut(), &msg, &id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_conflicts_are_409s_that_reveal_nothing() {
+        let r = ApiError::Core(Error::Store(StoreError::Conflict(
+            "duplicate key value violates unique constraint \"x\"".into(),
+        )))
+        .into_response();
+        assert_eq!(r.status(), StatusCode::CONFLICT);
+        let x = r.headers().get(&X_ERROR).unwrap().to_str().unwrap();
+        assert!(!x.contains("constraint"), "{x}");
+        let r = ApiError::Core(Error::Internal("secret detail".into())).into_response();
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!r.headers().get(&X_ERROR).unwrap().to_str().unwrap().contains("secret"));
     }
 }

@@ -39,13 +39,18 @@ pub async fn discovery(State(s): State<AppState>) -> Response {
     r
 }
 
+static JWKS_CACHE_CONTROL: std::sync::LazyLock<HeaderValue> = std::sync::LazyLock::new(|| {
+    HeaderValue::from_str(&format!("public, max-age={}", portcullis_core::settings::JWKS_MAX_AGE))
+        .unwrap_or(HeaderValue::from_static("no-cache"))
+});
+
 pub async fn jwks(State(s): State<AppState>) -> Response {
     let body = s.core.jwks();
     (
         [
             (header::CONTENT_TYPE, HeaderValue::from_static("application/jwk-set+json")),
-            // Short: a rotated-in key must be seen well before it signs.
-            (header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=60")),
+            // Short: a rotated-in key must be seen well before it signs (see key_publish_delay).
+            (header::CACHE_CONTROL, JWKS_CACHE_CONTROL.clone()),
         ],
         body.to_string(),
     )

@@ -212,6 +212,13 @@ async fn rotation_publishes_next_before_use_and_drops_retired_after_expiry() {
     let k1 = kid_of(&t1);
 
     let admin = admin_token(&e.app).await;
+    // The next keys were published at bootstrap, a moment ago: too fresh to sign yet.
+    let (s, v) = api(&e.app, "POST", "/api/v1/keys/rotate", &admin, None).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!(jwks_kids(&e.app).await, before, "a refused rotation changes nothing");
+    let (_, _, v) = token(&e.app, &id, &secret, "").await;
+    assert_eq!(kid_of(v["access_token"].as_str().unwrap()), k1);
+    e.clock.advance(e.core.settings().key_publish_delay());
     let (s, v) = api(&e.app, "POST", "/api/v1/keys/rotate", &admin, None).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let (_, _, v) = token(&e.app, &id, &secret, "").await;
@@ -224,7 +231,7 @@ async fn rotation_publishes_next_before_use_and_drops_retired_after_expiry() {
     assert_eq!(introspect(&e.app, &id, &secret, &t1).await["active"], true, "old tokens stay valid");
 
     // Not due yet: nothing rotates. Past max lifetime + margin the retired key leaves the JWKS.
-    e.clock.advance(86_400 + 301);
+    e.clock.advance(e.core.settings().retired_key_publish_secs() + 1);
     assert!(!e.core.maintain_keys().await.unwrap());
     let later = jwks_kids(&e.app).await;
     assert!(!later.contains(&k1), "retired key dropped once every token it signed has expired");
@@ -234,7 +241,19 @@ async fn rotation_publishes_next_before_use_and_drops_retired_after_expiry() {
     e.clock.advance(7 * 86_400);
     assert!(e.core.maintain_keys().await.unwrap());
     let (_, _, v) = token(&e.app, &id, &secret, "").await;
-    assert_ne!(kid_of(v["access_token"].as_str().unwrap()), k2);
+    let k3 = kid_of(v["access_token"].as_str().unwrap());
+    assert_ne!(k3, k2);
+
+    // Rotating again at once would promote a key published a moment ago: refused unless forced
+    // (a compromised key).
+    let admin = admin_token(&e.app).await;
+    let (s, v) = api(&e.app, "POST", "/api/v1/keys/rotate", &admin, None).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(v["error_description"].as_str().unwrap().contains("force"), "{v}");
+    let (s, v) = api(&e.app, "POST", "/api/v1/keys/rotate?force=true", &admin, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (_, _, v) = token(&e.app, &id, &secret, "").await;
+    assert_ne!(kid_of(v["access_token"].as_str().unwrap()), k3);
 }
 
 #[tokio::test]
@@ -485,4 +504,61 @@ async fn a_role_taken_away_stops_counting_before_the_token_expires() {
         api(&e.app, "GET", "/api/v1/organisations/acme/applications", &ops, None).await.0,
         StatusCode::FORBIDDEN
     );
+}
+
+#[tokio::test]
+async fn the_admin_audience_is_never_mixed_with_others() {
+    let e = env().await;
+    acme(&e).await;
+    let admin = admin_token(&e.app).await;
+    let body =
+        json!({"slug": "mixed", "name": "Mixed", "scopes": ["payments/read"], "roles": ["portcullis:org-admin"]});
+    let (_, v) = api(&e.app, "POST", "/api/v1/organisations/acme/applications", &admin, Some(body)).await;
+    let (id, secret) = (v["client_id"].as_str().unwrap().to_owned(), v["client_secret"].as_str().unwrap().to_owned());
+    // Without a resource: the service's audience only, and no platform role in the token.
+    let (_, _, v) = token(&e.app, &id, &secret, "").await;
+    let t = v["access_token"].as_str().unwrap().to_owned();
+    let c = claims_of(&t);
+    assert_eq!(c["aud"], "https://payments.test");
+    assert_eq!(c["roles"], json!([]));
+    assert_eq!(api(&e.app, "GET", "/api/v1/organisations/acme", &t, None).await.0, StatusCode::UNAUTHORIZED);
+    // Asking for the platform explicitly gives an admin-API token and nothing else.
+    let (_, _, v) =
+        token(&e.app, &id, &secret, &format!("&resource={}", ISS.replace(':', "%3A").replace('/', "%2F"))).await;
+    let t = v["access_token"].as_str().unwrap().to_owned();
+    let c = claims_of(&t);
+    assert_eq!(c["aud"], ISS);
+    assert_eq!(c["roles"], json!(["portcullis:org-admin"]));
+    assert_eq!(c.get("scope"), None);
+    assert_eq!(api(&e.app, "GET", "/api/v1/organisations/acme", &t, None).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_malformed_client_id_is_never_written_to_the_audit_log() {
+    let e = env().await;
+    // A client that swapped its credentials: the secret lands in the client id position.
+    let swapped = "Zm9vYmFyc2VjcmV0dmFsdWUtdGhhdC1tdXN0LW5vdC1sZWFr";
+    let (s, _, _) = token(&e.app, swapped, "acme$billing", "").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let events = e.core.store().audit_events(None, Page::default()).await.unwrap();
+    let failure = events.iter().find(|ev| ev.action == "client.authenticate").unwrap();
+    assert_eq!(failure.actor, "(malformed client id)");
+    assert!(!serde_json::to_string(&events).unwrap().contains(swapped));
+}
+
+#[tokio::test]
+async fn tokens_of_a_deleted_client_stay_dead_when_it_is_recreated() {
+    let e = env().await;
+    let (id, secret) = acme(&e).await;
+    let (_, _, v) = token(&e.app, &id, &secret, "").await;
+    let old = v["access_token"].as_str().unwrap().to_owned();
+    let admin = admin_token(&e.app).await;
+    let (s, _) = api(&e.app, "DELETE", "/api/v1/organisations/acme/applications/billing", &admin, None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    e.clock.advance(1);
+    let body =
+        json!({"slug": "billing", "name": "Billing again", "scopes": ["payments/read"], "roles": ["payments:reader"]});
+    let (s, _) = api(&e.app, "POST", "/api/v1/organisations/acme/applications", &admin, Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(introspect(&e.app, "portcullis$admin", ADMIN_SECRET, &old).await, json!({"active": false}));
 }

@@ -77,7 +77,12 @@ enum Command {
 enum KeysCommand {
     /// Promote every algorithm's next key to current now (running servers pick it up
     /// within tokens.key_check_interval).
-    Rotate,
+    Rotate {
+        /// Rotate even if the next keys were published too recently for every cache to have
+        /// them (use when a key is compromised).
+        #[arg(long)]
+        force: bool,
+    },
     /// Print the published JWKS.
     List,
 }
@@ -225,9 +230,10 @@ async fn open_store(s: &Settings, clock: &dyn Clock) -> anyhow::Result<Arc<dyn S
         Some(url) => Arc::new(SqliteStore::open_url(url, clock.now()).await.context("opening SQLite")?),
         None => {
             let path = s.data_dir.join("portcullis.db");
-            Arc::new(
-                SqliteStore::open(&path, clock.now()).await.with_context(|| format!("opening {}", path.display()))?,
-            )
+            let store =
+                SqliteStore::open(&path, clock.now()).await.with_context(|| format!("opening {}", path.display()))?;
+            restrict_db_files(&path);
+            Arc::new(store)
         }
     })
 }
@@ -237,9 +243,29 @@ fn ensure_data_dir(dir: &Path) -> anyhow::Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        if let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot make the data directory private (0700)");
+        }
     }
     Ok(())
+}
+
+/// The database holds sealed keys, keyed hashes and the audit trail: owner-only, whatever the umask.
+fn restrict_db_files(db: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = db.as_os_str().to_owned();
+            p.push(suffix);
+            let p = PathBuf::from(p);
+            if p.exists()
+                && let Err(e) = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+            {
+                tracing::warn!(file = %p.display(), error = %e, "cannot make a database file private (0600)");
+            }
+        }
+    }
 }
 
 /// One `serve` per data directory: an exclusive lock held for the process's life.
@@ -333,6 +359,7 @@ async fn wire(s: &Settings, issuer: String, lock: bool) -> anyhow::Result<Wired>
     core.default_access_token_lifetime = s.raw.tokens.default_lifetime;
     core.max_access_token_lifetime = s.raw.tokens.max_lifetime;
     core.key_rotation_interval = s.raw.tokens.key_rotation_interval;
+    core.key_check_interval = i64::try_from(s.raw.tokens.key_check_interval).unwrap_or(3600);
     core.secret_rotation_grace = s.raw.clients.secret_rotation_grace;
     core.cache_ttl = s.raw.clients.cache_ttl;
     core.auth_failures_per_minute = s.raw.clients.auth_failures_per_minute.max(1);
@@ -394,8 +421,8 @@ async fn run(cmd: Command, s: Settings) -> anyhow::Result<()> {
         Command::Keys(k) => {
             let w = wire(&s, default_issuer(&s, s.listen), false).await?;
             match k {
-                KeysCommand::Rotate => {
-                    let kids = w.core.rotate_signing_keys("cli").await?;
+                KeysCommand::Rotate { force } => {
+                    let kids = w.core.rotate_signing_keys("cli", force).await?;
                     println!("rotated; now signing with: {}", kids.join(", "));
                 }
                 KeysCommand::List => println!("{}", w.core.jwks()),

@@ -977,7 +977,7 @@ async fn key_rotation_keeps_old_tokens_valid() {
     let k1 = kid_of(&py_verify(&s, &t1, PAYMENTS_AUD));
     assert!(before.contains(&k1));
 
-    let r = api.post("/api/v1/keys/rotate", &json!({})).await;
+    let r = api.post("/api/v1/keys/rotate?force=true", &json!({})).await;
     r.expect(200);
     let current: BTreeSet<String> =
         r.json["current"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_owned()).collect();
@@ -1001,7 +1001,7 @@ async fn key_rotation_keeps_old_tokens_valid() {
 
     // The CLI rotates a stopped server's keys; the restarted server signs with them.
     let data_dir = dir.path().to_str().unwrap();
-    let cli = run_cli(&["keys", "rotate", "--data-dir", data_dir], &[]);
+    let cli = run_cli(&["keys", "rotate", "--force", "--data-dir", data_dir], &[]);
     assert!(cli.status.success(), "keys rotate failed:\n{}", cli.stderr);
     assert!(cli.stdout.contains("rotated"), "{}", cli.stdout);
     let cli_kids: BTreeSet<String> = cli
@@ -1253,8 +1253,13 @@ async fn cli_rotation_reaches_a_running_server() {
     let t1 = access_token(&s, "acme$billing", &billing).await;
     let k1 = kid_of(&py_verify(&s, &t1, PAYMENTS_AUD));
 
+    // Right after first start the next keys are too fresh to promote without --force.
+    let early = run_cli(&["keys", "rotate", "--data-dir", dir.path().to_str().unwrap()], &[]);
+    assert!(!early.status.success(), "an unforced rotation of fresh keys must be refused");
+    assert!(early.stderr.contains("force"), "{}", early.stderr);
+
     // The CLI works on the live database beside the server (SQLite WAL; the lock is per serve).
-    let cli = run_cli(&["keys", "rotate", "--data-dir", dir.path().to_str().unwrap()], &[]);
+    let cli = run_cli(&["keys", "rotate", "--force", "--data-dir", dir.path().to_str().unwrap()], &[]);
     assert!(cli.status.success(), "keys rotate beside a running server failed:\n{}", cli.stderr);
     let now_signing = cli.stdout.split_once("now signing with:").unwrap().1.to_owned();
 

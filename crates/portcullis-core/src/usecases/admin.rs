@@ -872,7 +872,8 @@ impl Portcullis {
             }
         };
         if !who.is_platform_admin() && org.slug.as_str() != who.org {
-            return Err(Error::Forbidden("the subject belongs to another organisation".into()));
+            // The same answer as for a subject that does not exist: no probing other orgs.
+            return deny("unknown subject".into());
         }
         if !enabled {
             return deny("subject is disabled".into());

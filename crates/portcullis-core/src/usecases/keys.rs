@@ -70,10 +70,30 @@ impl Portcullis {
     }
 
     /// Rotates the keys of every configured algorithm now. Returns the new current kids.
-    pub async fn rotate_signing_keys(&self, actor: &str) -> Result<Vec<String>> {
+    /// Unless `force`d (a compromised key), a `next` key that has not been published for
+    /// [`CoreSettings::key_publish_delay`](crate::settings::CoreSettings::key_publish_delay)
+    /// is not promoted: caches may not have it yet. Nothing changes then (409).
+    pub async fn rotate_signing_keys(&self, actor: &str, force: bool) -> Result<Vec<String>> {
         self.ensure_signing_keys().await?;
         let stored = self.store.signing_keys().await?;
         let now = self.now();
+        if !force {
+            let delay = self.settings.key_publish_delay();
+            let youngest = stored
+                .iter()
+                .filter(|k| k.state == KeyState::Next && self.settings.signing_algorithms.contains(&k.alg))
+                .map(|k| k.created_at)
+                .max();
+            if let Some(created) = youngest
+                && now - created < delay
+            {
+                return Err(Error::Conflict(format!(
+                    "the next signing keys were published {} s ago; promoting them before {delay} s could sign with a key caches have not fetched yet. Retry in {} s, or force the rotation (compromised key)",
+                    now - created,
+                    delay - (now - created)
+                )));
+            }
+        }
         let mut promoted = Vec::new();
         for alg in &self.settings.signing_algorithms {
             let find = |s: KeyState| stored.iter().find(|k| k.alg == *alg && k.state == s);
@@ -121,8 +141,12 @@ impl Portcullis {
                 .filter(|k| k.state == KeyState::Current)
                 .any(|k| k.activated_at.unwrap_or(k.created_at) + interval <= now);
             if due {
-                self.rotate_signing_keys("system:schedule").await?;
-                rotated = true;
+                match self.rotate_signing_keys("system:schedule", false).await {
+                    Ok(_) => rotated = true,
+                    // The next keys are too fresh (a manual rotation just happened): later.
+                    Err(Error::Conflict(_)) => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         self.reload_keys().await?;

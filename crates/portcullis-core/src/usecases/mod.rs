@@ -87,6 +87,9 @@ struct Cached<T> {
 struct Caches {
     clients: RwLock<HashMap<String, Cached<Arc<ClientEntry>>>>,
     services: RwLock<HashMap<String, Cached<Arc<Vec<Service>>>>>,
+    /// Bumped by every invalidation. A read-through that started before an invalidation does
+    /// not insert what it read, so a change committed meanwhile is never hidden by a stale entry.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 /// A cached client with what the token endpoint needs beside it.
@@ -196,6 +199,7 @@ impl Portcullis {
         {
             return Ok(Some(c.value.clone()));
         }
+        let generation = self.caches.generation.load(std::sync::atomic::Ordering::Acquire);
         let Some(app) = self.store.application(client_id).await? else {
             return Ok(None);
         };
@@ -203,7 +207,9 @@ impl Portcullis {
             return Ok(None);
         };
         let entry = Arc::new(ClientEntry { app, org });
-        if let Ok(mut map) = self.caches.clients.write() {
+        if let Ok(mut map) = self.caches.clients.write()
+            && self.caches.generation.load(std::sync::atomic::Ordering::Acquire) == generation
+        {
             if map.len() > 100_000 {
                 map.retain(|_, c| c.until > now);
             }
@@ -214,6 +220,7 @@ impl Portcullis {
 
     pub(crate) fn forget_client(&self, client_id: &str) {
         if let Ok(mut map) = self.caches.clients.write() {
+            self.caches.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             map.remove(client_id);
         }
     }
@@ -225,8 +232,11 @@ impl Portcullis {
         {
             return Ok(c.value.clone());
         }
+        let generation = self.caches.generation.load(std::sync::atomic::Ordering::Acquire);
         let list = Arc::new(self.store.services(org_id).await?);
-        if let Ok(mut map) = self.caches.services.write() {
+        if let Ok(mut map) = self.caches.services.write()
+            && self.caches.generation.load(std::sync::atomic::Ordering::Acquire) == generation
+        {
             map.insert(org_id.to_owned(), Cached { value: list.clone(), until: now + self.settings.cache_ttl });
         }
         Ok(list)
@@ -234,6 +244,7 @@ impl Portcullis {
 
     pub(crate) fn forget_services(&self, org_id: &str) {
         if let Ok(mut map) = self.caches.services.write() {
+            self.caches.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             map.remove(org_id);
         }
     }

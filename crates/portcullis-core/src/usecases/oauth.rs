@@ -143,7 +143,9 @@ impl Portcullis {
         now: UnixTime,
         reason: &str,
     ) -> OAuthError {
-        let client_key = format!("client:{}", auth.client_id().chars().take(128).collect::<String>());
+        // A malformed id may be a secret sent in the wrong field: never record it.
+        let presented = if ClientId::is_valid(auth.client_id()) { auth.client_id() } else { "(malformed client id)" };
+        let client_key = format!("client:{presented}");
         let ip_key = ctx.ip.as_ref().map(|ip| format!("ip:{ip}"));
         for key in std::iter::once(&client_key).chain(ip_key.as_ref()) {
             if let Err(retry_after_secs) = self.auth_failures.check(key, now) {
@@ -153,7 +155,7 @@ impl Portcullis {
         for key in std::iter::once(&client_key).chain(ip_key.as_ref()) {
             self.auth_failures.record_failure(key, now);
         }
-        self.audit_failed_authentication(ctx, auth.client_id(), "client.authenticate", reason).await;
+        self.audit_failed_authentication(ctx, presented, "client.authenticate", reason).await;
         OAuthError::invalid_client("client authentication failed")
     }
 
@@ -247,16 +249,21 @@ impl Portcullis {
                 .filter(|s| in_target(s.split_once('/').map(|(svc, _)| svc)))
                 .collect(),
         };
-        let roles: Vec<&str> = app.roles.iter().filter(|r| in_target(Some(r.service()))).map(|r| r.as_str()).collect();
+        let mut roles: Vec<&str> =
+            app.roles.iter().filter(|r| in_target(Some(r.service()))).map(|r| r.as_str()).collect();
 
+        // The issuer (the admin API) is never one audience among others: a token a resource
+        // server receives must not be replayable against the admin API.
         let mut auds: Vec<&str> = Vec::with_capacity(2);
         match target {
             Some(t) => auds.push(&t.audience),
             None => {
+                let is_platform = |svc: &str| svc == PLATFORM_SERVICE;
                 let owners = scopes
                     .iter()
                     .filter_map(|s| s.split_once('/').map(|(svc, _)| svc))
-                    .chain(roles.iter().map(|r| r.split_once(':').map(|(s, _)| s).unwrap_or_default()));
+                    .chain(roles.iter().map(|r| r.split_once(':').map(|(s, _)| s).unwrap_or_default()))
+                    .filter(|svc| !is_platform(svc));
                 for slug in owners {
                     if let Some(svc) = find_by_slug(slug)
                         && !auds.contains(&svc.audience.as_str())
@@ -264,20 +271,27 @@ impl Portcullis {
                         auds.push(&svc.audience);
                     }
                 }
-                if auds.is_empty() {
+                let platform_roles = roles.iter().any(|r| r.starts_with("portcullis:"));
+                if !auds.is_empty() {
+                    roles.retain(|r| !r.starts_with("portcullis:"));
+                } else if platform_roles {
+                    auds.push(&platform.audience);
+                } else {
                     auds.push(app.client_id.as_str());
                 }
             }
         }
 
         let now = self.now();
+        // A lowered tokens.max_lifetime applies to applications created before it.
+        let lifetime = app.access_token_lifetime.min(self.settings.max_access_token_lifetime);
         let jti = new_jti();
         let scope = scopes.join(" ");
         let claims = AccessClaimsRef {
             iss: &self.settings.issuer,
             sub: app.client_id.as_str(),
             aud: AudienceRef::of(&auds),
-            exp: now + app.access_token_lifetime,
+            exp: now + lifetime,
             iat: now,
             jti: &jti,
             client_id: app.client_id.as_str(),
@@ -311,7 +325,8 @@ impl Portcullis {
             }
         }
         match self.client(&claims.client_id).await {
-            Ok(Some(c)) if c.app.enabled => Ok(claims),
+            // Issued before the client (re)appeared: a deleted client's tokens stay dead.
+            Ok(Some(c)) if c.app.enabled && claims.iat >= c.app.created_at => Ok(claims),
             Ok(_) => Err(TokenError::ClientGone),
             Err(e) => {
                 tracing::error!(error = %e, "client lookup failed");
