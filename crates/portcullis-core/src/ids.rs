@@ -65,6 +65,11 @@ string_newtype!(
     Slug
 );
 impl Slug {
+    /// A slug the code itself names (e.g. the platform service); checked by a test.
+    pub(crate) fn from_static(s: &'static str) -> Self {
+        debug_assert!(is_slug(s), "{s} is not a slug");
+        Self(s.to_owned())
+    }
     pub fn parse(s: &str) -> Result<Self, Error> {
         if is_slug(s) {
             Ok(Self(s.to_owned()))

@@ -269,7 +269,7 @@ fn platform_service(issuer: &str) -> Service {
     Service {
         id: "platform".into(),
         org_id: String::new(),
-        slug: Slug::parse(PLATFORM_SERVICE).unwrap_or_else(|_| unreachable_slug()),
+        slug: Slug::from_static(PLATFORM_SERVICE),
         name: "Portcullis".into(),
         audience: issuer.to_owned(),
         scopes: Vec::<ScopeName>::new(),
@@ -280,7 +280,18 @@ fn platform_service(issuer: &str) -> Service {
     }
 }
 
-/// `portcullis` is a valid slug; this exists only so no `unwrap` is needed.
-fn unreachable_slug() -> Slug {
-    serde_json::from_str("\"portcullis\"").unwrap_or_else(|_| Slug::parse("p").unwrap_or_else(|_| unreachable_slug()))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_names_the_code_uses_have_their_forms() {
+        for slug in [PLATFORM_ORG, PLATFORM_SERVICE, ADMIN_APP] {
+            assert!(Slug::parse(slug).is_ok(), "{slug}");
+        }
+        for role in [ROLE_PLATFORM_ADMIN, ROLE_ORG_ADMIN, ROLE_GATEWAY] {
+            assert_eq!(RoleName::parse(role).unwrap().service(), PLATFORM_SERVICE);
+        }
+        assert_eq!(platform_service("https://i").roles.len(), 3);
+    }
 }
