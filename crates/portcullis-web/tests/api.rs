@@ -562,3 +562,51 @@ async fn tokens_of_a_deleted_client_stay_dead_when_it_is_recreated() {
     assert_eq!(s, StatusCode::CREATED);
     assert_eq!(introspect(&e.app, "portcullis$admin", ADMIN_SECRET, &old).await, json!({"active": false}));
 }
+
+#[tokio::test]
+async fn authz_check_for_users_across_organisations() {
+    let e = env().await;
+    acme(&e).await;
+    let admin = admin_token(&e.app).await;
+    let body = json!({"email": "ann@acme.test", "roles": ["payments:reader"]});
+    let (s, v) = api(&e.app, "POST", "/api/v1/organisations/acme/users", &admin, Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let ann = v["id"].as_str().unwrap().to_owned();
+    let check = |org: Option<&str>| {
+        let mut b = json!({"subject": ann, "permission": "payments.entry.read"});
+        if let Some(o) = org {
+            b["organisation"] = json!(o);
+        }
+        b
+    };
+    // A platform admin names the user's organisation.
+    let (_, v) = api(&e.app, "POST", "/api/v1/authz/check", &admin, Some(check(Some("acme")))).await;
+    assert_eq!(v["allowed"], true, "{v}");
+    let (_, v) = api(&e.app, "POST", "/api/v1/authz/check", &admin, Some(check(None))).await;
+    assert_eq!(v, json!({"allowed": false, "reason": "unknown subject"}), "default: the caller's organisation");
+    // A caller of another organisation learns nothing about acme's users.
+    let body = json!({"slug": "beta", "name": "Beta"});
+    assert_eq!(api(&e.app, "POST", "/api/v1/organisations", &admin, Some(body)).await.0, StatusCode::CREATED);
+    let body = json!({"slug": "rs", "name": "RS"});
+    let (_, v) = api(&e.app, "POST", "/api/v1/organisations/beta/applications", &admin, Some(body)).await;
+    let resource = format!("&resource={}", ISS.replace(':', "%3A").replace('/', "%2F"));
+    let (_, _, t) =
+        token(&e.app, v["client_id"].as_str().unwrap(), v["client_secret"].as_str().unwrap(), &resource).await;
+    let beta = t["access_token"].as_str().unwrap().to_owned();
+    let (s, v) = api(&e.app, "POST", "/api/v1/authz/check", &beta, Some(check(Some("acme")))).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v, json!({"allowed": false, "reason": "unknown subject"}));
+    let (_, v) = api(
+        &e.app,
+        "POST",
+        "/api/v1/authz/check",
+        &beta,
+        Some(json!({"subject": "acme$billing", "permission": "payments.entry.read"})),
+    )
+    .await;
+    assert_eq!(
+        v,
+        json!({"allowed": false, "reason": "unknown subject"}),
+        "the same answer as for a client that does not exist"
+    );
+}

@@ -105,6 +105,10 @@ pub struct AuthzCheck {
     pub permission: String,
     #[serde(default)]
     pub resource: Option<String>,
+    /// The organisation (slug) of a user subject; default the caller's. Only platform admins
+    /// may name another one.
+    #[serde(default)]
+    pub organisation: Option<String>,
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -864,7 +868,13 @@ impl Portcullis {
             };
             (c.org.clone(), c.app.roles.clone(), c.app.enabled)
         } else {
-            let org = self.organisation_or_404(&who.org).await?;
+            let slug = req.organisation.as_deref().unwrap_or(&who.org);
+            if !who.is_platform_admin() && slug != who.org {
+                return deny("unknown subject".into());
+            }
+            let Some(org) = self.store.organisation(slug).await? else {
+                return deny("unknown subject".into());
+            };
             let user = self.store.user(&org.id, &req.subject).await?;
             match user {
                 Some(u) => (org, u.roles, u.enabled),
