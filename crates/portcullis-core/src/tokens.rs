@@ -155,7 +155,7 @@ mod tests {
             activated_at: Some(0),
             expires_at: None,
         };
-        let s = KeySet::load(&[stored], &v, 0).unwrap();
+        let s = KeySet::load(&[stored], &v, 0, &[Algorithm::ES256]).unwrap();
         let signer = s.signer(Algorithm::ES256).unwrap().clone();
         (s, signer)
     }

@@ -610,3 +610,46 @@ async fn authz_check_for_users_across_organisations() {
         "the same answer as for a client that does not exist"
     );
 }
+
+#[tokio::test]
+async fn settings_changes_apply_to_existing_applications() {
+    let e = env_with(|s| s.signing_algorithms = vec![Algorithm::ES256, Algorithm::EdDSA]).await;
+    let (id, secret) = acme(&e).await;
+    let admin = admin_token(&e.app).await;
+    let patch = json!({"access_token_signing_alg": "EdDSA", "access_token_lifetime": 3600});
+    let (s, _) = api(&e.app, "PATCH", "/api/v1/organisations/acme/applications/billing", &admin, Some(patch)).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, v) = token(&e.app, &id, &secret, "").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["expires_in"], 3600);
+
+    // The same database under new settings: EdDSA disabled, a lower maximum lifetime.
+    let mut settings = CoreSettings::for_issuer(ISS);
+    settings.signing_algorithms = vec![Algorithm::ES256];
+    settings.max_access_token_lifetime = 600;
+    let core = Arc::new(Portcullis::new(
+        e.core.store().clone(),
+        e.clock.clone(),
+        Arc::new(LocalKeyVault::new(&[42u8; 32]).unwrap()),
+        settings,
+    ));
+    core.bootstrap(BootstrapSecrets::default()).await.unwrap();
+    let app = router(AppState { core, metrics: None });
+    let (s, _, v) = token(&app, &id, &secret, "").await;
+    assert_eq!((s, v["error"].as_str()), (StatusCode::BAD_REQUEST, Some("unauthorized_client")), "{v}");
+    assert!(v["error_description"].as_str().unwrap().contains("EdDSA"), "{v}");
+    let (s, _) = api(
+        &app,
+        "PATCH",
+        "/api/v1/organisations/acme/applications/billing",
+        &admin_token(&app).await,
+        Some(json!({"access_token_signing_alg": "ES256"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, v) = token(&app, &id, &secret, "").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["expires_in"], 600, "clamped to the current maximum");
+    let c = claims_of(v["access_token"].as_str().unwrap());
+    assert_eq!(c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(), 600);
+}

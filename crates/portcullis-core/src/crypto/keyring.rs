@@ -26,9 +26,15 @@ pub struct KeySet {
 }
 
 impl KeySet {
-    /// Builds the set from stored keys: `current` keys sign; `next`, `current` and unexpired
-    /// `retired` keys are published.
-    pub fn load(keys: &[StoredSigningKey], vault: &dyn KeyVault, now: UnixTime) -> Result<Self> {
+    /// Builds the set from stored keys: `current` keys of the `enabled` algorithms sign;
+    /// `next`, `current` and unexpired `retired` keys are published (so tokens signed with an
+    /// algorithm since disabled still verify).
+    pub fn load(
+        keys: &[StoredSigningKey],
+        vault: &dyn KeyVault,
+        now: UnixTime,
+        enabled: &[crate::crypto::signing::Algorithm],
+    ) -> Result<Self> {
         let mut signers = HashMap::new();
         let mut verifiers = HashMap::new();
         let mut published: Vec<(u8, i64, serde_json::Value)> = Vec::new();
@@ -48,7 +54,7 @@ impl KeySet {
             };
             published.push((order, -k.created_at, key.verifying_key().jwk()));
             verifiers.insert(k.kid.clone(), key.verifying_key().clone());
-            if k.state == KeyState::Current {
+            if k.state == KeyState::Current && enabled.contains(&k.alg) {
                 signers.insert(k.alg, Arc::new(key));
             }
         }

@@ -59,7 +59,7 @@ impl Portcullis {
     /// Re-reads the key table into the in-memory ring (also drops expired retired keys).
     pub async fn reload_keys(&self) -> Result<()> {
         let stored = self.store.signing_keys().await?;
-        let set = KeySet::load(&stored, self.vault.as_ref(), self.now())?;
+        let set = KeySet::load(&stored, self.vault.as_ref(), self.now(), &self.settings.signing_algorithms)?;
         for alg in &self.settings.signing_algorithms {
             if set.signer(*alg).is_none() {
                 return Err(Error::internal(format!("no current signing key for {alg}")));

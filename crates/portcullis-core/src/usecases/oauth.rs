@@ -301,14 +301,19 @@ impl Portcullis {
         };
         let keys = self.keys.current();
         let Some(signer) = keys.signer(app.signing_alg) else {
-            return Err(OAuthError {
-                internal: Some(format!("no signing key for {}", app.signing_alg)),
-                ..OAuthError::new(OAuthErrorCode::ServerError, "internal error")
-            });
+            // Its algorithm was removed from tokens.algorithms: say so rather than keep signing
+            // with a key that is no longer rotated.
+            return Err(OAuthError::new(
+                OAuthErrorCode::UnauthorizedClient,
+                format!(
+                    "this client's access_token_signing_alg {} is not enabled on this server; an admin must choose another",
+                    app.signing_alg
+                ),
+            ));
         };
         let body = serde_json::to_vec(&claims).map_err(Error::internal)?;
         let access_token = jws::sign(signer, ACCESS_TOKEN_TYP, &body)?;
-        Ok(TokenResponse { access_token, token_type: "Bearer", expires_in: app.access_token_lifetime, scope })
+        Ok(TokenResponse { access_token, token_type: "Bearer", expires_in: lifetime, scope })
     }
 
     /// Verifies one of our access tokens and that it is still good: not revoked, and its
