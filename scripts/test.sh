@@ -241,6 +241,7 @@ main() {
     section "Installing test dependencies"
     ensure_cmd curl curl
     ensure_cmd openssl openssl
+    ensure_cmd psql postgresql-client   # the PostgreSQL e2e test creates its database with psql
     ensure_python_deps
 
     section "PostgreSQL"

@@ -21,6 +21,28 @@ impl FailureLimiter {
     /// `Err(retry_after_secs)` when `key` has used up its failures in the current window.
     pub fn check(&self, key: &str, now: UnixTime) -> Result<(), u64> {
         let Ok(map) = self.counters.lock() else { return Ok(()) };
+        self.check_in(&map, key, now)
+    }
+
+    pub fn record_failure(&self, key: &str, now: UnixTime) {
+        let Ok(mut map) = self.counters.lock() else { return };
+        self.record_in(&mut map, key, now);
+    }
+
+    /// A failure for every key in `keys`, checked and counted under one lock: `Err(retry
+    /// after)` — and nothing counted — when any of them has used up its failures already.
+    pub fn fail(&self, keys: &[&str], now: UnixTime) -> Result<(), u64> {
+        let Ok(mut map) = self.counters.lock() else { return Ok(()) };
+        for key in keys {
+            self.check_in(&map, key, now)?;
+        }
+        for key in keys {
+            self.record_in(&mut map, key, now);
+        }
+        Ok(())
+    }
+
+    fn check_in(&self, map: &HashMap<String, (UnixTime, u32)>, key: &str, now: UnixTime) -> Result<(), u64> {
         match map.get(key) {
             Some((start, n)) if *n >= self.max_failures && now < start + self.window_secs => {
                 Err(u64::try_from(start + self.window_secs - now).unwrap_or(1).max(1))
@@ -29,8 +51,7 @@ impl FailureLimiter {
         }
     }
 
-    pub fn record_failure(&self, key: &str, now: UnixTime) {
-        let Ok(mut map) = self.counters.lock() else { return };
+    fn record_in(&self, map: &mut HashMap<String, (UnixTime, u32)>, key: &str, now: UnixTime) {
         if map.len() > 100_000 {
             let w = self.window_secs;
             map.retain(|_, (start, _)| now < *start + w);
@@ -59,5 +80,14 @@ mod tests {
         assert!(l.check("ip:1", 160).is_ok(), "a new window starts");
         l.record_failure("ip:1", 160);
         assert!(l.check("ip:1", 161).is_ok());
+    }
+
+    #[test]
+    fn fail_counts_every_key_or_none() {
+        let l = FailureLimiter::new(2, 60);
+        assert!(l.fail(&["client:a", "ip:1"], 0).is_ok());
+        assert!(l.fail(&["client:a", "ip:1"], 0).is_ok());
+        assert!(l.fail(&["client:b", "ip:1"], 0).is_err(), "the IP is used up");
+        assert!(l.check("client:b", 0).is_ok(), "nothing was counted for client:b");
     }
 }

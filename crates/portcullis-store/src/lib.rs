@@ -372,25 +372,13 @@ macro_rules! sql_store {
 
             async fn create_application(&self, a: &Application, audit: &AuditEvent) -> StoreResult<()> {
                 let mut tx = self.pool.begin().await.map_err(db_err)?;
-                sqlx::query("INSERT INTO applications (id, org_id, slug, client_id, name, grant_types, scopes, roles, auth_method, redirect_uris, access_token_lifetime, signing_alg, enabled, secret_hash, previous_secret_hash, previous_secret_expires_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)")
+                let q = sqlx::query("INSERT INTO applications (name, grant_types, scopes, roles, auth_method, redirect_uris, access_token_lifetime, signing_alg, enabled, secret_hash, previous_secret_hash, previous_secret_expires_at, updated_at, id, org_id, slug, client_id, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)");
+                Self::bind_app_settings(q, a)?
                     .bind(&a.id)
                     .bind(&a.org_id)
                     .bind(a.slug.as_str())
                     .bind(a.client_id.as_str())
-                    .bind(&a.name)
-                    .bind(serde_json::to_string(&a.grant_types.iter().map(|g| g.as_str()).collect::<Vec<_>>()).map_err(|_| corrupt("grant types"))?)
-                    .bind(to_json(&a.scopes))
-                    .bind(to_json(&a.roles))
-                    .bind(a.auth_method.as_str())
-                    .bind(serde_json::to_string(&a.redirect_uris).map_err(|_| corrupt("redirect uris"))?)
-                    .bind(a.access_token_lifetime)
-                    .bind(a.signing_alg.as_str())
-                    .bind(a.enabled)
-                    .bind(a.secret_hash.as_ref().map(|h| h.0.to_vec()))
-                    .bind(a.previous_secret_hash.as_ref().map(|h| h.0.to_vec()))
-                    .bind(a.previous_secret_expires_at)
                     .bind(a.created_at)
-                    .bind(a.updated_at)
                     .execute(&mut *tx)
                     .await
                     .map_err(db_err)?;
@@ -411,20 +399,8 @@ macro_rules! sql_store {
 
             async fn update_application(&self, a: &Application, expected_updated_at: UnixTime, audit: &AuditEvent) -> StoreResult<()> {
                 let mut tx = self.pool.begin().await.map_err(db_err)?;
-                let n = sqlx::query("UPDATE applications SET name = $1, grant_types = $2, scopes = $3, roles = $4, auth_method = $5, redirect_uris = $6, access_token_lifetime = $7, signing_alg = $8, enabled = $9, secret_hash = $10, previous_secret_hash = $11, previous_secret_expires_at = $12, updated_at = $13 WHERE id = $14 AND updated_at = $15")
-                    .bind(&a.name)
-                    .bind(serde_json::to_string(&a.grant_types.iter().map(|g| g.as_str()).collect::<Vec<_>>()).map_err(|_| corrupt("grant types"))?)
-                    .bind(to_json(&a.scopes))
-                    .bind(to_json(&a.roles))
-                    .bind(a.auth_method.as_str())
-                    .bind(serde_json::to_string(&a.redirect_uris).map_err(|_| corrupt("redirect uris"))?)
-                    .bind(a.access_token_lifetime)
-                    .bind(a.signing_alg.as_str())
-                    .bind(a.enabled)
-                    .bind(a.secret_hash.as_ref().map(|h| h.0.to_vec()))
-                    .bind(a.previous_secret_hash.as_ref().map(|h| h.0.to_vec()))
-                    .bind(a.previous_secret_expires_at)
-                    .bind(a.updated_at)
+                let q = sqlx::query("UPDATE applications SET name = $1, grant_types = $2, scopes = $3, roles = $4, auth_method = $5, redirect_uris = $6, access_token_lifetime = $7, signing_alg = $8, enabled = $9, secret_hash = $10, previous_secret_hash = $11, previous_secret_expires_at = $12, updated_at = $13 WHERE id = $14 AND updated_at = $15");
+                let n = Self::bind_app_settings(q, a)?
                     .bind(&a.id)
                     .bind(expected_updated_at)
                     .execute(&mut *tx)
@@ -595,6 +571,28 @@ macro_rules! sql_store {
         }
 
         impl $store {
+            /// Binds, as `$1…$13`, the application columns that both INSERT and UPDATE write,
+            /// in one order kept in one place.
+            fn bind_app_settings<'q>(
+                q: sqlx::query::Query<'q, <$pool as PoolDb>::Db, <<$pool as PoolDb>::Db as sqlx::Database>::Arguments>,
+                a: &'q Application,
+            ) -> StoreResult<sqlx::query::Query<'q, <$pool as PoolDb>::Db, <<$pool as PoolDb>::Db as sqlx::Database>::Arguments>> {
+                let grant_types = a.grant_types.iter().map(|g| g.as_str()).collect::<Vec<_>>();
+                Ok(q.bind(&a.name)
+                    .bind(serde_json::to_string(&grant_types).map_err(|_| corrupt("grant types"))?)
+                    .bind(to_json(&a.scopes))
+                    .bind(to_json(&a.roles))
+                    .bind(a.auth_method.as_str())
+                    .bind(serde_json::to_string(&a.redirect_uris).map_err(|_| corrupt("redirect uris"))?)
+                    .bind(a.access_token_lifetime)
+                    .bind(a.signing_alg.as_str())
+                    .bind(a.enabled)
+                    .bind(a.secret_hash.as_ref().map(|h| h.0.to_vec()))
+                    .bind(a.previous_secret_hash.as_ref().map(|h| h.0.to_vec()))
+                    .bind(a.previous_secret_expires_at)
+                    .bind(a.updated_at))
+            }
+
             async fn insert_key<'c, E>(ex: E, k: &StoredSigningKey) -> StoreResult<()>
             where
                 E: sqlx::Executor<'c, Database = <$pool as PoolDb>::Db>,

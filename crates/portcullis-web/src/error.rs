@@ -153,6 +153,11 @@ impl From<OAuthError> for OAuthApiError {
 }
 
 impl OAuthApiError {
+    /// A failure after the client tried (or should have tried) HTTP Basic: a 401 challenges
+    /// with `Basic` (RFC 6749 §5.2).
+    pub fn with_basic_challenge(err: OAuthError) -> Self {
+        Self { err, basic_challenge: true, status: None }
+    }
     pub fn too_large(max: usize) -> Self {
         Self {
             err: OAuthError::invalid_request(format!("request body is larger than {max} bytes")),

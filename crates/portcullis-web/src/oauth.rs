@@ -74,20 +74,15 @@ fn client_auth(headers: &HeaderMap, form: &mut Form) -> Result<ClientAuth, OAuth
             let v = v.to_str().unwrap_or_default();
             let (scheme, rest) = v.split_once(' ').unwrap_or((v, ""));
             if !scheme.eq_ignore_ascii_case("basic") {
-                return Err(OAuthApiError {
-                    basic_challenge: true,
-                    ..OAuthError::invalid_client(
-                        "unsupported authorization scheme: use HTTP Basic or client_secret_post",
-                    )
-                    .into()
-                });
+                return Err(OAuthApiError::with_basic_challenge(OAuthError::invalid_client(
+                    "unsupported authorization scheme: use HTTP Basic or client_secret_post",
+                )));
             }
             let decoded = STANDARD.decode(rest.trim()).ok().and_then(|b| String::from_utf8(b).ok());
             let Some((id, secret)) = decoded.as_deref().and_then(|d| d.split_once(':')) else {
-                return Err(OAuthApiError {
-                    basic_challenge: true,
-                    ..OAuthError::invalid_client("malformed HTTP Basic credentials").into()
-                });
+                return Err(OAuthApiError::with_basic_challenge(OAuthError::invalid_client(
+                    "malformed HTTP Basic credentials",
+                )));
             };
             Some((basic_part(id), basic_part(secret)))
         }
@@ -98,10 +93,9 @@ fn client_auth(headers: &HeaderMap, form: &mut Form) -> Result<ClientAuth, OAuth
         (Some(_), Some(_)) => Err(OAuthError::invalid_request("use exactly one client authentication method").into()),
         (Some((id, secret)), None) => {
             if form_id.as_deref().is_some_and(|f| f != id) {
-                return Err(OAuthApiError {
-                    basic_challenge: true,
-                    ..OAuthError::invalid_client("client_id does not match the authenticated client").into()
-                });
+                return Err(OAuthApiError::with_basic_challenge(OAuthError::invalid_client(
+                    "client_id does not match the authenticated client",
+                )));
             }
             Ok(ClientAuth::Basic { client_id: id, secret: SecretString::from(secret) })
         }
@@ -109,15 +103,17 @@ fn client_auth(headers: &HeaderMap, form: &mut Form) -> Result<ClientAuth, OAuth
             Some(id) => Ok(ClientAuth::Post { client_id: id, secret: SecretString::from(secret) }),
             None => Err(OAuthError::invalid_request("client_secret without client_id").into()),
         },
-        (None, None) => Err(OAuthApiError {
-            basic_challenge: true,
-            ..OAuthError::invalid_client("client authentication is required").into()
-        }),
+        (None, None) => {
+            Err(OAuthApiError::with_basic_challenge(OAuthError::invalid_client("client authentication is required")))
+        }
     }
 }
 
 fn with_challenge(auth: &ClientAuth, e: OAuthError) -> OAuthApiError {
-    OAuthApiError { basic_challenge: matches!(auth, ClientAuth::Basic { .. }), ..e.into() }
+    match auth {
+        ClientAuth::Basic { .. } => OAuthApiError::with_basic_challenge(e),
+        ClientAuth::Post { .. } => e.into(),
+    }
 }
 
 fn no_store(mut r: Response) -> Response {

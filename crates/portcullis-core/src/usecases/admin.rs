@@ -262,8 +262,7 @@ impl Portcullis {
     }
 
     pub async fn organisation(&self, who: &Principal, slug: &str) -> Result<Organisation> {
-        who.ensure_admin(slug)?;
-        self.organisation_or_404(slug).await
+        self.administered_org(who, slug).await
     }
 
     pub async fn organisations(&self, who: &Principal, page: Page) -> Result<Vec<Organisation>> {
@@ -283,8 +282,7 @@ impl Portcullis {
         org_slug: &str,
         req: NewService,
     ) -> Result<Service> {
-        who.ensure_admin(org_slug)?;
-        let org = self.organisation_or_404(org_slug).await?;
+        let org = self.administered_org(who, org_slug).await?;
         let slug = Slug::parse(&req.slug)?;
         if slug.as_str() == PLATFORM_SERVICE {
             return Err(Error::invalid(format!("service slug {PLATFORM_SERVICE:?} is reserved")));
@@ -358,14 +356,12 @@ impl Portcullis {
     }
 
     pub async fn services(&self, who: &Principal, org_slug: &str) -> Result<Vec<Service>> {
-        who.ensure_admin(org_slug)?;
-        let org = self.organisation_or_404(org_slug).await?;
+        let org = self.administered_org(who, org_slug).await?;
         Ok(self.store.services(&org.id).await?)
     }
 
     pub async fn service(&self, who: &Principal, org_slug: &str, slug: &str) -> Result<Service> {
-        who.ensure_admin(org_slug)?;
-        let org = self.organisation_or_404(org_slug).await?;
+        let org = self.administered_org(who, org_slug).await?;
         self.store.service(&org.id, slug).await?.ok_or_else(|| Error::NotFound(format!("service {slug:?}")))
     }
 
@@ -376,8 +372,7 @@ impl Portcullis {
         org_slug: &str,
         slug: &str,
     ) -> Result<()> {
-        who.ensure_admin(org_slug)?;
-        let org = self.organisation_or_404(org_slug).await?;
+        let org = self.administered_org(who, org_slug).await?;
         let users = self.service_users(&org.id, slug).await?;
         if !users.is_empty() {
             return Err(Error::Conflict(format!(
@@ -398,41 +393,30 @@ impl Portcullis {
     async fn service_users(&self, org_id: &str, slug: &str) -> Result<Vec<String>> {
         const SHOWN: usize = 10;
         let mut found = Vec::new();
-        let mut page = Page::new(Some(Page::MAX_LIMIT), None);
-        loop {
-            let apps = self.store.applications(org_id, page).await?;
-            for a in &apps {
-                let uses =
-                    a.roles.iter().any(|r| r.service() == slug) || a.scopes.iter().any(|s| s.service() == Some(slug));
-                if uses && found.len() < SHOWN {
-                    found.push(format!("application {}", a.client_id));
-                }
-            }
-            if apps.len() < Page::MAX_LIMIT as usize || found.len() >= SHOWN {
-                break;
-            }
-            page.offset += u64::from(Page::MAX_LIMIT);
-        }
-        let mut page = Page::new(Some(Page::MAX_LIMIT), None);
-        loop {
-            let users = self.store.users(org_id, page).await?;
-            for u in &users {
-                if u.roles.iter().any(|r| r.service() == slug) && found.len() < SHOWN {
-                    found.push(format!("user {}", u.email));
-                }
-            }
-            if users.len() < Page::MAX_LIMIT as usize || found.len() >= SHOWN {
-                break;
-            }
-            page.offset += u64::from(Page::MAX_LIMIT);
-        }
+        let uses = |roles: &[RoleName]| roles.iter().any(|r| r.service() == slug);
+        collect_paged(
+            &mut found,
+            SHOWN,
+            |page| self.store.applications(org_id, page),
+            |a| {
+                (uses(&a.roles) || a.scopes.iter().any(|s| s.service() == Some(slug)))
+                    .then(|| format!("application {}", a.client_id))
+            },
+        )
+        .await?;
+        collect_paged(
+            &mut found,
+            SHOWN,
+            |page| self.store.users(org_id, page),
+            |u| uses(&u.roles).then(|| format!("user {}", u.email)),
+        )
+        .await?;
         Ok(found)
     }
 
     /// Every role defined in the organisation with the permissions granted to it.
     pub async fn roles(&self, who: &Principal, org_slug: &str) -> Result<Vec<(RoleName, Vec<PermissionName>)>> {
-        who.ensure_admin(org_slug)?;
-        let org = self.organisation_or_404(org_slug).await?;
+        let org = self.administered_org(who, org_slug).await?;
         let grants = self.store.role_grants(&org.id).await?;
         let mut out = Vec::new();
         for svc in self.store.services(&org.id).await? {
@@ -452,8 +436,7 @@ impl Portcullis {
         role: &str,
         permissions: Vec<String>,
     ) -> Result<()> {
-        who.ensure_admin(org_slug)?;
-        let org = self.organisation_or_404(org_slug).await?;
+        let org = self.administered_org(who, org_slug).await?;
         let role = RoleName::parse(role)?;
         let services = self.store.services(&org.id).await?;
         let Some(svc) = services.iter().find(|s| s.roles.contains(&role)) else {
@@ -564,8 +547,7 @@ impl Portcullis {
         org_slug: &str,
         req: NewApplication,
     ) -> Result<CreatedApplication> {
-        who.ensure_admin(org_slug)?;
-        let org = self.organisation_or_404(org_slug).await?;
+        let org = self.administered_org(who, org_slug).await?;
         let slug = Slug::parse(&req.slug)?;
         let grant_types = dedup_grants(parse_all(
             req.grant_types.as_deref().unwrap_or(&["client_credentials".into()]),
@@ -637,14 +619,12 @@ impl Portcullis {
     }
 
     pub async fn application(&self, who: &Principal, org_slug: &str, app_slug: &str) -> Result<Application> {
-        who.ensure_admin(org_slug)?;
-        let org = self.organisation_or_404(org_slug).await?;
+        let org = self.administered_org(who, org_slug).await?;
         self.app_in_org(&org, app_slug).await
     }
 
     pub async fn applications(&self, who: &Principal, org_slug: &str, page: Page) -> Result<Vec<Application>> {
-        who.ensure_admin(org_slug)?;
-        let org = self.organisation_or_404(org_slug).await?;
+        let org = self.administered_org(who, org_slug).await?;
         Ok(self.store.applications(&org.id, page).await?)
     }
 
@@ -656,8 +636,7 @@ impl Portcullis {
         app_slug: &str,
         patch: ApplicationPatch,
     ) -> Result<Application> {
-        who.ensure_admin(org_slug)?;
-        let org = self.organisation_or_404(org_slug).await?;
+        let org = self.administered_org(who, org_slug).await?;
         let old = self.app_in_org(&org, app_slug).await?;
         self.ensure_may_manage(who, &old)?;
         let mut app = old.clone();
@@ -717,8 +696,7 @@ impl Portcullis {
         app_slug: &str,
         req: SecretRotation,
     ) -> Result<(Application, SecretString)> {
-        who.ensure_admin(org_slug)?;
-        let org = self.organisation_or_404(org_slug).await?;
+        let org = self.administered_org(who, org_slug).await?;
         let old = self.app_in_org(&org, app_slug).await?;
         self.ensure_may_manage(who, &old)?;
         if !old.auth_method.uses_secret() {
@@ -758,8 +736,7 @@ impl Portcullis {
         org_slug: &str,
         app_slug: &str,
     ) -> Result<()> {
-        who.ensure_admin(org_slug)?;
-        let org = self.organisation_or_404(org_slug).await?;
+        let org = self.administered_org(who, org_slug).await?;
         let app = self.app_in_org(&org, app_slug).await?;
         self.ensure_may_manage(who, &app)?;
         if org.slug.as_str() == PLATFORM_ORG && app.slug.as_str() == ADMIN_APP {
@@ -789,8 +766,7 @@ impl Portcullis {
         org_slug: &str,
         req: NewUser,
     ) -> Result<User> {
-        who.ensure_admin(org_slug)?;
-        let org = self.organisation_or_404(org_slug).await?;
+        let org = self.administered_org(who, org_slug).await?;
         let email = Email::parse(&req.email)?;
         let roles = dedup(parse_all(&req.roles, RoleName::parse)?);
         self.check_grantable(who, &org, &roles, &[]).await?;
@@ -831,22 +807,19 @@ impl Portcullis {
     }
 
     pub async fn users(&self, who: &Principal, org_slug: &str, page: Page) -> Result<Vec<User>> {
-        who.ensure_admin(org_slug)?;
-        let org = self.organisation_or_404(org_slug).await?;
+        let org = self.administered_org(who, org_slug).await?;
         Ok(self.store.users(&org.id, page).await?)
     }
 
     pub async fn user(&self, who: &Principal, org_slug: &str, id: &str) -> Result<User> {
-        who.ensure_admin(org_slug)?;
-        let org = self.organisation_or_404(org_slug).await?;
+        let org = self.administered_org(who, org_slug).await?;
         self.store.user(&org.id, id).await?.ok_or_else(|| Error::NotFound(format!("user {id:?}")))
     }
 
     // ---- audit ------------------------------------------------------------------------------
 
     pub async fn audit_events(&self, who: &Principal, org_slug: &str, page: Page) -> Result<Vec<AuditEvent>> {
-        who.ensure_admin(org_slug)?;
-        let org = self.organisation_or_404(org_slug).await?;
+        let org = self.administered_org(who, org_slug).await?;
         Ok(self.store.audit_events(Some(&org.id), page).await?)
     }
 
@@ -894,6 +867,26 @@ impl Portcullis {
             None => deny(format!("no role of the subject grants {permission}")),
         }
     }
+}
+
+/// Pages through `fetch` adding what `describe` names to `found`, until it holds `max` or the
+/// pages run out.
+async fn collect_paged<T, F: std::future::Future<Output = crate::store::StoreResult<Vec<T>>>>(
+    found: &mut Vec<String>,
+    max: usize,
+    fetch: impl Fn(Page) -> F,
+    describe: impl Fn(&T) -> Option<String>,
+) -> Result<()> {
+    let mut page = Page::new(Some(Page::MAX_LIMIT), None);
+    while found.len() < max {
+        let items = fetch(page).await?;
+        found.extend(items.iter().filter_map(&describe).take(max - found.len()));
+        if items.len() < Page::MAX_LIMIT as usize {
+            break;
+        }
+        page.offset += u64::from(Page::MAX_LIMIT);
+    }
+    Ok(())
 }
 
 fn dedup_grants(v: Vec<GrantType>) -> Vec<GrantType> {

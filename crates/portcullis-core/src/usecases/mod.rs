@@ -254,13 +254,15 @@ impl Portcullis {
         Ok(self.store.purge_expired_revocations(self.now() - crate::tokens::SKEW_SECS - 60).await?)
     }
 
-    /// The platform's own service; its audience is always the current issuer.
-    pub fn platform_service(&self) -> &Service {
-        &self.platform
-    }
-
     pub(crate) async fn organisation_or_404(&self, slug: &str) -> Result<Organisation> {
         self.store.organisation(slug).await?.ok_or_else(|| Error::NotFound(format!("organisation {slug:?}")))
+    }
+
+    /// The organisation `slug`, if `who` may administer it (403 first, so a caller learns
+    /// nothing about organisations it cannot administer).
+    pub(crate) async fn administered_org(&self, who: &Principal, slug: &str) -> Result<Organisation> {
+        who.ensure_admin(slug)?;
+        self.organisation_or_404(slug).await
     }
 }
 

@@ -147,13 +147,9 @@ impl Portcullis {
         let presented = if ClientId::is_valid(auth.client_id()) { auth.client_id() } else { "(malformed client id)" };
         let client_key = format!("client:{presented}");
         let ip_key = ctx.ip.as_ref().map(|ip| format!("ip:{ip}"));
-        for key in std::iter::once(&client_key).chain(ip_key.as_ref()) {
-            if let Err(retry_after_secs) = self.auth_failures.check(key, now) {
-                return Error::RateLimited { retry_after_secs }.into();
-            }
-        }
-        for key in std::iter::once(&client_key).chain(ip_key.as_ref()) {
-            self.auth_failures.record_failure(key, now);
+        let keys: Vec<&str> = std::iter::once(client_key.as_str()).chain(ip_key.as_deref()).collect();
+        if let Err(retry_after_secs) = self.auth_failures.fail(&keys, now) {
+            return Error::RateLimited { retry_after_secs }.into();
         }
         self.audit_failed_authentication(ctx, presented, "client.authenticate", reason).await;
         OAuthError::invalid_client("client authentication failed")
@@ -317,8 +313,8 @@ impl Portcullis {
     }
 
     /// Verifies one of our access tokens and that it is still good: not revoked, and its
-    /// client still exists and is enabled.
-    pub async fn validate_access_token(&self, token: &str) -> Result<AccessClaims, TokenError> {
+    /// client still exists and is enabled. Returns the client beside the claims.
+    pub async fn validate_access_token(&self, token: &str) -> Result<(AccessClaims, Arc<ClientEntry>), TokenError> {
         let keys = self.keys.current();
         let claims = verify_access_token(token, &keys, &self.settings.issuer, self.now())?;
         match self.store.is_token_revoked(&claims.jti).await {
@@ -331,7 +327,7 @@ impl Portcullis {
         }
         match self.client(&claims.client_id).await {
             // Issued before the client (re)appeared: a deleted client's tokens stay dead.
-            Ok(Some(c)) if c.app.enabled && claims.iat >= c.app.created_at => Ok(claims),
+            Ok(Some(c)) if c.app.enabled && claims.iat >= c.app.created_at => Ok((claims, c)),
             Ok(_) => Err(TokenError::ClientGone),
             Err(e) => {
                 tracing::error!(error = %e, "client lookup failed");
@@ -343,7 +339,7 @@ impl Portcullis {
     /// RFC 7662. A caller sees tokens of its own organisation; platform admins and gateways see all.
     pub async fn introspect(&self, caller: &ClientEntry, token: &str) -> Result<Introspection, OAuthError> {
         let claims = match self.validate_access_token(token).await {
-            Ok(c) => c,
+            Ok((c, _)) => c,
             Err(TokenError::Unavailable) => {
                 return Err(Error::Store(crate::error::StoreError::Unavailable("introspection".into())).into());
             }
@@ -389,13 +385,10 @@ impl Portcullis {
     /// A refused bearer token: audited, and counted per IP so a flood of bad tokens cannot turn
     /// into a flood of audit writes (beyond the limit: 429, nothing written).
     async fn bearer_authentication_failed(&self, ctx: &RequestContext, presented: &str, reason: &str) -> Error {
-        if let Some(ip) = &ctx.ip {
-            let key = format!("bearer-ip:{ip}");
-            let now = self.now();
-            if let Err(retry_after_secs) = self.auth_failures.check(&key, now) {
-                return Error::RateLimited { retry_after_secs };
-            }
-            self.auth_failures.record_failure(&key, now);
+        if let Some(ip) = &ctx.ip
+            && let Err(retry_after_secs) = self.auth_failures.fail(&[&format!("bearer-ip:{ip}")], self.now())
+        {
+            return Error::RateLimited { retry_after_secs };
         }
         self.audit_failed_authentication(ctx, presented, "api.authenticate", reason).await;
         Error::Unauthenticated(reason.to_owned())
@@ -404,8 +397,8 @@ impl Portcullis {
     /// The admin API's bearer authentication: a valid access token for this platform
     /// (audience = issuer).
     pub async fn principal_from_bearer(&self, token: &str, ctx: &RequestContext) -> Result<Principal, Error> {
-        let claims = match self.validate_access_token(token).await {
-            Ok(c) => c,
+        let (claims, client) = match self.validate_access_token(token).await {
+            Ok(valid) => valid,
             Err(TokenError::Unavailable) => {
                 return Err(Error::Store(crate::error::StoreError::Unavailable("token validation".into())));
             }
@@ -418,11 +411,12 @@ impl Portcullis {
         }
         // A role taken away from the client stops counting at once (within the client cache's
         // lifetime), not when its tokens expire.
-        let held = match self.client(&claims.client_id).await? {
-            Some(c) => c.app.roles.clone(),
-            None => Vec::new(),
-        };
-        let roles = claims.roles.iter().filter(|r| held.iter().any(|h| h.as_str() == r.as_str())).cloned().collect();
+        let roles = claims
+            .roles
+            .iter()
+            .filter(|r| client.app.roles.iter().any(|h| h.as_str() == r.as_str()))
+            .cloned()
+            .collect();
         Ok(Principal {
             subject: claims.sub.clone(),
             client_id: claims.client_id.clone(),
