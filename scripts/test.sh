@@ -61,14 +61,14 @@ ensure_cmd() { # ensure_cmd COMMAND DEBIAN_PACKAGE
 
 ensure_python_deps() {
     ensure_cmd python3 python3
-    if python3 -c 'import authlib, jwt, requests' >/dev/null 2>&1; then
+    if python3 -c 'import authlib, jwt, requests, aiosmtpd' >/dev/null 2>&1; then
         info "python deps present"
         return
     fi
     if ! python3 -m pip --version >/dev/null 2>&1; then
         apt_install python3-pip
     fi
-    local pkgs=(authlib 'pyjwt[crypto]' requests)
+    local pkgs=(authlib 'pyjwt[crypto]' requests aiosmtpd)
     info "pip install ${pkgs[*]}"
     if ! python3 -m pip install --quiet "${pkgs[@]}" </dev/null; then
         # Debian's system python is "externally managed" (PEP 668).
@@ -76,7 +76,7 @@ ensure_python_deps() {
         python3 -m pip install --quiet --break-system-packages "${pkgs[@]}" </dev/null \
             || die "pip install ${pkgs[*]} failed"
     fi
-    python3 -c 'import authlib, jwt, requests' || die "python deps still not importable after install"
+    python3 -c 'import authlib, jwt, requests, aiosmtpd' || die "python deps still not importable after install"
 }
 
 ensure_cargo() {

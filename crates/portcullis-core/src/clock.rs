@@ -5,6 +5,14 @@ use std::sync::atomic::{AtomicI64, Ordering};
 /// Seconds since the Unix epoch. Every timestamp in Portcullis is one of these.
 pub type UnixTime = i64;
 
+/// `t` as RFC 3339 in UTC (`2026-11-24T10:00:00Z`); the number itself if out of range.
+pub fn rfc3339(t: UnixTime) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| t.to_string())
+}
+
 pub trait Clock: Send + Sync + 'static {
     fn now(&self) -> UnixTime;
 }

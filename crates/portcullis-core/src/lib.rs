@@ -7,6 +7,7 @@ pub mod clock;
 pub mod crypto;
 pub mod error;
 pub mod ids;
+pub mod mail;
 pub mod model;
 pub mod ratelimit;
 pub mod settings;

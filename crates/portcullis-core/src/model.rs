@@ -139,6 +139,10 @@ pub struct User {
     pub password_hash: Option<String>,
     pub roles: Vec<RoleName>,
     pub enabled: bool,
+    /// Consecutive failed logins since the last success (lockout counter).
+    pub failed_logins: u32,
+    /// Logins are refused until then, whatever the password.
+    pub locked_until: Option<UnixTime>,
     pub created_at: UnixTime,
     pub updated_at: UnixTime,
 }
@@ -151,6 +155,206 @@ impl std::fmt::Debug for User {
             .field("email", &self.email)
             .field("roles", &self.roles)
             .field("enabled", &self.enabled)
+            .field("locked_until", &self.locked_until)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One of a user's email addresses. The primary one is also `User::email`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UserEmail {
+    pub id: String,
+    pub user_id: String,
+    pub org_id: String,
+    pub email: Email,
+    pub verified_at: Option<UnixTime>,
+    pub created_at: UnixTime,
+}
+
+/// Lifecycle shared by login sessions and API keys: usable only once an emailed code is verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialState {
+    /// Created; waiting for its emailed code.
+    Pending,
+    Active,
+    Revoked,
+}
+
+impl CredentialState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Active => "active",
+            Self::Revoked => "revoked",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(Self::Pending),
+            "active" => Some(Self::Active),
+            "revoked" => Some(Self::Revoked),
+            _ => None,
+        }
+    }
+}
+
+/// A login session. The token itself is never stored: only its keyed hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub id: String,
+    pub user_id: String,
+    pub org_id: String,
+    pub token_hash: SecretHash,
+    pub state: CredentialState,
+    pub created_at: UnixTime,
+    pub verified_at: Option<UnixTime>,
+    /// Refreshed at most once a minute (idle timeout), so validation stays read-only.
+    pub last_used_at: UnixTime,
+    /// Absolute end, whatever the activity.
+    pub expires_at: UnixTime,
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub revoked_at: Option<UnixTime>,
+}
+
+/// An API key: a public identifier (`api-key` header) and a secret (`api-secret`), of which
+/// only the keyed hash is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    pub id: String,
+    pub org_id: String,
+    /// The user who created it; its roles are a subset of theirs, checked again on every use.
+    pub user_id: String,
+    pub name: String,
+    pub key: String,
+    pub secret_hash: SecretHash,
+    pub roles: Vec<RoleName>,
+    pub state: CredentialState,
+    pub expires_at: Option<UnixTime>,
+    pub last_used_at: Option<UnixTime>,
+    pub created_at: UnixTime,
+    pub revoked_at: Option<UnixTime>,
+}
+
+/// What an emailed code confirms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerificationPurpose {
+    Session,
+    ApiKey,
+    Email,
+    PasswordReset,
+}
+
+impl VerificationPurpose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Session => "session",
+            Self::ApiKey => "api_key",
+            Self::Email => "email",
+            Self::PasswordReset => "password_reset",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "session" => Some(Self::Session),
+            "api_key" => Some(Self::ApiKey),
+            "email" => Some(Self::Email),
+            "password_reset" => Some(Self::PasswordReset),
+            _ => None,
+        }
+    }
+}
+
+/// An emailed one-time code: only its keyed hash (bound to this verification's id) is kept.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Verification {
+    pub id: String,
+    pub purpose: VerificationPurpose,
+    pub org_id: String,
+    pub user_id: String,
+    /// The session, API key or email-address row it confirms (the user id for a reset).
+    pub subject_id: String,
+    pub code_hash: SecretHash,
+    /// Tries so far, counted before each comparison.
+    pub attempts: u32,
+    pub expires_at: UnixTime,
+    pub consumed_at: Option<UnixTime>,
+    pub created_at: UnixTime,
+    /// A pending session's token, sealed (AEAD) until the code is verified, then erased, so
+    /// the verify answer can return the very token the client already holds.
+    pub sealed_token: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Verification {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verification")
+            .field("id", &self.id)
+            .field("purpose", &self.purpose)
+            .field("subject_id", &self.subject_id)
+            .field("attempts", &self.attempts)
+            .field("expires_at", &self.expires_at)
+            .field("consumed_at", &self.consumed_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What consuming a verification changes, in the same transaction.
+#[derive(Clone, PartialEq, Eq)]
+pub enum VerificationEffect {
+    /// The pending session becomes active; the user's primary email counts as verified.
+    ActivateSession {
+        session_id: String,
+    },
+    ActivateApiKey {
+        key_id: String,
+    },
+    VerifyEmail {
+        email_id: String,
+    },
+    /// New password hash; every session of the user ends; the lockout is lifted.
+    ResetPassword {
+        user_id: String,
+        password_hash: String,
+    },
+}
+
+impl std::fmt::Debug for VerificationEffect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ActivateSession { session_id } => write!(f, "ActivateSession({session_id})"),
+            Self::ActivateApiKey { key_id } => write!(f, "ActivateApiKey({key_id})"),
+            Self::VerifyEmail { email_id } => write!(f, "VerifyEmail({email_id})"),
+            Self::ResetPassword { user_id, .. } => write!(f, "ResetPassword({user_id})"),
+        }
+    }
+}
+
+/// An email waiting for delivery. The body (which may hold a code) is sealed at rest and
+/// erased once sent; failed deliveries are retried with backoff, never dropped.
+#[derive(Clone, PartialEq, Eq)]
+pub struct QueuedMail {
+    pub id: String,
+    pub to: String,
+    pub subject: String,
+    /// Sealed JSON `{text, html}`; empty once sent.
+    pub sealed_body: Vec<u8>,
+    pub attempts: u32,
+    pub next_attempt_at: UnixTime,
+    pub last_error: Option<String>,
+    pub created_at: UnixTime,
+    pub sent_at: Option<UnixTime>,
+}
+
+impl std::fmt::Debug for QueuedMail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueuedMail")
+            .field("id", &self.id)
+            .field("to", &self.to)
+            .field("subject", &self.subject)
+            .field("attempts", &self.attempts)
+            .field("sent_at", &self.sent_at)
             .finish_non_exhaustive()
     }
 }

@@ -25,6 +25,52 @@ pub struct CoreSettings {
     pub bootstrap_admin_email: String,
     /// Failed client authentications allowed per client id and per IP address each minute.
     pub auth_failures_per_minute: u32,
+    pub auth: AuthSettings,
+}
+
+/// Login sessions, emailed codes, lockout and the password-hashing limit. Also the `[auth]`
+/// section of the configuration file, as is (the binary checks the ranges).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// A session unused this long ends (seconds).
+    pub session_idle_timeout: i64,
+    /// A session ends this long after it was created, whatever the activity (seconds).
+    pub session_lifetime: i64,
+    /// How long an emailed code stays valid (seconds).
+    pub code_lifetime: i64,
+    /// Wrong codes accepted per verification before it is dead.
+    pub code_max_attempts: u32,
+    /// Login / verification / reset attempts per account (email) and per client IP, per minute.
+    pub attempts_per_account_per_minute: u32,
+    pub attempts_per_ip_per_minute: u32,
+    /// Consecutive failed logins that lock an account, and for how long (seconds).
+    pub lockout_threshold: u32,
+    pub lockout_duration: i64,
+    /// Argon2id hashes computed at once (default: the number of cores) …
+    pub password_hash_concurrency: usize,
+    /// … and how long a request waits for a turn before 429 (milliseconds).
+    pub password_queue_wait_ms: u64,
+    /// Longest API-key lifetime a user may ask for (seconds); keys may also never expire.
+    pub api_key_max_lifetime: i64,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            session_idle_timeout: 1800,
+            session_lifetime: 12 * 3600,
+            code_lifetime: 600,
+            code_max_attempts: 5,
+            attempts_per_account_per_minute: 10,
+            attempts_per_ip_per_minute: 60,
+            lockout_threshold: 10,
+            lockout_duration: 900,
+            password_hash_concurrency: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            password_queue_wait_ms: 2000,
+            api_key_max_lifetime: 400 * 86_400,
+        }
+    }
 }
 
 impl CoreSettings {
@@ -40,6 +86,7 @@ impl CoreSettings {
             cache_ttl: 30,
             bootstrap_admin_email: "admin@portcullis.local".into(),
             auth_failures_per_minute: 30,
+            auth: AuthSettings::default(),
         }
     }
     /// How long a retired key stays published after it stopped signing here: every token it

@@ -4,6 +4,7 @@
 use async_trait::async_trait;
 
 use crate::clock::UnixTime;
+use crate::crypto::secrets::SecretHash;
 use crate::crypto::signing::Algorithm;
 use crate::error::StoreError;
 use crate::ids::{PermissionName, RoleName};
@@ -67,10 +68,132 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
     async fn delete_application(&self, client_id: &str, audit: &AuditEvent) -> StoreResult<bool>;
 
+    /// Inserts the user and its primary address (a [`UserEmail`] whose id is the user's id,
+    /// unverified).
     async fn create_user(&self, user: &User, audit: &AuditEvent) -> StoreResult<()>;
     async fn user(&self, org_id: &str, id: &str) -> StoreResult<Option<User>>;
     async fn user_by_email(&self, org_id: &str, email: &str) -> StoreResult<Option<User>>;
     async fn users(&self, org_id: &str, page: Page) -> StoreResult<Vec<User>>;
+    /// Users whose email or name contains `query` (case-insensitive), ordered by email.
+    async fn search_users(&self, org_id: &str, query: &str, page: Page) -> StoreResult<Vec<User>>;
+    /// Every user, in any organisation, whose primary email is `email` (at most `max`).
+    async fn users_with_email(&self, email: &str, max: u32) -> StoreResult<Vec<User>>;
+    /// Replaces the row if its `updated_at` still equals `expected_updated_at` (`Conflict`
+    /// otherwise). With `end_sessions`, every session of the user is revoked in the same
+    /// transaction. The user's `email` must be one of its addresses.
+    async fn update_user(
+        &self,
+        user: &User,
+        expected_updated_at: UnixTime,
+        end_sessions: bool,
+        audit: &AuditEvent,
+    ) -> StoreResult<()>;
+    /// Sets the lockout counter (without touching `updated_at`) and records the login attempt
+    /// in `audit`, in one transaction.
+    async fn set_login_failures(
+        &self,
+        user_id: &str,
+        failed_logins: u32,
+        locked_until: Option<UnixTime>,
+        audit: &AuditEvent,
+    ) -> StoreResult<()>;
+    /// Deletes the user with its addresses, sessions, API keys and pending verifications.
+    async fn delete_user(&self, org_id: &str, id: &str, audit: &AuditEvent) -> StoreResult<bool>;
+
+    async fn user_emails(&self, user_id: &str) -> StoreResult<Vec<UserEmail>>;
+    /// Inserts an address with its verification and the mail carrying the code.
+    /// `Conflict` if the organisation already has that address.
+    async fn add_user_email(
+        &self,
+        email: &UserEmail,
+        verification: &Verification,
+        mail: &QueuedMail,
+        audit: &AuditEvent,
+    ) -> StoreResult<()>;
+    /// Makes a verified address the user's primary one.
+    async fn set_primary_email(
+        &self,
+        user_id: &str,
+        email_id: &str,
+        now: UnixTime,
+        audit: &AuditEvent,
+    ) -> StoreResult<bool>;
+    /// Removes an address that is not the primary one.
+    async fn remove_user_email(&self, user_id: &str, email_id: &str, audit: &AuditEvent) -> StoreResult<bool>;
+
+    async fn create_session(
+        &self,
+        session: &Session,
+        verification: &Verification,
+        mail: &QueuedMail,
+        audit: &AuditEvent,
+    ) -> StoreResult<()>;
+    async fn session(&self, id: &str) -> StoreResult<Option<Session>>;
+    async fn session_by_token(&self, token_hash: &SecretHash) -> StoreResult<Option<Session>>;
+    /// Newest first, revoked ones included.
+    async fn user_sessions(&self, user_id: &str, page: Page) -> StoreResult<Vec<Session>>;
+    async fn touch_session(&self, id: &str, now: UnixTime) -> StoreResult<()>;
+    /// Replaces the token hash if the session is active and still has `old`: `false` when
+    /// another refresh (or a revocation) got there first.
+    async fn rotate_session_token(
+        &self,
+        id: &str,
+        old: &SecretHash,
+        new: &SecretHash,
+        now: UnixTime,
+        audit: &AuditEvent,
+    ) -> StoreResult<bool>;
+    /// `false` if it was not pending or active.
+    async fn revoke_session(&self, id: &str, now: UnixTime, audit: &AuditEvent) -> StoreResult<bool>;
+    async fn revoke_user_sessions(&self, user_id: &str, now: UnixTime, audit: &AuditEvent) -> StoreResult<u64>;
+    /// Deletes sessions that ended (expired or revoked) before `before`.
+    async fn purge_sessions(&self, before: UnixTime) -> StoreResult<u64>;
+
+    async fn create_api_key(
+        &self,
+        key: &ApiKey,
+        verification: &Verification,
+        mail: &QueuedMail,
+        audit: &AuditEvent,
+    ) -> StoreResult<()>;
+    async fn api_key(&self, org_id: &str, id: &str) -> StoreResult<Option<ApiKey>>;
+    async fn api_key_by_key(&self, key: &str) -> StoreResult<Option<ApiKey>>;
+    /// Newest first; all of the organisation's, or one user's.
+    async fn api_keys(&self, org_id: &str, user_id: Option<&str>, page: Page) -> StoreResult<Vec<ApiKey>>;
+    async fn touch_api_key(&self, id: &str, now: UnixTime) -> StoreResult<()>;
+    async fn revoke_api_key(&self, id: &str, now: UnixTime, audit: &AuditEvent) -> StoreResult<bool>;
+
+    /// A verification (with its mail) not tied to a new row, e.g. a password reset.
+    async fn create_verification(
+        &self,
+        verification: &Verification,
+        mail: &QueuedMail,
+        audit: &AuditEvent,
+    ) -> StoreResult<()>;
+    async fn verification(&self, id: &str) -> StoreResult<Option<Verification>>;
+    /// Counts one more try on an unconsumed verification and returns the new count (`None`
+    /// if it does not exist or was consumed). Atomic, so parallel guesses are all counted.
+    async fn count_verification_attempt(&self, id: &str) -> StoreResult<Option<u32>>;
+    /// Marks the verification consumed — only if it was not — and applies `effect`, in one
+    /// transaction. `false` (nothing changed) when it was already consumed. Erases any
+    /// sealed token.
+    async fn consume_verification(
+        &self,
+        id: &str,
+        now: UnixTime,
+        effect: &VerificationEffect,
+        audit: &AuditEvent,
+    ) -> StoreResult<bool>;
+    async fn purge_verifications(&self, before: UnixTime) -> StoreResult<u64>;
+
+    async fn enqueue_mail(&self, mail: &QueuedMail) -> StoreResult<()>;
+    /// Unsent mail whose next attempt is due, oldest first.
+    async fn due_mail(&self, now: UnixTime, max: u32) -> StoreResult<Vec<QueuedMail>>;
+    /// Marks it sent and erases its body.
+    async fn mail_sent(&self, id: &str, now: UnixTime) -> StoreResult<()>;
+    async fn mail_failed(&self, id: &str, attempts: u32, next_attempt_at: UnixTime, error: &str) -> StoreResult<()>;
+    /// Unsent mail (what is still to be delivered).
+    async fn pending_mail_count(&self) -> StoreResult<u64>;
 
     async fn signing_keys(&self) -> StoreResult<Vec<StoredSigningKey>>;
     /// Inserts keys; `Conflict` if one for the same algorithm and state (next/current) exists.

@@ -61,6 +61,30 @@ fn hash_from(b: Option<Vec<u8>>) -> StoreResult<Option<SecretHash>> {
     b.map(|b| SecretHash::from_slice(&b).ok_or_else(|| corrupt("secret hash"))).transpose()
 }
 
+/// A `u32` counter stored as INTEGER (read as `i32`: PostgreSQL's INTEGER is 4 bytes).
+fn counter(v: i32, what: &str) -> StoreResult<u32> {
+    u32::try_from(v).map_err(|_| corrupt(what))
+}
+
+fn required_hash(b: Vec<u8>) -> StoreResult<SecretHash> {
+    SecretHash::from_slice(&b).ok_or_else(|| corrupt("secret hash"))
+}
+
+/// A `LIKE … ESCAPE '\'` pattern matching `query` as a lower-cased substring: `%`, `_` and
+/// `\` in the query match themselves.
+fn contains_pattern(query: &str) -> String {
+    let mut p = String::with_capacity(query.len() + 2);
+    p.push('%');
+    for c in query.to_lowercase().chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            p.push('\\');
+        }
+        p.push(c);
+    }
+    p.push('%');
+    p
+}
+
 fn limit(p: Page) -> (i64, i64) {
     (i64::from(p.limit), i64::try_from(p.offset).unwrap_or(i64::MAX))
 }
@@ -126,8 +150,85 @@ macro_rules! sql_store {
                     password_hash: r.try_get("password_hash").map_err(db_err)?,
                     roles: json_list(r.try_get("roles").map_err(db_err)?, RoleName::parse, "roles")?,
                     enabled: r.try_get("enabled").map_err(db_err)?,
+                    failed_logins: counter(r.try_get("failed_logins").map_err(db_err)?, "failed login count")?,
+                    locked_until: r.try_get("locked_until").map_err(db_err)?,
                     created_at: r.try_get("created_at").map_err(db_err)?,
                     updated_at: r.try_get("updated_at").map_err(db_err)?,
+                })
+            }
+
+            fn user_email_row(r: &$row) -> StoreResult<UserEmail> {
+                Ok(UserEmail {
+                    id: r.try_get("id").map_err(db_err)?,
+                    user_id: r.try_get("user_id").map_err(db_err)?,
+                    org_id: r.try_get("org_id").map_err(db_err)?,
+                    email: Email::parse(r.try_get("email").map_err(db_err)?).map_err(|_| corrupt("email"))?,
+                    verified_at: r.try_get("verified_at").map_err(db_err)?,
+                    created_at: r.try_get("created_at").map_err(db_err)?,
+                })
+            }
+
+            fn session_row(r: &$row) -> StoreResult<Session> {
+                Ok(Session {
+                    id: r.try_get("id").map_err(db_err)?,
+                    user_id: r.try_get("user_id").map_err(db_err)?,
+                    org_id: r.try_get("org_id").map_err(db_err)?,
+                    token_hash: required_hash(r.try_get("token_hash").map_err(db_err)?)?,
+                    state: CredentialState::parse(r.try_get("state").map_err(db_err)?).ok_or_else(|| corrupt("session state"))?,
+                    created_at: r.try_get("created_at").map_err(db_err)?,
+                    verified_at: r.try_get("verified_at").map_err(db_err)?,
+                    last_used_at: r.try_get("last_used_at").map_err(db_err)?,
+                    expires_at: r.try_get("expires_at").map_err(db_err)?,
+                    ip: r.try_get("ip").map_err(db_err)?,
+                    user_agent: r.try_get("user_agent").map_err(db_err)?,
+                    revoked_at: r.try_get("revoked_at").map_err(db_err)?,
+                })
+            }
+
+            fn api_key_row(r: &$row) -> StoreResult<ApiKey> {
+                Ok(ApiKey {
+                    id: r.try_get("id").map_err(db_err)?,
+                    org_id: r.try_get("org_id").map_err(db_err)?,
+                    user_id: r.try_get("user_id").map_err(db_err)?,
+                    name: r.try_get("name").map_err(db_err)?,
+                    key: r.try_get("api_key").map_err(db_err)?,
+                    secret_hash: required_hash(r.try_get("secret_hash").map_err(db_err)?)?,
+                    roles: json_list(r.try_get("roles").map_err(db_err)?, RoleName::parse, "roles")?,
+                    state: CredentialState::parse(r.try_get("state").map_err(db_err)?).ok_or_else(|| corrupt("API key state"))?,
+                    expires_at: r.try_get("expires_at").map_err(db_err)?,
+                    last_used_at: r.try_get("last_used_at").map_err(db_err)?,
+                    created_at: r.try_get("created_at").map_err(db_err)?,
+                    revoked_at: r.try_get("revoked_at").map_err(db_err)?,
+                })
+            }
+
+            fn verification_row(r: &$row) -> StoreResult<Verification> {
+                Ok(Verification {
+                    id: r.try_get("id").map_err(db_err)?,
+                    purpose: VerificationPurpose::parse(r.try_get("purpose").map_err(db_err)?).ok_or_else(|| corrupt("verification purpose"))?,
+                    org_id: r.try_get("org_id").map_err(db_err)?,
+                    user_id: r.try_get("user_id").map_err(db_err)?,
+                    subject_id: r.try_get("subject_id").map_err(db_err)?,
+                    code_hash: required_hash(r.try_get("code_hash").map_err(db_err)?)?,
+                    attempts: counter(r.try_get("attempts").map_err(db_err)?, "verification attempts")?,
+                    expires_at: r.try_get("expires_at").map_err(db_err)?,
+                    consumed_at: r.try_get("consumed_at").map_err(db_err)?,
+                    created_at: r.try_get("created_at").map_err(db_err)?,
+                    sealed_token: r.try_get("sealed_token").map_err(db_err)?,
+                })
+            }
+
+            fn mail_row(r: &$row) -> StoreResult<QueuedMail> {
+                Ok(QueuedMail {
+                    id: r.try_get("id").map_err(db_err)?,
+                    to: r.try_get("to_addr").map_err(db_err)?,
+                    subject: r.try_get("subject").map_err(db_err)?,
+                    sealed_body: r.try_get("sealed_body").map_err(db_err)?,
+                    attempts: counter(r.try_get("attempts").map_err(db_err)?, "mail attempts")?,
+                    next_attempt_at: r.try_get("next_attempt_at").map_err(db_err)?,
+                    last_error: r.try_get("last_error").map_err(db_err)?,
+                    created_at: r.try_get("created_at").map_err(db_err)?,
+                    sent_at: r.try_get("sent_at").map_err(db_err)?,
                 })
             }
 
@@ -427,7 +528,7 @@ macro_rules! sql_store {
 
             async fn create_user(&self, u: &User, audit: &AuditEvent) -> StoreResult<()> {
                 let mut tx = self.pool.begin().await.map_err(db_err)?;
-                sqlx::query("INSERT INTO users (id, org_id, email, name, password_hash, roles, enabled, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+                sqlx::query("INSERT INTO users (id, org_id, email, name, password_hash, roles, enabled, failed_logins, locked_until, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")
                     .bind(&u.id)
                     .bind(&u.org_id)
                     .bind(u.email.as_str())
@@ -435,11 +536,22 @@ macro_rules! sql_store {
                     .bind(&u.password_hash)
                     .bind(to_json(&u.roles))
                     .bind(u.enabled)
+                    .bind(i64::from(u.failed_logins))
+                    .bind(u.locked_until)
                     .bind(u.created_at)
                     .bind(u.updated_at)
                     .execute(&mut *tx)
                     .await
                     .map_err(db_err)?;
+                let primary = UserEmail {
+                    id: u.id.clone(),
+                    user_id: u.id.clone(),
+                    org_id: u.org_id.clone(),
+                    email: u.email.clone(),
+                    verified_at: None,
+                    created_at: u.created_at,
+                };
+                Self::insert_user_email(&mut *tx, &primary).await?;
                 Self::insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
             }
@@ -458,6 +570,449 @@ macro_rules! sql_store {
                 let (l, o) = limit(page);
                 let rows = sqlx::query("SELECT * FROM users WHERE org_id = $1 ORDER BY email LIMIT $2 OFFSET $3").bind(org_id).bind(l).bind(o).fetch_all(&self.pool).await.map_err(db_err)?;
                 rows.iter().map(Self::user_row).collect()
+            }
+
+            async fn search_users(&self, org_id: &str, query: &str, page: Page) -> StoreResult<Vec<User>> {
+                let (l, o) = limit(page);
+                let rows = sqlx::query("SELECT * FROM users WHERE org_id = $1 AND (LOWER(email) LIKE $2 ESCAPE '\\' OR LOWER(name) LIKE $2 ESCAPE '\\') ORDER BY email LIMIT $3 OFFSET $4")
+                    .bind(org_id)
+                    .bind(contains_pattern(query))
+                    .bind(l)
+                    .bind(o)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_err)?;
+                rows.iter().map(Self::user_row).collect()
+            }
+
+            async fn users_with_email(&self, email: &str, max: u32) -> StoreResult<Vec<User>> {
+                let rows = sqlx::query("SELECT * FROM users WHERE email = $1 ORDER BY created_at, id LIMIT $2")
+                    .bind(email)
+                    .bind(i64::from(max))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_err)?;
+                rows.iter().map(Self::user_row).collect()
+            }
+
+            async fn update_user(&self, u: &User, expected_updated_at: UnixTime, end_sessions: bool, audit: &AuditEvent) -> StoreResult<()> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                let n = sqlx::query("UPDATE users SET email = $1, name = $2, password_hash = $3, roles = $4, enabled = $5, failed_logins = $6, locked_until = $7, updated_at = $8 WHERE id = $9 AND org_id = $10 AND updated_at = $11")
+                    .bind(u.email.as_str())
+                    .bind(&u.name)
+                    .bind(&u.password_hash)
+                    .bind(to_json(&u.roles))
+                    .bind(u.enabled)
+                    .bind(i64::from(u.failed_logins))
+                    .bind(u.locked_until)
+                    .bind(u.updated_at)
+                    .bind(&u.id)
+                    .bind(&u.org_id)
+                    .bind(expected_updated_at)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?
+                    .rows_affected();
+                if n != 1 {
+                    return Err(StoreError::Conflict("user was changed concurrently".into()));
+                }
+                // The primary address is always one of the user's addresses.
+                let owned = sqlx::query("SELECT 1 FROM user_emails WHERE user_id = $1 AND email = $2")
+                    .bind(&u.id)
+                    .bind(u.email.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                if owned.is_none() {
+                    return Err(StoreError::Conflict("the user's email is not one of its addresses".into()));
+                }
+                if end_sessions {
+                    Self::revoke_sessions_of(&mut *tx, &u.id, u.updated_at).await?;
+                }
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)
+            }
+
+            async fn set_login_failures(&self, user_id: &str, failed_logins: u32, locked_until: Option<UnixTime>, audit: &AuditEvent) -> StoreResult<()> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                sqlx::query("UPDATE users SET failed_logins = $1, locked_until = $2 WHERE id = $3")
+                    .bind(i64::from(failed_logins))
+                    .bind(locked_until)
+                    .bind(user_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)
+            }
+
+            async fn delete_user(&self, org_id: &str, id: &str, audit: &AuditEvent) -> StoreResult<bool> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                for sql in [
+                    "DELETE FROM verifications WHERE user_id = $1 AND org_id = $2",
+                    "DELETE FROM sessions WHERE user_id = $1 AND org_id = $2",
+                    "DELETE FROM api_keys WHERE user_id = $1 AND org_id = $2",
+                    "DELETE FROM user_emails WHERE user_id = $1 AND org_id = $2",
+                ] {
+                    sqlx::query(sql).bind(id).bind(org_id).execute(&mut *tx).await.map_err(db_err)?;
+                }
+                let n = sqlx::query("DELETE FROM users WHERE id = $1 AND org_id = $2").bind(id).bind(org_id).execute(&mut *tx).await.map_err(db_err)?.rows_affected();
+                if n == 0 {
+                    return Ok(false);
+                }
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(true)
+            }
+
+            async fn user_emails(&self, user_id: &str) -> StoreResult<Vec<UserEmail>> {
+                let rows = sqlx::query("SELECT * FROM user_emails WHERE user_id = $1 ORDER BY created_at, id").bind(user_id).fetch_all(&self.pool).await.map_err(db_err)?;
+                rows.iter().map(Self::user_email_row).collect()
+            }
+
+            async fn add_user_email(&self, e: &UserEmail, v: &Verification, mail: &QueuedMail, audit: &AuditEvent) -> StoreResult<()> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                Self::insert_user_email(&mut *tx, e).await?;
+                Self::insert_verification(&mut *tx, v).await?;
+                Self::insert_mail(&mut *tx, mail).await?;
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)
+            }
+
+            async fn set_primary_email(&self, user_id: &str, email_id: &str, now: UnixTime, audit: &AuditEvent) -> StoreResult<bool> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                let n = sqlx::query(
+                    "UPDATE users SET email = (SELECT e.email FROM user_emails e WHERE e.id = $1 AND e.user_id = $2 AND e.verified_at IS NOT NULL), updated_at = $3 \
+                     WHERE id = $2 AND EXISTS (SELECT 1 FROM user_emails e WHERE e.id = $1 AND e.user_id = $2 AND e.verified_at IS NOT NULL)",
+                )
+                .bind(email_id)
+                .bind(user_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?
+                .rows_affected();
+                if n == 0 {
+                    return Ok(false);
+                }
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(true)
+            }
+
+            async fn remove_user_email(&self, user_id: &str, email_id: &str, audit: &AuditEvent) -> StoreResult<bool> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                let n = sqlx::query("DELETE FROM user_emails WHERE id = $1 AND user_id = $2 AND email <> (SELECT u.email FROM users u WHERE u.id = $2)")
+                    .bind(email_id)
+                    .bind(user_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?
+                    .rows_affected();
+                if n == 0 {
+                    return Ok(false);
+                }
+                // A code still on its way for the removed address must not verify anything.
+                sqlx::query("DELETE FROM verifications WHERE purpose = 'email' AND subject_id = $1 AND user_id = $2")
+                    .bind(email_id)
+                    .bind(user_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(true)
+            }
+
+            async fn create_session(&self, session: &Session, v: &Verification, mail: &QueuedMail, audit: &AuditEvent) -> StoreResult<()> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                sqlx::query("INSERT INTO sessions (id, user_id, org_id, token_hash, state, created_at, verified_at, last_used_at, expires_at, ip, user_agent, revoked_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)")
+                    .bind(&session.id)
+                    .bind(&session.user_id)
+                    .bind(&session.org_id)
+                    .bind(session.token_hash.0.to_vec())
+                    .bind(session.state.as_str())
+                    .bind(session.created_at)
+                    .bind(session.verified_at)
+                    .bind(session.last_used_at)
+                    .bind(session.expires_at)
+                    .bind(&session.ip)
+                    .bind(&session.user_agent)
+                    .bind(session.revoked_at)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                Self::insert_verification(&mut *tx, v).await?;
+                Self::insert_mail(&mut *tx, mail).await?;
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)
+            }
+
+            async fn session(&self, id: &str) -> StoreResult<Option<Session>> {
+                let r = sqlx::query("SELECT * FROM sessions WHERE id = $1").bind(id).fetch_optional(&self.pool).await.map_err(db_err)?;
+                r.as_ref().map(Self::session_row).transpose()
+            }
+
+            async fn session_by_token(&self, token_hash: &SecretHash) -> StoreResult<Option<Session>> {
+                let r = sqlx::query("SELECT * FROM sessions WHERE token_hash = $1").bind(token_hash.0.to_vec()).fetch_optional(&self.pool).await.map_err(db_err)?;
+                r.as_ref().map(Self::session_row).transpose()
+            }
+
+            async fn user_sessions(&self, user_id: &str, page: Page) -> StoreResult<Vec<Session>> {
+                let (l, o) = limit(page);
+                let rows = sqlx::query("SELECT * FROM sessions WHERE user_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3").bind(user_id).bind(l).bind(o).fetch_all(&self.pool).await.map_err(db_err)?;
+                rows.iter().map(Self::session_row).collect()
+            }
+
+            async fn touch_session(&self, id: &str, now: UnixTime) -> StoreResult<()> {
+                sqlx::query("UPDATE sessions SET last_used_at = $1 WHERE id = $2").bind(now).bind(id).execute(&self.pool).await.map_err(db_err)?;
+                Ok(())
+            }
+
+            async fn rotate_session_token(&self, id: &str, old: &SecretHash, new: &SecretHash, now: UnixTime, audit: &AuditEvent) -> StoreResult<bool> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                let n = sqlx::query("UPDATE sessions SET token_hash = $1, last_used_at = $2 WHERE id = $3 AND token_hash = $4 AND state = 'active'")
+                    .bind(new.0.to_vec())
+                    .bind(now)
+                    .bind(id)
+                    .bind(old.0.to_vec())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?
+                    .rows_affected();
+                if n == 0 {
+                    return Ok(false);
+                }
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(true)
+            }
+
+            async fn revoke_session(&self, id: &str, now: UnixTime, audit: &AuditEvent) -> StoreResult<bool> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                let n = sqlx::query("UPDATE sessions SET state = 'revoked', revoked_at = $1 WHERE id = $2 AND state IN ('pending', 'active')")
+                    .bind(now)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?
+                    .rows_affected();
+                if n == 0 {
+                    return Ok(false);
+                }
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(true)
+            }
+
+            async fn revoke_user_sessions(&self, user_id: &str, now: UnixTime, audit: &AuditEvent) -> StoreResult<u64> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                let n = Self::revoke_sessions_of(&mut *tx, user_id, now).await?;
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(n)
+            }
+
+            async fn purge_sessions(&self, before: UnixTime) -> StoreResult<u64> {
+                let r = sqlx::query("DELETE FROM sessions WHERE expires_at < $1 OR (state = 'revoked' AND revoked_at < $1)").bind(before).execute(&self.pool).await.map_err(db_err)?;
+                Ok(r.rows_affected())
+            }
+
+            async fn create_api_key(&self, k: &ApiKey, v: &Verification, mail: &QueuedMail, audit: &AuditEvent) -> StoreResult<()> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                sqlx::query("INSERT INTO api_keys (id, org_id, user_id, name, api_key, secret_hash, roles, state, expires_at, last_used_at, created_at, revoked_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)")
+                    .bind(&k.id)
+                    .bind(&k.org_id)
+                    .bind(&k.user_id)
+                    .bind(&k.name)
+                    .bind(&k.key)
+                    .bind(k.secret_hash.0.to_vec())
+                    .bind(to_json(&k.roles))
+                    .bind(k.state.as_str())
+                    .bind(k.expires_at)
+                    .bind(k.last_used_at)
+                    .bind(k.created_at)
+                    .bind(k.revoked_at)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                Self::insert_verification(&mut *tx, v).await?;
+                Self::insert_mail(&mut *tx, mail).await?;
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)
+            }
+
+            async fn api_key(&self, org_id: &str, id: &str) -> StoreResult<Option<ApiKey>> {
+                let r = sqlx::query("SELECT * FROM api_keys WHERE org_id = $1 AND id = $2").bind(org_id).bind(id).fetch_optional(&self.pool).await.map_err(db_err)?;
+                r.as_ref().map(Self::api_key_row).transpose()
+            }
+
+            async fn api_key_by_key(&self, key: &str) -> StoreResult<Option<ApiKey>> {
+                let r = sqlx::query("SELECT * FROM api_keys WHERE api_key = $1").bind(key).fetch_optional(&self.pool).await.map_err(db_err)?;
+                r.as_ref().map(Self::api_key_row).transpose()
+            }
+
+            async fn api_keys(&self, org_id: &str, user_id: Option<&str>, page: Page) -> StoreResult<Vec<ApiKey>> {
+                let (l, o) = limit(page);
+                let rows = match user_id {
+                    Some(user) => sqlx::query("SELECT * FROM api_keys WHERE org_id = $1 AND user_id = $2 ORDER BY created_at DESC, id DESC LIMIT $3 OFFSET $4").bind(org_id).bind(user).bind(l).bind(o).fetch_all(&self.pool).await,
+                    None => sqlx::query("SELECT * FROM api_keys WHERE org_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3").bind(org_id).bind(l).bind(o).fetch_all(&self.pool).await,
+                }
+                .map_err(db_err)?;
+                rows.iter().map(Self::api_key_row).collect()
+            }
+
+            async fn touch_api_key(&self, id: &str, now: UnixTime) -> StoreResult<()> {
+                sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2").bind(now).bind(id).execute(&self.pool).await.map_err(db_err)?;
+                Ok(())
+            }
+
+            async fn revoke_api_key(&self, id: &str, now: UnixTime, audit: &AuditEvent) -> StoreResult<bool> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                let n = sqlx::query("UPDATE api_keys SET state = 'revoked', revoked_at = $1 WHERE id = $2 AND state IN ('pending', 'active')")
+                    .bind(now)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?
+                    .rows_affected();
+                if n == 0 {
+                    return Ok(false);
+                }
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(true)
+            }
+
+            async fn create_verification(&self, v: &Verification, mail: &QueuedMail, audit: &AuditEvent) -> StoreResult<()> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                Self::insert_verification(&mut *tx, v).await?;
+                Self::insert_mail(&mut *tx, mail).await?;
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)
+            }
+
+            async fn verification(&self, id: &str) -> StoreResult<Option<Verification>> {
+                let r = sqlx::query("SELECT * FROM verifications WHERE id = $1").bind(id).fetch_optional(&self.pool).await.map_err(db_err)?;
+                r.as_ref().map(Self::verification_row).transpose()
+            }
+
+            async fn count_verification_attempt(&self, id: &str) -> StoreResult<Option<u32>> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                let n = sqlx::query("UPDATE verifications SET attempts = attempts + 1 WHERE id = $1 AND consumed_at IS NULL")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?
+                    .rows_affected();
+                if n == 0 {
+                    return Ok(None);
+                }
+                let r = sqlx::query("SELECT attempts FROM verifications WHERE id = $1").bind(id).fetch_one(&mut *tx).await.map_err(db_err)?;
+                let attempts = counter(r.try_get("attempts").map_err(db_err)?, "verification attempts")?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(Some(attempts))
+            }
+
+            async fn consume_verification(&self, id: &str, now: UnixTime, effect: &VerificationEffect, audit: &AuditEvent) -> StoreResult<bool> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                let n = sqlx::query("UPDATE verifications SET consumed_at = $1, sealed_token = NULL WHERE id = $2 AND consumed_at IS NULL")
+                    .bind(now)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?
+                    .rows_affected();
+                if n == 0 {
+                    return Ok(false);
+                }
+                match effect {
+                    VerificationEffect::ActivateSession { session_id } => {
+                        sqlx::query("UPDATE sessions SET state = 'active', verified_at = $1, last_used_at = $1 WHERE id = $2 AND state = 'pending'")
+                            .bind(now)
+                            .bind(session_id)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_err)?;
+                        // The code reached the user's primary address: it is verified now.
+                        sqlx::query(
+                            "UPDATE user_emails SET verified_at = COALESCE(verified_at, $1) \
+                             WHERE user_id = (SELECT s.user_id FROM sessions s WHERE s.id = $2) \
+                             AND email = (SELECT u.email FROM users u JOIN sessions s ON s.user_id = u.id WHERE s.id = $2)",
+                        )
+                        .bind(now)
+                        .bind(session_id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_err)?;
+                    }
+                    VerificationEffect::ActivateApiKey { key_id } => {
+                        sqlx::query("UPDATE api_keys SET state = 'active' WHERE id = $1 AND state = 'pending'").bind(key_id).execute(&mut *tx).await.map_err(db_err)?;
+                    }
+                    VerificationEffect::VerifyEmail { email_id } => {
+                        sqlx::query("UPDATE user_emails SET verified_at = $1 WHERE id = $2").bind(now).bind(email_id).execute(&mut *tx).await.map_err(db_err)?;
+                    }
+                    VerificationEffect::ResetPassword { user_id, password_hash } => {
+                        sqlx::query("UPDATE users SET password_hash = $1, failed_logins = 0, locked_until = NULL, updated_at = $2 WHERE id = $3")
+                            .bind(password_hash)
+                            .bind(now)
+                            .bind(user_id)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_err)?;
+                        Self::revoke_sessions_of(&mut *tx, user_id, now).await?;
+                    }
+                }
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(true)
+            }
+
+            async fn purge_verifications(&self, before: UnixTime) -> StoreResult<u64> {
+                let r = sqlx::query("DELETE FROM verifications WHERE expires_at < $1").bind(before).execute(&self.pool).await.map_err(db_err)?;
+                Ok(r.rows_affected())
+            }
+
+            async fn enqueue_mail(&self, mail: &QueuedMail) -> StoreResult<()> {
+                Self::insert_mail(&self.pool, mail).await
+            }
+
+            async fn due_mail(&self, now: UnixTime, max: u32) -> StoreResult<Vec<QueuedMail>> {
+                let rows = sqlx::query("SELECT * FROM mail_queue WHERE sent_at IS NULL AND next_attempt_at <= $1 ORDER BY created_at, id LIMIT $2")
+                    .bind(now)
+                    .bind(i64::from(max))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_err)?;
+                rows.iter().map(Self::mail_row).collect()
+            }
+
+            async fn mail_sent(&self, id: &str, now: UnixTime) -> StoreResult<()> {
+                sqlx::query("UPDATE mail_queue SET sent_at = $1, sealed_body = $2 WHERE id = $3")
+                    .bind(now)
+                    .bind(Vec::<u8>::new())
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db_err)?;
+                Ok(())
+            }
+
+            async fn mail_failed(&self, id: &str, attempts: u32, next_attempt_at: UnixTime, error: &str) -> StoreResult<()> {
+                sqlx::query("UPDATE mail_queue SET attempts = $1, next_attempt_at = $2, last_error = $3 WHERE id = $4 AND sent_at IS NULL")
+                    .bind(i64::from(attempts))
+                    .bind(next_attempt_at)
+                    .bind(error)
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db_err)?;
+                Ok(())
+            }
+
+            async fn pending_mail_count(&self) -> StoreResult<u64> {
+                let r = sqlx::query("SELECT COUNT(*) AS n FROM mail_queue WHERE sent_at IS NULL").fetch_one(&self.pool).await.map_err(db_err)?;
+                u64::try_from(r.try_get::<i64, _>("n").map_err(db_err)?).map_err(|_| corrupt("mail count"))
             }
 
             async fn signing_keys(&self) -> StoreResult<Vec<StoredSigningKey>> {
@@ -591,6 +1146,79 @@ macro_rules! sql_store {
                     .bind(a.previous_secret_hash.as_ref().map(|h| h.0.to_vec()))
                     .bind(a.previous_secret_expires_at)
                     .bind(a.updated_at))
+            }
+
+            async fn insert_user_email<'c, E>(ex: E, e: &UserEmail) -> StoreResult<()>
+            where
+                E: sqlx::Executor<'c, Database = <$pool as PoolDb>::Db>,
+            {
+                sqlx::query("INSERT INTO user_emails (id, user_id, org_id, email, verified_at, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
+                    .bind(&e.id)
+                    .bind(&e.user_id)
+                    .bind(&e.org_id)
+                    .bind(e.email.as_str())
+                    .bind(e.verified_at)
+                    .bind(e.created_at)
+                    .execute(ex)
+                    .await
+                    .map_err(db_err)?;
+                Ok(())
+            }
+
+            async fn insert_verification<'c, E>(ex: E, v: &Verification) -> StoreResult<()>
+            where
+                E: sqlx::Executor<'c, Database = <$pool as PoolDb>::Db>,
+            {
+                sqlx::query("INSERT INTO verifications (id, purpose, org_id, user_id, subject_id, code_hash, attempts, expires_at, consumed_at, created_at, sealed_token) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")
+                    .bind(&v.id)
+                    .bind(v.purpose.as_str())
+                    .bind(&v.org_id)
+                    .bind(&v.user_id)
+                    .bind(&v.subject_id)
+                    .bind(v.code_hash.0.to_vec())
+                    .bind(i64::from(v.attempts))
+                    .bind(v.expires_at)
+                    .bind(v.consumed_at)
+                    .bind(v.created_at)
+                    .bind(&v.sealed_token)
+                    .execute(ex)
+                    .await
+                    .map_err(db_err)?;
+                Ok(())
+            }
+
+            async fn insert_mail<'c, E>(ex: E, m: &QueuedMail) -> StoreResult<()>
+            where
+                E: sqlx::Executor<'c, Database = <$pool as PoolDb>::Db>,
+            {
+                sqlx::query("INSERT INTO mail_queue (id, to_addr, subject, sealed_body, attempts, next_attempt_at, last_error, created_at, sent_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+                    .bind(&m.id)
+                    .bind(&m.to)
+                    .bind(&m.subject)
+                    .bind(&m.sealed_body)
+                    .bind(i64::from(m.attempts))
+                    .bind(m.next_attempt_at)
+                    .bind(&m.last_error)
+                    .bind(m.created_at)
+                    .bind(m.sent_at)
+                    .execute(ex)
+                    .await
+                    .map_err(db_err)?;
+                Ok(())
+            }
+
+            /// Revokes the user's pending and active sessions; returns how many.
+            async fn revoke_sessions_of<'c, E>(ex: E, user_id: &str, now: UnixTime) -> StoreResult<u64>
+            where
+                E: sqlx::Executor<'c, Database = <$pool as PoolDb>::Db>,
+            {
+                let r = sqlx::query("UPDATE sessions SET state = 'revoked', revoked_at = $1 WHERE user_id = $2 AND state IN ('pending', 'active')")
+                    .bind(now)
+                    .bind(user_id)
+                    .execute(ex)
+                    .await
+                    .map_err(db_err)?;
+                Ok(r.rows_affected())
             }
 
             async fn insert_key<'c, E>(ex: E, k: &StoredSigningKey) -> StoreResult<()>

@@ -9,6 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use portcullis_core::model::*;
 use portcullis_core::store::{KeyRotation, Store, StoreResult};
 use portcullis_store::{PgStore, SqliteStore};
 use serde_json::json;
+use sqlx::sqlite::SqliteConnection;
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
 
 /// The fixed "now" of every case: nothing here reads the wall clock.
@@ -64,16 +66,39 @@ contract_tests!(
     concurrent_application_updates_one_wins,
     ca_certificates_and_revoked_tokens,
     audit_log_is_newest_first_filtered_and_paged,
+    users_update_optimistically_and_can_end_sessions,
+    user_search_escapes_wildcards_and_email_lookup_spans_organisations,
+    delete_user_removes_everything_tied_to_the_user,
+    user_emails_add_verify_make_primary_and_remove,
+    sessions_create_activate_rotate_and_revoke,
+    verifications_count_attempts_and_are_consumed_once,
+    verification_effects,
+    api_keys_list_lookup_and_revoke,
+    mail_queue_due_failed_sent_and_counted,
+    purges_remove_only_ended_rows,
+    auth_api_mutations_roll_back_with_their_audit_row,
 );
+
+/// Where the case's database is, for the few checks the `Store` trait cannot make (see
+/// [`raw_mail`]).
+#[derive(Debug, Clone)]
+enum RawDb {
+    Sqlite(PathBuf),
+    Pg(String),
+}
+
+tokio::task_local! {
+    static RAW_DB: RawDb;
+}
 
 /// Runs `case` on its own task so that a failing assertion comes back here as a `JoinError`:
 /// the caller can clean up and then resume the panic.
-async fn run_case<F, Fut>(case: F, store: Arc<dyn Store>) -> Result<(), tokio::task::JoinError>
+async fn run_case<F, Fut>(case: F, store: Arc<dyn Store>, raw: RawDb) -> Result<(), tokio::task::JoinError>
 where
     F: FnOnce(Arc<dyn Store>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    tokio::spawn(case(store)).await
+    tokio::spawn(RAW_DB.scope(raw, case(store))).await
 }
 
 fn resume(outcome: Result<(), tokio::task::JoinError>) {
@@ -91,8 +116,9 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     let dir = tempfile::tempdir().expect("create temp dir");
-    let store = SqliteStore::open(&dir.path().join("p.db"), NOW).await.expect("open SQLite store");
-    let outcome = run_case(case, Arc::new(store.clone())).await;
+    let path = dir.path().join("p.db");
+    let store = SqliteStore::open(&path, NOW).await.expect("open SQLite store");
+    let outcome = run_case(case, Arc::new(store.clone()), RawDb::Sqlite(path)).await;
     store.close().await;
     drop(dir);
     resume(outcome);
@@ -162,8 +188,9 @@ where
     }
 
     let outcome: Result<Result<(), tokio::task::JoinError>, StoreError> = async {
-        let store = PgStore::connect(&with_database(&admin_url, &db), NOW).await?;
-        let outcome = run_case(case, Arc::new(store.clone())).await;
+        let url = with_database(&admin_url, &db);
+        let store = PgStore::connect(&url, NOW).await?;
+        let outcome = run_case(case, Arc::new(store.clone()), RawDb::Pg(url)).await;
         store.close().await;
         Ok(outcome)
     }
@@ -325,6 +352,8 @@ fn user(org_id: &str, email: &str) -> User {
         password_hash: Some("$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA".into()),
         roles: vec![role("payments:admin"), role("billing:viewer")],
         enabled: true,
+        failed_logins: 0,
+        locked_until: None,
         created_at: NOW,
         updated_at: NOW + 3,
     }
@@ -495,6 +524,7 @@ async fn every_mutation_rolls_back_with_its_audit_row(s: Arc<dyn Store>) {
     assert_conflict(s.create_user(&ann, &reuse("user.create")).await, "create_user");
     assert_eq!(s.user(&acme.id, &ann.id).await.unwrap(), None);
     assert_eq!(s.user_by_email(&acme.id, "ann@example.com").await.unwrap(), None);
+    assert!(s.user_emails(&ann.id).await.unwrap().is_empty(), "no primary address row left behind");
 
     // insert_signing_keys
     let cur = key("k-cur", Algorithm::ES256, KeyState::Current, NOW - 10);
@@ -806,6 +836,11 @@ async fn users_are_scoped_to_their_organisation(s: Arc<dyn Store>) {
     }
     assert_eq!(s.user(&acme.id, &ann.id).await.unwrap().as_ref(), Some(&ann));
     assert_eq!(s.user(&acme.id, &bob.id).await.unwrap().as_ref(), Some(&bob), "None/false/empty round-trip");
+    assert_eq!(
+        s.user_emails(&ann.id).await.unwrap(),
+        vec![primary_address(&ann)],
+        "create_user also records the primary address, unverified, under the user's id"
+    );
     assert_eq!(s.user(&other.id, &ann.id).await.unwrap(), None, "by id is scoped to the org");
     assert_eq!(s.user(&acme.id, &new_id()).await.unwrap(), None);
     assert_eq!(s.user_by_email(&acme.id, "ann@example.com").await.unwrap().as_ref(), Some(&ann));
@@ -1138,4 +1173,1226 @@ async fn audit_log_is_newest_first_filtered_and_paged(s: Arc<dyn Store>) {
     s.create_organisation(&org, &create).await.unwrap();
     let first = s.audit_events(None, page(2, 0)).await.unwrap();
     assert_eq!(first, vec![create, written.last().unwrap().clone()]);
+}
+
+// ------------------------------------------------------------------- Auth API: helpers --
+
+/// A mail row as the database holds it: `(sent_at, sealed_body)`. The trait never shows sent
+/// mail, so the erasure of its body is checked here, on a connection of the test's own.
+async fn raw_mail(id: &str) -> (Option<UnixTime>, Vec<u8>) {
+    let sql = "SELECT sent_at, sealed_body FROM mail_queue WHERE id = $1";
+    match RAW_DB.with(Clone::clone) {
+        RawDb::Sqlite(path) => {
+            let url = format!("sqlite://{}", path.display());
+            let mut c = SqliteConnection::connect(&url).await.unwrap();
+            let row: (Option<i64>, Vec<u8>) = sqlx::query_as(sql).bind(id).fetch_one(&mut c).await.unwrap();
+            c.close().await.unwrap();
+            row
+        }
+        RawDb::Pg(url) => {
+            let mut c = PgConnection::connect(&url).await.unwrap();
+            let row: (Option<i64>, Vec<u8>) = sqlx::query_as(sql).bind(id).fetch_one(&mut c).await.unwrap();
+            c.close().await.unwrap();
+            row
+        }
+    }
+}
+
+async fn seed_user(s: &dyn Store, org_id: &str, email: &str) -> User {
+    let u = user(org_id, email);
+    s.create_user(&u, &audit(Some(org_id), "user.create")).await.unwrap();
+    u
+}
+
+/// The address row `create_user` writes for the user's primary email.
+fn primary_address(u: &User) -> UserEmail {
+    UserEmail {
+        id: u.id.clone(),
+        user_id: u.id.clone(),
+        org_id: u.org_id.clone(),
+        email: u.email.clone(),
+        verified_at: None,
+        created_at: u.created_at,
+    }
+}
+
+fn address(u: &User, email: &str) -> UserEmail {
+    UserEmail {
+        id: new_id(),
+        user_id: u.id.clone(),
+        org_id: u.org_id.clone(),
+        email: Email::parse(email).unwrap(),
+        verified_at: None,
+        created_at: NOW + 1,
+    }
+}
+
+fn verification(u: &User, purpose: VerificationPurpose, subject_id: &str) -> Verification {
+    Verification {
+        id: new_id(),
+        purpose,
+        org_id: u.org_id.clone(),
+        user_id: u.id.clone(),
+        subject_id: subject_id.to_owned(),
+        code_hash: hash(0x40),
+        attempts: 0,
+        expires_at: NOW + 600,
+        consumed_at: None,
+        created_at: NOW,
+        sealed_token: None,
+    }
+}
+
+fn mail(to: &str) -> QueuedMail {
+    QueuedMail {
+        id: new_id(),
+        to: to.to_owned(),
+        subject: "Your code — «ü»".into(),
+        sealed_body: vec![0x00, 0x01, 0xfe, 0xff, 0x00],
+        attempts: 0,
+        next_attempt_at: NOW,
+        last_error: None,
+        created_at: NOW,
+        sent_at: None,
+    }
+}
+
+/// A pending session whose token hash is `hash(token)`.
+fn session(u: &User, token: u8) -> Session {
+    Session {
+        id: new_id(),
+        user_id: u.id.clone(),
+        org_id: u.org_id.clone(),
+        token_hash: hash(token),
+        state: CredentialState::Pending,
+        created_at: NOW,
+        verified_at: None,
+        last_used_at: NOW,
+        expires_at: NOW + 86_400,
+        ip: Some("2001:db8::7".into()),
+        user_agent: Some("curl/8 «ü»".into()),
+        revoked_at: None,
+    }
+}
+
+/// Creates `sess` with its verification (holding the sealed token) and mail.
+async fn add_session(s: &dyn Store, u: &User, sess: &Session) -> Verification {
+    let v = Verification {
+        sealed_token: Some(vec![0x00, 0x09, 0xff]),
+        ..verification(u, VerificationPurpose::Session, &sess.id)
+    };
+    s.create_session(sess, &v, &mail(u.email.as_str()), &audit(Some(&u.org_id), "session.create")).await.unwrap();
+    v
+}
+
+async fn seed_session(s: &dyn Store, u: &User, token: u8) -> (Session, Verification) {
+    let sess = session(u, token);
+    let v = add_session(s, u, &sess).await;
+    (sess, v)
+}
+
+fn api_key(u: &User, key: &str) -> ApiKey {
+    ApiKey {
+        id: new_id(),
+        org_id: u.org_id.clone(),
+        user_id: u.id.clone(),
+        name: format!("key {key} «ü»"),
+        key: key.to_owned(),
+        secret_hash: hash(0x50),
+        roles: vec![role("payments:viewer"), role("billing:admin")],
+        state: CredentialState::Pending,
+        expires_at: Some(NOW + 86_400 * 30),
+        last_used_at: None,
+        created_at: NOW,
+        revoked_at: None,
+    }
+}
+
+async fn seed_api_key(s: &dyn Store, u: &User, key: &str) -> (ApiKey, Verification) {
+    let k = api_key(u, key);
+    let v = verification(u, VerificationPurpose::ApiKey, &k.id);
+    s.create_api_key(&k, &v, &mail(u.email.as_str()), &audit(Some(&u.org_id), "api_key.create")).await.unwrap();
+    (k, v)
+}
+
+async fn state_of(s: &dyn Store, session_id: &str) -> (CredentialState, Option<UnixTime>) {
+    let sess = s.session(session_id).await.unwrap().unwrap();
+    (sess.state, sess.revoked_at)
+}
+
+async fn audited(s: &dyn Store, ev: &AuditEvent) -> bool {
+    s.audit_events(None, all()).await.unwrap().iter().any(|e| e == ev)
+}
+
+async fn audit_len(s: &dyn Store) -> usize {
+    s.audit_events(None, all()).await.unwrap().len()
+}
+
+fn activate(sess: &Session) -> VerificationEffect {
+    VerificationEffect::ActivateSession { session_id: sess.id.clone() }
+}
+
+// --------------------------------------------------------------------- Auth API: cases --
+
+async fn users_update_optimistically_and_can_end_sessions(s: Arc<dyn Store>) {
+    let acme = seed_org(&*s, "acme").await;
+    let other = seed_org(&*s, "other").await;
+    let ann = seed_user(&*s, &acme.id, "ann@example.com").await;
+    let bob = seed_user(&*s, &acme.id, "bob@example.com").await;
+
+    // The lockout fields round-trip.
+    let locked =
+        User { failed_logins: 1_000_000, locked_until: Some(NOW + 900), ..user(&acme.id, "locked@example.com") };
+    s.create_user(&locked, &audit(Some(&acme.id), "user.create")).await.unwrap();
+    assert_eq!(s.user(&acme.id, &locked.id).await.unwrap().as_ref(), Some(&locked));
+
+    let (pending, _) = seed_session(&*s, &ann, 1).await;
+    let (active, active_v) = seed_session(&*s, &ann, 2).await;
+    assert!(
+        s.consume_verification(&active_v.id, NOW + 1, &activate(&active), &audit(Some(&acme.id), "session.verify"))
+            .await
+            .unwrap()
+    );
+    let (revoked, _) = seed_session(&*s, &ann, 3).await;
+    assert!(s.revoke_session(&revoked.id, NOW + 2, &audit(Some(&acme.id), "session.revoke")).await.unwrap());
+    let (bobs, _) = seed_session(&*s, &bob, 4).await;
+
+    // Every mutable field changes; sessions are kept.
+    let changed = User {
+        name: Some("Ann B.".into()),
+        password_hash: Some("$argon2id$v=19$new".into()),
+        roles: vec![role("billing:admin")],
+        enabled: false,
+        failed_logins: 3,
+        locked_until: Some(NOW + 60),
+        updated_at: ann.updated_at + 10,
+        ..ann.clone()
+    };
+    let ev = audit(Some(&acme.id), "user.update");
+    s.update_user(&changed, ann.updated_at, false, &ev).await.unwrap();
+    assert_eq!(s.user(&acme.id, &ann.id).await.unwrap().as_ref(), Some(&changed));
+    assert!(audited(&*s, &ev).await, "update audited");
+    assert_eq!(
+        state_of(&*s, &pending.id).await,
+        (CredentialState::Pending, None),
+        "end_sessions = false keeps sessions"
+    );
+    assert_eq!(state_of(&*s, &active.id).await, (CredentialState::Active, None));
+
+    // Stale updated_at: Conflict, nothing written, sessions kept even with end_sessions.
+    let stale = User { name: Some("stale writer".into()), updated_at: changed.updated_at + 1, ..changed.clone() };
+    let stale_ev = audit(Some(&acme.id), "user.update");
+    assert_conflict(s.update_user(&stale, ann.updated_at, true, &stale_ev).await, "stale expected_updated_at");
+    assert_eq!(s.user(&acme.id, &ann.id).await.unwrap().as_ref(), Some(&changed), "stale update wrote nothing");
+    assert!(!audited(&*s, &stale_ev).await, "no audit for a refused update");
+    assert_eq!(state_of(&*s, &active.id).await, (CredentialState::Active, None), "refused update ended no session");
+    // Unknown id, or the right id in another organisation.
+    let ghost = User { id: new_id(), ..stale.clone() };
+    assert_conflict(
+        s.update_user(&ghost, changed.updated_at, false, &audit(Some(&acme.id), "user.update")).await,
+        "unknown id",
+    );
+    let moved = User { org_id: other.id.clone(), ..stale.clone() };
+    assert_conflict(
+        s.update_user(&moved, changed.updated_at, false, &audit(Some(&acme.id), "user.update")).await,
+        "other org",
+    );
+    // The email must be one of the user's addresses (not someone else's, not a new one).
+    for email in ["nobody@example.com", "bob@example.com"] {
+        let foreign = User { email: Email::parse(email).unwrap(), ..stale.clone() };
+        let r = s.update_user(&foreign, changed.updated_at, true, &audit(Some(&acme.id), "user.update")).await;
+        assert_conflict(r, &format!("{email} is not one of ann's addresses"));
+    }
+    assert_eq!(s.user(&acme.id, &ann.id).await.unwrap().as_ref(), Some(&changed), "refused updates wrote nothing");
+    assert_eq!(state_of(&*s, &active.id).await, (CredentialState::Active, None));
+
+    // end_sessions revokes the pending and active sessions "now" (the new updated_at); an already
+    // revoked one keeps its time; other users' sessions are untouched.
+    let ended = User { enabled: true, updated_at: changed.updated_at + 5, ..changed.clone() };
+    let end_ev = audit(Some(&acme.id), "user.update");
+    s.update_user(&ended, changed.updated_at, true, &end_ev).await.unwrap();
+    assert!(audited(&*s, &end_ev).await);
+    assert_eq!(state_of(&*s, &pending.id).await, (CredentialState::Revoked, Some(ended.updated_at)));
+    assert_eq!(state_of(&*s, &active.id).await, (CredentialState::Revoked, Some(ended.updated_at)));
+    assert_eq!(state_of(&*s, &revoked.id).await, (CredentialState::Revoked, Some(NOW + 2)));
+    assert_eq!(state_of(&*s, &bobs.id).await, (CredentialState::Pending, None), "other users' sessions kept");
+    assert_eq!(s.user(&acme.id, &bob.id).await.unwrap().as_ref(), Some(&bob));
+
+    // The lockout counter: no updated_at change; the login attempt is audited with it.
+    let failed = AuditEvent { outcome: "failure".into(), ..audit(Some(&acme.id), "user.login") };
+    s.set_login_failures(&ann.id, 5, Some(NOW + 300), &failed).await.unwrap();
+    assert!(audited(&*s, &failed).await);
+    assert_eq!(
+        s.user(&acme.id, &ann.id).await.unwrap(),
+        Some(User { failed_logins: 5, locked_until: Some(NOW + 300), ..ended.clone() })
+    );
+    let success = audit(Some(&acme.id), "user.login");
+    s.set_login_failures(&ann.id, 0, None, &success).await.unwrap();
+    assert!(audited(&*s, &success).await);
+    assert_eq!(
+        s.user(&acme.id, &ann.id).await.unwrap(),
+        Some(User { failed_logins: 0, locked_until: None, ..ended.clone() }),
+        "counter cleared, updated_at untouched"
+    );
+    s.set_login_failures(&bob.id, 2, None, &audit(Some(&acme.id), "user.login")).await.unwrap();
+    // updated_at was not bumped: an update expecting it still goes through.
+    let renamed = User { name: Some("Bob".into()), updated_at: bob.updated_at + 1, failed_logins: 2, ..bob.clone() };
+    s.update_user(&renamed, bob.updated_at, false, &audit(Some(&acme.id), "user.update")).await.unwrap();
+    assert_eq!(s.user(&acme.id, &bob.id).await.unwrap(), Some(renamed));
+}
+
+async fn user_search_escapes_wildcards_and_email_lookup_spans_organisations(s: Arc<dyn Store>) {
+    let acme = seed_org(&*s, "acme").await;
+    let other = seed_org(&*s, "other").await;
+    let third = seed_org(&*s, "third").await;
+    let named = |org: &str, email: &str, name: Option<&str>| User { name: name.map(str::to_owned), ..user(org, email) };
+    let acme_users = [
+        named(&acme.id, "ann@example.com", Some("Ann Smith")),
+        named(&acme.id, "joanne@example.com", None),
+        named(&acme.id, "bob@example.com", Some("Bobby ANNE")),
+        named(&acme.id, "per_cent@example.com", Some("100% sure")),
+        named(&acme.id, "perxcent@example.com", Some("a_b")),
+        named(&acme.id, "back\\slash@example.com", Some("plain")),
+        named(&acme.id, "zed@example.com", Some("Zed")),
+    ];
+    for u in &acme_users {
+        s.create_user(u, &audit(Some(&acme.id), "user.create")).await.unwrap();
+    }
+    let other_ann = named(&other.id, "ann@example.com", Some("Ann Other"));
+    let third_ann = named(&third.id, "ann@example.com", None);
+    for u in [&other_ann, &third_ann] {
+        s.create_user(u, &audit(Some(&u.org_id), "user.create")).await.unwrap();
+    }
+
+    let search = |org: String, q: &'static str, p: Page| {
+        let s = Arc::clone(&s);
+        async move {
+            s.search_users(&org, q, p)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|u| u.email.as_str().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    let a = || acme.id.clone();
+    assert_eq!(
+        search(a(), "ANN", all()).await,
+        ["ann@example.com", "bob@example.com", "joanne@example.com"],
+        "case-insensitive, email or name, ordered by email"
+    );
+    assert_eq!(search(a(), "nne", all()).await, ["bob@example.com", "joanne@example.com"]);
+    assert_eq!(search(a(), "ann", page(1, 1)).await, ["bob@example.com"], "paged");
+    assert_eq!(search(a(), "%", all()).await, ["per_cent@example.com"], "% matches itself only");
+    assert_eq!(search(a(), "100%", all()).await, ["per_cent@example.com"]);
+    assert_eq!(
+        search(a(), "_", all()).await,
+        ["per_cent@example.com", "perxcent@example.com"],
+        "_ matches itself only"
+    );
+    assert_eq!(search(a(), "per_", all()).await, ["per_cent@example.com"], "escaped _ is not any character");
+    assert_eq!(search(a(), "\\", all()).await, ["back\\slash@example.com"], "backslash matches itself");
+    assert_eq!(search(a(), "k\\s", all()).await, ["back\\slash@example.com"]);
+    assert!(search(a(), "other", all()).await.is_empty(), "other organisations' names are not searched");
+    assert!(search(a(), "nobody", all()).await.is_empty());
+    assert_eq!(search(a(), "", all()).await.len(), acme_users.len(), "the empty query matches everyone");
+    assert_eq!(search(other.id.clone(), "ANN", all()).await, ["ann@example.com"]);
+    let found = s.search_users(&acme.id, "smith", all()).await.unwrap();
+    assert_eq!(found, vec![acme_users[0].clone()], "whole records");
+
+    // users_with_email: the primary address, in every organisation, at most `max`.
+    let mut everywhere = s.users_with_email("ann@example.com", 10).await.unwrap();
+    everywhere.sort_by(|x, y| x.id.cmp(&y.id));
+    let mut expected = vec![acme_users[0].clone(), other_ann.clone(), third_ann.clone()];
+    expected.sort_by(|x, y| x.id.cmp(&y.id));
+    assert_eq!(everywhere, expected);
+    assert_eq!(s.users_with_email("ann@example.com", 2).await.unwrap().len(), 2, "at most max");
+    assert!(s.users_with_email("nobody@example.com", 10).await.unwrap().is_empty());
+    assert!(s.users_with_email("ann@example", 10).await.unwrap().is_empty(), "exact match");
+    // A secondary address is not a primary email.
+    let alias = address(&acme_users[0], "alias@example.com");
+    let v = verification(&acme_users[0], VerificationPurpose::Email, &alias.id);
+    s.add_user_email(&alias, &v, &mail("alias@example.com"), &audit(Some(&acme.id), "user.email.add")).await.unwrap();
+    assert!(s.users_with_email("alias@example.com", 10).await.unwrap().is_empty());
+}
+
+async fn delete_user_removes_everything_tied_to_the_user(s: Arc<dyn Store>) {
+    let acme = seed_org(&*s, "acme").await;
+    let other = seed_org(&*s, "other").await;
+    let ann = seed_user(&*s, &acme.id, "ann@example.com").await;
+    let bob = seed_user(&*s, &acme.id, "bob@example.com").await;
+
+    // Everything a user can own, for ann and for bob.
+    struct Owned {
+        alias: UserEmail,
+        session: Session,
+        key: ApiKey,
+        verifications: Vec<String>,
+    }
+    let mut owned = Vec::new();
+    for (u, n) in [(&ann, 1u8), (&bob, 2u8)] {
+        let alias = address(u, &format!("alias{n}@example.com"));
+        let email_v = verification(u, VerificationPurpose::Email, &alias.id);
+        s.add_user_email(&alias, &email_v, &mail(alias.email.as_str()), &audit(Some(&acme.id), "user.email.add"))
+            .await
+            .unwrap();
+        let (session, session_v) = seed_session(&*s, u, n).await;
+        let (key, key_v) = seed_api_key(&*s, u, &format!("key-{n}")).await;
+        let reset_v = verification(u, VerificationPurpose::PasswordReset, &u.id);
+        s.create_verification(&reset_v, &mail(u.email.as_str()), &audit(Some(&acme.id), "user.reset")).await.unwrap();
+        owned.push(Owned { alias, session, key, verifications: vec![email_v.id, session_v.id, key_v.id, reset_v.id] });
+    }
+    let (ann_owned, bob_owned) = (&owned[0], &owned[1]);
+
+    // Wrong organisation: nothing deleted, no audit.
+    let wrong = audit(Some(&other.id), "user.delete");
+    assert!(!s.delete_user(&other.id, &ann.id, &wrong).await.unwrap());
+    assert!(!audited(&*s, &wrong).await);
+    assert_eq!(s.user(&acme.id, &ann.id).await.unwrap().as_ref(), Some(&ann));
+    assert_eq!(s.user_emails(&ann.id).await.unwrap().len(), 2);
+    assert!(s.session(&ann_owned.session.id).await.unwrap().is_some());
+    assert!(s.api_key(&acme.id, &ann_owned.key.id).await.unwrap().is_some());
+    for id in &ann_owned.verifications {
+        assert!(s.verification(id).await.unwrap().is_some());
+    }
+
+    let ev = audit(Some(&acme.id), "user.delete");
+    assert!(s.delete_user(&acme.id, &ann.id, &ev).await.unwrap());
+    assert!(audited(&*s, &ev).await);
+    assert_eq!(s.user(&acme.id, &ann.id).await.unwrap(), None);
+    assert_eq!(s.user_by_email(&acme.id, "ann@example.com").await.unwrap(), None);
+    assert!(s.user_emails(&ann.id).await.unwrap().is_empty(), "addresses deleted");
+    assert_eq!(s.session(&ann_owned.session.id).await.unwrap(), None, "sessions deleted");
+    assert_eq!(s.session_by_token(&ann_owned.session.token_hash).await.unwrap(), None);
+    assert!(s.user_sessions(&ann.id, all()).await.unwrap().is_empty());
+    assert_eq!(s.api_key(&acme.id, &ann_owned.key.id).await.unwrap(), None, "API keys deleted");
+    assert_eq!(s.api_key_by_key("key-1").await.unwrap(), None);
+    for id in &ann_owned.verifications {
+        assert_eq!(s.verification(id).await.unwrap(), None, "verifications deleted");
+    }
+
+    // Bob keeps everything.
+    assert_eq!(s.user(&acme.id, &bob.id).await.unwrap().as_ref(), Some(&bob));
+    assert_eq!(s.user_emails(&bob.id).await.unwrap(), vec![primary_address(&bob), bob_owned.alias.clone()]);
+    assert_eq!(s.session(&bob_owned.session.id).await.unwrap().as_ref(), Some(&bob_owned.session));
+    assert_eq!(s.api_key(&acme.id, &bob_owned.key.id).await.unwrap().as_ref(), Some(&bob_owned.key));
+    for id in &bob_owned.verifications {
+        assert!(s.verification(id).await.unwrap().is_some());
+    }
+
+    // Second delete: false, no audit.
+    let again = audit(Some(&acme.id), "user.delete");
+    assert!(!s.delete_user(&acme.id, &ann.id, &again).await.unwrap());
+    assert!(!audited(&*s, &again).await);
+
+    // Ann's addresses are free again in the organisation.
+    let ann2 = seed_user(&*s, &acme.id, "ann@example.com").await;
+    let alias = address(&ann2, "alias1@example.com");
+    let v = verification(&ann2, VerificationPurpose::Email, &alias.id);
+    s.add_user_email(&alias, &v, &mail("alias1@example.com"), &audit(Some(&acme.id), "user.email.add")).await.unwrap();
+}
+
+async fn user_emails_add_verify_make_primary_and_remove(s: Arc<dyn Store>) {
+    let acme = seed_org(&*s, "acme").await;
+    let other = seed_org(&*s, "other").await;
+    let ann = seed_user(&*s, &acme.id, "ann@example.com").await;
+    let bob = seed_user(&*s, &acme.id, "bob@example.com").await;
+    assert_eq!(s.user_emails(&ann.id).await.unwrap(), vec![primary_address(&ann)]);
+
+    // Add: the address, its verification and its mail, audited.
+    let work = address(&ann, "ann@work.example");
+    let work_v = verification(&ann, VerificationPurpose::Email, &work.id);
+    let work_mail = mail("ann@work.example");
+    let add_ev = audit(Some(&acme.id), "user.email.add");
+    s.add_user_email(&work, &work_v, &work_mail, &add_ev).await.unwrap();
+    assert!(audited(&*s, &add_ev).await);
+    assert_eq!(s.user_emails(&ann.id).await.unwrap(), vec![primary_address(&ann), work.clone()]);
+    assert_eq!(s.verification(&work_v.id).await.unwrap().as_ref(), Some(&work_v));
+    assert_eq!(s.due_mail(NOW, 10).await.unwrap(), vec![work_mail.clone()]);
+
+    // Duplicates in the organisation (someone's primary, or an added address): Conflict, and
+    // neither the verification nor the mail nor the audit row is written.
+    for taken in ["bob@example.com", "ann@work.example"] {
+        let dup = address(&bob, taken);
+        let dup_v = verification(&bob, VerificationPurpose::Email, &dup.id);
+        let dup_ev = audit(Some(&acme.id), "user.email.add");
+        assert_conflict(s.add_user_email(&dup, &dup_v, &mail(taken), &dup_ev).await, taken);
+        assert_eq!(s.verification(&dup_v.id).await.unwrap(), None);
+        assert!(!audited(&*s, &dup_ev).await);
+    }
+    assert_eq!(s.pending_mail_count().await.unwrap(), 1, "refused adds queued no mail");
+    assert_eq!(s.user_emails(&bob.id).await.unwrap(), vec![primary_address(&bob)]);
+    // The same address in another organisation is fine.
+    let elsewhere = seed_user(&*s, &other.id, "carol@example.com").await;
+    let e = address(&elsewhere, "ann@work.example");
+    s.add_user_email(
+        &e,
+        &verification(&elsewhere, VerificationPurpose::Email, &e.id),
+        &mail("ann@work.example"),
+        &audit(Some(&other.id), "user.email.add"),
+    )
+    .await
+    .unwrap();
+
+    // Only a verified address can become primary.
+    let refused = audit(Some(&acme.id), "user.email.primary");
+    assert!(!s.set_primary_email(&ann.id, &work.id, NOW + 50, &refused).await.unwrap(), "unverified");
+    assert!(!audited(&*s, &refused).await);
+    assert_eq!(s.user(&acme.id, &ann.id).await.unwrap().as_ref(), Some(&ann));
+    assert!(
+        s.consume_verification(
+            &work_v.id,
+            NOW + 10,
+            &VerificationEffect::VerifyEmail { email_id: work.id.clone() },
+            &audit(Some(&acme.id), "user.email.verify")
+        )
+        .await
+        .unwrap()
+    );
+    let verified_work = UserEmail { verified_at: Some(NOW + 10), ..work.clone() };
+    assert_eq!(s.user_emails(&ann.id).await.unwrap(), vec![primary_address(&ann), verified_work.clone()]);
+    // Not someone else's address, nor an unknown one.
+    assert!(
+        !s.set_primary_email(&bob.id, &work.id, NOW + 50, &audit(Some(&acme.id), "user.email.primary")).await.unwrap()
+    );
+    assert!(
+        !s.set_primary_email(&ann.id, &new_id(), NOW + 50, &audit(Some(&acme.id), "user.email.primary")).await.unwrap()
+    );
+    assert_eq!(s.user(&acme.id, &bob.id).await.unwrap().as_ref(), Some(&bob));
+
+    let primary_ev = audit(Some(&acme.id), "user.email.primary");
+    assert!(s.set_primary_email(&ann.id, &work.id, NOW + 50, &primary_ev).await.unwrap());
+    assert!(audited(&*s, &primary_ev).await);
+    let ann_now = User { email: Email::parse("ann@work.example").unwrap(), updated_at: NOW + 50, ..ann.clone() };
+    assert_eq!(s.user(&acme.id, &ann.id).await.unwrap().as_ref(), Some(&ann_now), "email and updated_at changed");
+    assert_eq!(s.user_by_email(&acme.id, "ann@work.example").await.unwrap().as_ref(), Some(&ann_now));
+    assert_eq!(s.user_by_email(&acme.id, "ann@example.com").await.unwrap(), None);
+    assert_eq!(
+        s.user_emails(&ann.id).await.unwrap(),
+        vec![primary_address(&ann), verified_work.clone()],
+        "address rows unchanged"
+    );
+
+    // Remove: never the primary; never another user's; the old primary can go now.
+    let refused = audit(Some(&acme.id), "user.email.remove");
+    assert!(!s.remove_user_email(&ann.id, &work.id, &refused).await.unwrap(), "the primary stays");
+    assert!(!audited(&*s, &refused).await);
+    assert!(
+        !s.remove_user_email(&bob.id, &ann.id, &audit(Some(&acme.id), "user.email.remove")).await.unwrap(),
+        "not bob's"
+    );
+    assert!(!s.remove_user_email(&ann.id, &new_id(), &audit(Some(&acme.id), "user.email.remove")).await.unwrap());
+    assert_eq!(s.user_emails(&ann.id).await.unwrap().len(), 2);
+    let remove_ev = audit(Some(&acme.id), "user.email.remove");
+    assert!(s.remove_user_email(&ann.id, &ann.id, &remove_ev).await.unwrap(), "the old primary's row");
+    assert!(audited(&*s, &remove_ev).await);
+    assert_eq!(s.user_emails(&ann.id).await.unwrap(), vec![verified_work]);
+    assert!(
+        !s.remove_user_email(&ann.id, &ann.id, &audit(Some(&acme.id), "user.email.remove")).await.unwrap(),
+        "already gone"
+    );
+
+    // Removing an address still being verified drops its pending code with it.
+    let home = address(&ann, "ann@home.example");
+    let home_v = verification(&ann, VerificationPurpose::Email, &home.id);
+    s.add_user_email(&home, &home_v, &mail("ann@home.example"), &audit(Some(&acme.id), "user.email.add"))
+        .await
+        .unwrap();
+    assert!(s.remove_user_email(&ann.id, &home.id, &audit(Some(&acme.id), "user.email.remove")).await.unwrap());
+    assert_eq!(s.verification(&home_v.id).await.unwrap(), None);
+    // And the address is free again.
+    let again = address(&bob, "ann@home.example");
+    s.add_user_email(
+        &again,
+        &verification(&bob, VerificationPurpose::Email, &again.id),
+        &mail("ann@home.example"),
+        &audit(Some(&acme.id), "user.email.add"),
+    )
+    .await
+    .unwrap();
+}
+
+async fn sessions_create_activate_rotate_and_revoke(s: Arc<dyn Store>) {
+    let acme = seed_org(&*s, "acme").await;
+    let ann = seed_user(&*s, &acme.id, "ann@example.com").await;
+    let bob = seed_user(&*s, &acme.id, "bob@example.com").await;
+
+    let sess = Session { ip: None, user_agent: None, ..session(&ann, 1) };
+    let v = Verification {
+        sealed_token: Some(vec![0x00, 0x09, 0xff]),
+        ..verification(&ann, VerificationPurpose::Session, &sess.id)
+    };
+    let m = mail("ann@example.com");
+    let ev = audit(Some(&acme.id), "session.create");
+    s.create_session(&sess, &v, &m, &ev).await.unwrap();
+    assert!(audited(&*s, &ev).await);
+    assert_eq!(s.session(&sess.id).await.unwrap().as_ref(), Some(&sess), "round-trip (None ip/user agent)");
+    assert_eq!(s.session_by_token(&sess.token_hash).await.unwrap().as_ref(), Some(&sess));
+    assert_eq!(s.session_by_token(&hash(99)).await.unwrap(), None);
+    assert_eq!(s.session(&new_id()).await.unwrap(), None);
+    assert_eq!(s.verification(&v.id).await.unwrap().as_ref(), Some(&v), "verification with its sealed token");
+    assert_eq!(s.due_mail(NOW, 10).await.unwrap(), vec![m]);
+
+    // Same token hash again: Conflict, with no verification, mail or audit.
+    let clash = session(&bob, 1);
+    let clash_v = verification(&bob, VerificationPurpose::Session, &clash.id);
+    let clash_ev = audit(Some(&acme.id), "session.create");
+    assert_conflict(
+        s.create_session(&clash, &clash_v, &mail("bob@example.com"), &clash_ev).await,
+        "duplicate token hash",
+    );
+    assert_eq!(s.session(&clash.id).await.unwrap(), None);
+    assert_eq!(s.verification(&clash_v.id).await.unwrap(), None);
+    assert!(!audited(&*s, &clash_ev).await);
+    assert_eq!(s.pending_mail_count().await.unwrap(), 1);
+
+    // A pending session cannot be refreshed.
+    let not_yet = audit(Some(&acme.id), "session.refresh");
+    assert!(!s.rotate_session_token(&sess.id, &hash(1), &hash(2), NOW + 5, &not_yet).await.unwrap());
+    assert!(!audited(&*s, &not_yet).await);
+
+    assert!(
+        s.consume_verification(&v.id, NOW + 10, &activate(&sess), &audit(Some(&acme.id), "session.verify"))
+            .await
+            .unwrap()
+    );
+    let active =
+        Session { state: CredentialState::Active, verified_at: Some(NOW + 10), last_used_at: NOW + 10, ..sess.clone() };
+    assert_eq!(s.session(&sess.id).await.unwrap().as_ref(), Some(&active));
+
+    s.touch_session(&sess.id, NOW + 70).await.unwrap();
+    let touched = Session { last_used_at: NOW + 70, ..active.clone() };
+    assert_eq!(s.session(&sess.id).await.unwrap().as_ref(), Some(&touched));
+
+    // Rotate: the old hash no longer finds it; a second rotation from the old hash loses.
+    let rot_ev = audit(Some(&acme.id), "session.refresh");
+    assert!(s.rotate_session_token(&sess.id, &hash(1), &hash(2), NOW + 100, &rot_ev).await.unwrap());
+    assert!(audited(&*s, &rot_ev).await);
+    let rotated = Session { token_hash: hash(2), last_used_at: NOW + 100, ..touched.clone() };
+    assert_eq!(s.session_by_token(&hash(1)).await.unwrap(), None, "old token gone");
+    assert_eq!(s.session_by_token(&hash(2)).await.unwrap().as_ref(), Some(&rotated));
+    let lost = audit(Some(&acme.id), "session.refresh");
+    assert!(
+        !s.rotate_session_token(&sess.id, &hash(1), &hash(3), NOW + 101, &lost).await.unwrap(),
+        "second refresh with the old token"
+    );
+    assert!(!audited(&*s, &lost).await, "no audit for a lost race");
+    assert_eq!(s.session(&sess.id).await.unwrap().as_ref(), Some(&rotated));
+    assert!(
+        !s.rotate_session_token(&new_id(), &hash(2), &hash(3), NOW + 101, &audit(Some(&acme.id), "session.refresh"))
+            .await
+            .unwrap()
+    );
+    // Another session's id with this token: no.
+    let (bobs, _) = seed_session(&*s, &bob, 20).await;
+    assert!(
+        !s.rotate_session_token(&bobs.id, &hash(2), &hash(3), NOW + 101, &audit(Some(&acme.id), "session.refresh"))
+            .await
+            .unwrap()
+    );
+
+    // Newest first, revoked ones included, paged.
+    let older = Session { created_at: NOW - 100, ..session(&ann, 5) };
+    add_session(&*s, &ann, &older).await;
+    let newer = Session { created_at: NOW + 100, ..session(&ann, 6) };
+    add_session(&*s, &ann, &newer).await;
+    assert!(s.revoke_session(&older.id, NOW + 200, &audit(Some(&acme.id), "session.revoke")).await.unwrap());
+    let older_revoked = Session { state: CredentialState::Revoked, revoked_at: Some(NOW + 200), ..older.clone() };
+    assert_eq!(
+        s.user_sessions(&ann.id, all()).await.unwrap(),
+        vec![newer.clone(), rotated.clone(), older_revoked.clone()]
+    );
+    assert_eq!(s.user_sessions(&ann.id, page(1, 1)).await.unwrap(), vec![rotated.clone()]);
+    assert_eq!(s.user_sessions(&bob.id, all()).await.unwrap(), vec![bobs.clone()]);
+
+    // Revoke: once; not twice, no audit then; a revoked session cannot be refreshed.
+    let rev_ev = audit(Some(&acme.id), "session.revoke");
+    assert!(s.revoke_session(&sess.id, NOW + 300, &rev_ev).await.unwrap());
+    assert!(audited(&*s, &rev_ev).await);
+    assert_eq!(state_of(&*s, &sess.id).await, (CredentialState::Revoked, Some(NOW + 300)));
+    let twice = audit(Some(&acme.id), "session.revoke");
+    assert!(!s.revoke_session(&sess.id, NOW + 400, &twice).await.unwrap());
+    assert!(!audited(&*s, &twice).await);
+    assert_eq!(
+        state_of(&*s, &sess.id).await,
+        (CredentialState::Revoked, Some(NOW + 300)),
+        "first revocation time kept"
+    );
+    assert!(!s.revoke_session(&new_id(), NOW, &audit(Some(&acme.id), "session.revoke")).await.unwrap());
+    assert!(
+        !s.rotate_session_token(&sess.id, &hash(2), &hash(3), NOW + 400, &audit(Some(&acme.id), "session.refresh"))
+            .await
+            .unwrap()
+    );
+
+    // revoke_user_sessions: the pending and active ones, counted; always audited.
+    let (active2, active2_v) = seed_session(&*s, &ann, 7).await;
+    assert!(
+        s.consume_verification(&active2_v.id, NOW, &activate(&active2), &audit(Some(&acme.id), "session.verify"))
+            .await
+            .unwrap()
+    );
+    let all_ev = audit(Some(&acme.id), "session.revoke_all");
+    assert_eq!(s.revoke_user_sessions(&ann.id, NOW + 500, &all_ev).await.unwrap(), 2, "newer (pending) and active2");
+    assert!(audited(&*s, &all_ev).await);
+    for id in [&newer.id, &active2.id] {
+        assert_eq!(state_of(&*s, id).await, (CredentialState::Revoked, Some(NOW + 500)));
+    }
+    assert_eq!(state_of(&*s, &sess.id).await, (CredentialState::Revoked, Some(NOW + 300)));
+    assert_eq!(state_of(&*s, &bobs.id).await, (CredentialState::Pending, None), "other users untouched");
+    let none_ev = audit(Some(&acme.id), "session.revoke_all");
+    assert_eq!(s.revoke_user_sessions(&ann.id, NOW + 600, &none_ev).await.unwrap(), 0);
+    assert!(audited(&*s, &none_ev).await, "audited even when nothing was left to revoke");
+}
+
+async fn verifications_count_attempts_and_are_consumed_once(s: Arc<dyn Store>) {
+    let acme = seed_org(&*s, "acme").await;
+    let ann = seed_user(&*s, &acme.id, "ann@example.com").await;
+
+    let v = Verification { attempts: 2, ..verification(&ann, VerificationPurpose::PasswordReset, &ann.id) };
+    let m = mail("ann@example.com");
+    let ev = audit(Some(&acme.id), "user.reset.request");
+    s.create_verification(&v, &m, &ev).await.unwrap();
+    assert!(audited(&*s, &ev).await);
+    assert_eq!(s.verification(&v.id).await.unwrap().as_ref(), Some(&v));
+    assert_eq!(s.due_mail(NOW, 10).await.unwrap(), vec![m]);
+    assert_eq!(s.verification(&new_id()).await.unwrap(), None);
+
+    assert_eq!(s.count_verification_attempt(&v.id).await.unwrap(), Some(3));
+    assert_eq!(s.count_verification_attempt(&v.id).await.unwrap(), Some(4));
+    assert_eq!(s.count_verification_attempt(&new_id()).await.unwrap(), None);
+    // Parallel guesses are all counted, each seeing its own count.
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let s = Arc::clone(&s);
+            let id = v.id.clone();
+            tokio::spawn(async move { s.count_verification_attempt(&id).await })
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for t in tasks {
+        seen.push(t.await.unwrap().unwrap().unwrap());
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (5..=12).collect::<Vec<u32>>());
+    assert_eq!(s.verification(&v.id).await.unwrap().unwrap().attempts, 12);
+
+    // Consumed once: the second consume changes nothing and writes no audit.
+    let first = VerificationEffect::ResetPassword { user_id: ann.id.clone(), password_hash: "$argon2id$first".into() };
+    let ev = audit(Some(&acme.id), "user.reset");
+    assert!(s.consume_verification(&v.id, NOW + 10, &first, &ev).await.unwrap());
+    assert!(audited(&*s, &ev).await);
+    assert_eq!(
+        s.verification(&v.id).await.unwrap(),
+        Some(Verification { attempts: 12, consumed_at: Some(NOW + 10), ..v.clone() })
+    );
+    let second =
+        VerificationEffect::ResetPassword { user_id: ann.id.clone(), password_hash: "$argon2id$second".into() };
+    let ev2 = audit(Some(&acme.id), "user.reset");
+    assert!(!s.consume_verification(&v.id, NOW + 20, &second, &ev2).await.unwrap());
+    assert!(!audited(&*s, &ev2).await);
+    let stored = s.user(&acme.id, &ann.id).await.unwrap().unwrap();
+    assert_eq!(
+        (stored.password_hash.as_deref(), stored.updated_at),
+        (Some("$argon2id$first"), NOW + 10),
+        "second effect not applied"
+    );
+    assert_eq!(s.verification(&v.id).await.unwrap().unwrap().consumed_at, Some(NOW + 10));
+    assert_eq!(s.count_verification_attempt(&v.id).await.unwrap(), None, "a consumed code takes no more tries");
+    assert!(!s.consume_verification(&new_id(), NOW, &second, &audit(Some(&acme.id), "user.reset")).await.unwrap());
+
+    // Racing consumers: exactly one wins.
+    let race = verification(&ann, VerificationPurpose::PasswordReset, &ann.id);
+    s.create_verification(&race, &mail("ann@example.com"), &audit(Some(&acme.id), "user.reset.request")).await.unwrap();
+    let tasks: Vec<_> = (0..6)
+        .map(|i| {
+            let s = Arc::clone(&s);
+            let id = race.id.clone();
+            let effect = VerificationEffect::ResetPassword {
+                user_id: ann.id.clone(),
+                password_hash: format!("$argon2id$racer{i}"),
+            };
+            tokio::spawn(
+                async move { s.consume_verification(&id, NOW + 30, &effect, &audit(None, "user.reset")).await },
+            )
+        })
+        .collect();
+    let mut wins = 0;
+    for t in tasks {
+        if t.await.unwrap().unwrap() {
+            wins += 1;
+        }
+    }
+    assert_eq!(wins, 1, "one consumer wins");
+}
+
+async fn verification_effects(s: Arc<dyn Store>) {
+    let acme = seed_org(&*s, "acme").await;
+    let ann = seed_user(&*s, &acme.id, "ann@example.com").await;
+    let bob = seed_user(&*s, &acme.id, "bob@example.com").await;
+    let now = NOW + 1000;
+
+    // ActivateSession: the session becomes active, the sealed token is erased, and the user's
+    // primary address (only that one, only that user's) counts as verified.
+    let alias = address(&ann, "alias@example.com");
+    s.add_user_email(
+        &alias,
+        &verification(&ann, VerificationPurpose::Email, &alias.id),
+        &mail("alias@example.com"),
+        &audit(Some(&acme.id), "user.email.add"),
+    )
+    .await
+    .unwrap();
+    let (sess, sess_v) = seed_session(&*s, &ann, 1).await;
+    let ev = audit(Some(&acme.id), "session.verify");
+    assert!(s.consume_verification(&sess_v.id, now, &activate(&sess), &ev).await.unwrap());
+    assert!(audited(&*s, &ev).await);
+    assert_eq!(
+        s.session(&sess.id).await.unwrap(),
+        Some(Session { state: CredentialState::Active, verified_at: Some(now), last_used_at: now, ..sess.clone() })
+    );
+    assert_eq!(
+        s.verification(&sess_v.id).await.unwrap(),
+        Some(Verification { consumed_at: Some(now), sealed_token: None, ..sess_v.clone() }),
+        "consumed, sealed token erased"
+    );
+    assert_eq!(
+        s.user_emails(&ann.id).await.unwrap(),
+        vec![UserEmail { verified_at: Some(now), ..primary_address(&ann) }, alias.clone()],
+        "primary verified, alias not"
+    );
+    assert_eq!(s.user_emails(&bob.id).await.unwrap(), vec![primary_address(&bob)]);
+    // A later session keeps the first verification time.
+    let (sess2, sess2_v) = seed_session(&*s, &ann, 2).await;
+    assert!(
+        s.consume_verification(&sess2_v.id, now + 5, &activate(&sess2), &audit(Some(&acme.id), "session.verify"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.user_emails(&ann.id).await.unwrap()[0].verified_at, Some(now));
+    // A session revoked while pending stays revoked.
+    let (gone, gone_v) = seed_session(&*s, &bob, 3).await;
+    assert!(s.revoke_session(&gone.id, now, &audit(Some(&acme.id), "session.revoke")).await.unwrap());
+    assert!(
+        s.consume_verification(&gone_v.id, now + 1, &activate(&gone), &audit(Some(&acme.id), "session.verify"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(state_of(&*s, &gone.id).await, (CredentialState::Revoked, Some(now)));
+
+    // ActivateApiKey: pending → active; a revoked key stays revoked.
+    let (key, key_v) = seed_api_key(&*s, &ann, "key-a").await;
+    let ev = audit(Some(&acme.id), "api_key.verify");
+    assert!(
+        s.consume_verification(&key_v.id, now, &VerificationEffect::ActivateApiKey { key_id: key.id.clone() }, &ev)
+            .await
+            .unwrap()
+    );
+    assert!(audited(&*s, &ev).await);
+    assert_eq!(
+        s.api_key(&acme.id, &key.id).await.unwrap(),
+        Some(ApiKey { state: CredentialState::Active, ..key.clone() })
+    );
+    let (dead, dead_v) = seed_api_key(&*s, &ann, "key-b").await;
+    assert!(s.revoke_api_key(&dead.id, now, &audit(Some(&acme.id), "api_key.revoke")).await.unwrap());
+    assert!(
+        s.consume_verification(
+            &dead_v.id,
+            now,
+            &VerificationEffect::ActivateApiKey { key_id: dead.id.clone() },
+            &audit(Some(&acme.id), "api_key.verify")
+        )
+        .await
+        .unwrap()
+    );
+    assert_eq!(s.api_key(&acme.id, &dead.id).await.unwrap().unwrap().state, CredentialState::Revoked);
+
+    // VerifyEmail.
+    let work = address(&bob, "bob@work.example");
+    let work_v = verification(&bob, VerificationPurpose::Email, &work.id);
+    s.add_user_email(&work, &work_v, &mail("bob@work.example"), &audit(Some(&acme.id), "user.email.add"))
+        .await
+        .unwrap();
+    let ev = audit(Some(&acme.id), "user.email.verify");
+    assert!(
+        s.consume_verification(&work_v.id, now, &VerificationEffect::VerifyEmail { email_id: work.id.clone() }, &ev)
+            .await
+            .unwrap()
+    );
+    assert!(audited(&*s, &ev).await);
+    let emails = s.user_emails(&bob.id).await.unwrap();
+    assert_eq!(emails.iter().find(|e| e.id == work.id), Some(&UserEmail { verified_at: Some(now), ..work.clone() }));
+
+    // ResetPassword: new hash, lockout lifted, updated_at = now, every live session of the
+    // user revoked (an old revocation keeps its time); other users untouched.
+    s.set_login_failures(&ann.id, 9, Some(now + 900), &audit(Some(&acme.id), "user.login")).await.unwrap();
+    let (pending, _) = seed_session(&*s, &ann, 4).await;
+    let (bobs, _) = seed_session(&*s, &bob, 5).await;
+    let reset_v = verification(&ann, VerificationPurpose::PasswordReset, &ann.id);
+    s.create_verification(&reset_v, &mail("ann@example.com"), &audit(Some(&acme.id), "user.reset.request"))
+        .await
+        .unwrap();
+    let effect =
+        VerificationEffect::ResetPassword { user_id: ann.id.clone(), password_hash: "$argon2id$v=19$reset".into() };
+    let ev = audit(Some(&acme.id), "user.reset");
+    assert!(s.consume_verification(&reset_v.id, now + 50, &effect, &ev).await.unwrap());
+    assert!(audited(&*s, &ev).await);
+    assert_eq!(
+        s.user(&acme.id, &ann.id).await.unwrap(),
+        Some(User {
+            password_hash: Some("$argon2id$v=19$reset".into()),
+            failed_logins: 0,
+            locked_until: None,
+            updated_at: now + 50,
+            ..ann.clone()
+        })
+    );
+    for id in [&sess.id, &sess2.id, &pending.id] {
+        assert_eq!(state_of(&*s, id).await, (CredentialState::Revoked, Some(now + 50)), "ann's sessions end");
+    }
+    assert_eq!(state_of(&*s, &bobs.id).await, (CredentialState::Pending, None));
+    assert_eq!(s.user(&acme.id, &bob.id).await.unwrap().as_ref(), Some(&bob));
+    assert_eq!(
+        s.api_key(&acme.id, &key.id).await.unwrap().unwrap().state,
+        CredentialState::Active,
+        "API keys are not sessions"
+    );
+}
+
+async fn api_keys_list_lookup_and_revoke(s: Arc<dyn Store>) {
+    let acme = seed_org(&*s, "acme").await;
+    let other = seed_org(&*s, "other").await;
+    let ann = seed_user(&*s, &acme.id, "ann@example.com").await;
+    let bob = seed_user(&*s, &acme.id, "bob@example.com").await;
+    let carol = seed_user(&*s, &other.id, "carol@example.com").await;
+
+    let mut created = Vec::new();
+    for (i, (u, key)) in
+        [(&ann, "k-ann-1"), (&bob, "k-bob-1"), (&ann, "k-ann-2"), (&carol, "k-carol")].into_iter().enumerate()
+    {
+        let k = ApiKey { created_at: NOW + i64::try_from(i).unwrap(), ..api_key(u, key) };
+        let v = verification(u, VerificationPurpose::ApiKey, &k.id);
+        let ev = audit(Some(&u.org_id), "api_key.create");
+        s.create_api_key(&k, &v, &mail(u.email.as_str()), &ev).await.unwrap();
+        assert!(audited(&*s, &ev).await);
+        assert_eq!(s.verification(&v.id).await.unwrap().as_ref(), Some(&v));
+        created.push(k);
+    }
+    let [ann1, bob1, ann2, carols] = <[ApiKey; 4]>::try_from(created).unwrap();
+    let bare = ApiKey { expires_at: None, roles: vec![], ..api_key(&bob, "k-bare") };
+    let bare = ApiKey { created_at: NOW - 10, ..bare };
+    s.create_api_key(
+        &bare,
+        &verification(&bob, VerificationPurpose::ApiKey, &bare.id),
+        &mail("bob@example.com"),
+        &audit(Some(&acme.id), "api_key.create"),
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(s.api_key(&acme.id, &ann1.id).await.unwrap().as_ref(), Some(&ann1), "round-trip");
+    assert_eq!(s.api_key(&acme.id, &bare.id).await.unwrap().as_ref(), Some(&bare), "None/empty round-trip");
+    assert_eq!(s.api_key(&other.id, &ann1.id).await.unwrap(), None, "by id is scoped to the org");
+    assert_eq!(s.api_key(&acme.id, &new_id()).await.unwrap(), None);
+    assert_eq!(s.api_key_by_key("k-carol").await.unwrap().as_ref(), Some(&carols));
+    assert_eq!(s.api_key_by_key("k-ann-2").await.unwrap().as_ref(), Some(&ann2));
+    assert_eq!(s.api_key_by_key("K-ANN-2").await.unwrap(), None, "exact match");
+    assert_eq!(s.api_key_by_key("k-nope").await.unwrap(), None);
+
+    // Newest first, per organisation or per user, paged.
+    assert_eq!(
+        s.api_keys(&acme.id, None, all()).await.unwrap(),
+        vec![ann2.clone(), bob1.clone(), ann1.clone(), bare.clone()]
+    );
+    assert_eq!(s.api_keys(&acme.id, Some(&ann.id), all()).await.unwrap(), vec![ann2.clone(), ann1.clone()]);
+    assert_eq!(s.api_keys(&acme.id, Some(&bob.id), all()).await.unwrap(), vec![bob1.clone(), bare.clone()]);
+    assert_eq!(s.api_keys(&acme.id, None, page(2, 1)).await.unwrap(), vec![bob1.clone(), ann1.clone()]);
+    assert_eq!(s.api_keys(&other.id, None, all()).await.unwrap(), vec![carols.clone()]);
+    assert!(s.api_keys(&other.id, Some(&ann.id), all()).await.unwrap().is_empty(), "a user of another org");
+
+    // Duplicate public key: Conflict, no verification, no audit.
+    let dup = api_key(&bob, "k-ann-1");
+    let dup_v = verification(&bob, VerificationPurpose::ApiKey, &dup.id);
+    let dup_ev = audit(Some(&acme.id), "api_key.create");
+    assert_conflict(s.create_api_key(&dup, &dup_v, &mail("bob@example.com"), &dup_ev).await, "duplicate api_key");
+    assert_eq!(s.api_key(&acme.id, &dup.id).await.unwrap(), None);
+    assert_eq!(s.verification(&dup_v.id).await.unwrap(), None);
+    assert!(!audited(&*s, &dup_ev).await);
+    assert_eq!(s.pending_mail_count().await.unwrap(), 5);
+
+    s.touch_api_key(&ann1.id, NOW + 60).await.unwrap();
+    let ann1 = ApiKey { last_used_at: Some(NOW + 60), ..ann1 };
+    assert_eq!(s.api_key_by_key("k-ann-1").await.unwrap().as_ref(), Some(&ann1));
+
+    // Revoke: pending or active only; once.
+    let ev = audit(Some(&acme.id), "api_key.revoke");
+    assert!(s.revoke_api_key(&ann1.id, NOW + 100, &ev).await.unwrap(), "a pending key can be revoked");
+    assert!(audited(&*s, &ev).await);
+    let revoked = ApiKey { state: CredentialState::Revoked, revoked_at: Some(NOW + 100), ..ann1.clone() };
+    assert_eq!(s.api_key(&acme.id, &ann1.id).await.unwrap().as_ref(), Some(&revoked));
+    let twice = audit(Some(&acme.id), "api_key.revoke");
+    assert!(!s.revoke_api_key(&ann1.id, NOW + 200, &twice).await.unwrap());
+    assert!(!audited(&*s, &twice).await);
+    assert_eq!(s.api_key(&acme.id, &ann1.id).await.unwrap().as_ref(), Some(&revoked), "first revocation time kept");
+    assert!(!s.revoke_api_key(&new_id(), NOW, &audit(Some(&acme.id), "api_key.revoke")).await.unwrap());
+    assert_eq!(s.api_key(&acme.id, &ann2.id).await.unwrap().as_ref(), Some(&ann2), "other keys untouched");
+}
+
+async fn mail_queue_due_failed_sent_and_counted(s: Arc<dyn Store>) {
+    assert_eq!(s.pending_mail_count().await.unwrap(), 0);
+    assert!(s.due_mail(NOW, 10).await.unwrap().is_empty());
+    let m = |created_at: UnixTime, next_attempt_at: UnixTime| QueuedMail {
+        created_at,
+        next_attempt_at,
+        ..mail("ann@example.com")
+    };
+    let a = m(NOW - 30, NOW - 30);
+    let b = m(NOW - 20, NOW);
+    let c = m(NOW - 40, NOW - 10);
+    let later = m(NOW - 50, NOW + 60);
+    let d = QueuedMail {
+        sealed_body: vec![],
+        last_error: Some("earlier «failure»".into()),
+        attempts: 2,
+        ..m(NOW - 10, NOW - 5)
+    };
+    for x in [&a, &b, &c, &later, &d] {
+        s.enqueue_mail(x).await.unwrap();
+    }
+    assert_eq!(s.pending_mail_count().await.unwrap(), 5);
+    assert_eq!(
+        s.due_mail(NOW, 10).await.unwrap(),
+        vec![c.clone(), a.clone(), b.clone(), d.clone()],
+        "due (next_attempt_at <= now), oldest first, whole records"
+    );
+    assert_eq!(s.due_mail(NOW, 2).await.unwrap(), vec![c.clone(), a.clone()], "at most max");
+    assert_eq!(s.due_mail(NOW - 11, 10).await.unwrap(), vec![a.clone()], "c is due at NOW - 10 only");
+    assert_eq!(
+        s.due_mail(NOW + 60, 10).await.unwrap(),
+        vec![later.clone(), c.clone(), a.clone(), b.clone(), d.clone()]
+    );
+    assert_conflict(s.enqueue_mail(&a).await, "duplicate mail id");
+
+    // A failure is retried later, never dropped.
+    s.mail_failed(&c.id, 1, NOW + 30, "421 try again «later»").await.unwrap();
+    assert_eq!(s.due_mail(NOW, 10).await.unwrap(), vec![a.clone(), b.clone(), d.clone()]);
+    let failed_c = QueuedMail {
+        attempts: 1,
+        next_attempt_at: NOW + 30,
+        last_error: Some("421 try again «later»".into()),
+        ..c.clone()
+    };
+    assert_eq!(s.due_mail(NOW + 30, 10).await.unwrap(), vec![failed_c, a.clone(), b.clone(), d.clone()]);
+    assert_eq!(s.pending_mail_count().await.unwrap(), 5, "failed mail is still pending");
+
+    // Sent: leaves the queue, body erased.
+    s.mail_sent(&a.id, NOW + 1).await.unwrap();
+    assert_eq!(s.due_mail(NOW, 10).await.unwrap(), vec![b.clone(), d.clone()]);
+    assert_eq!(s.pending_mail_count().await.unwrap(), 4);
+    assert_eq!(raw_mail(&a.id).await, (Some(NOW + 1), vec![]), "sent_at set and body erased");
+    assert_eq!(raw_mail(&b.id).await, (None, b.sealed_body.clone()), "unsent bodies kept");
+    // A late failure report for a sent mail does not put it back.
+    s.mail_failed(&a.id, 5, NOW, "late").await.unwrap();
+    assert_eq!(s.due_mail(NOW + 60, 10).await.unwrap().iter().filter(|x| x.id == a.id).count(), 0);
+    for x in [&b, &c, &later, &d] {
+        s.mail_sent(&x.id, NOW + 2).await.unwrap();
+    }
+    assert_eq!(s.pending_mail_count().await.unwrap(), 0);
+    assert!(s.due_mail(i64::MAX, 10).await.unwrap().is_empty());
+}
+
+async fn purges_remove_only_ended_rows(s: Arc<dyn Store>) {
+    let acme = seed_org(&*s, "acme").await;
+    let ann = seed_user(&*s, &acme.id, "ann@example.com").await;
+    let cut = NOW + 1000;
+
+    let mk = |token: u8, expires_at: UnixTime| Session { expires_at, ..session(&ann, token) };
+    let expired = mk(1, cut - 1);
+    let expires_at_cut = mk(2, cut);
+    let live = mk(3, cut + 500);
+    let revoked_early = mk(4, cut + 500);
+    let revoked_at_cut = mk(5, cut + 500);
+    let revoked_late = mk(6, cut + 500);
+    let mut verifications = Vec::new();
+    for x in [&expired, &expires_at_cut, &live, &revoked_early, &revoked_at_cut, &revoked_late] {
+        verifications.push(add_session(&*s, &ann, x).await);
+    }
+    for (x, at) in [(&revoked_early, cut - 1), (&revoked_at_cut, cut), (&revoked_late, cut + 1)] {
+        assert!(s.revoke_session(&x.id, at, &audit(Some(&acme.id), "session.revoke")).await.unwrap());
+    }
+    assert_eq!(s.purge_sessions(cut).await.unwrap(), 2, "expired before, or revoked before");
+    for (x, kept) in [
+        (&expired, false),
+        (&expires_at_cut, true),
+        (&live, true),
+        (&revoked_early, false),
+        (&revoked_at_cut, true),
+        (&revoked_late, true),
+    ] {
+        assert_eq!(s.session(&x.id).await.unwrap().is_some(), kept, "session expiring {} kept: {kept}", x.expires_at);
+    }
+    assert_eq!(s.purge_sessions(cut).await.unwrap(), 0);
+
+    // Verifications: by expiry only, consumed or not.
+    let v_old = Verification { expires_at: cut - 1, ..verification(&ann, VerificationPurpose::PasswordReset, &ann.id) };
+    let v_at = Verification { expires_at: cut, ..verification(&ann, VerificationPurpose::PasswordReset, &ann.id) };
+    for v in [&v_old, &v_at] {
+        s.create_verification(v, &mail("ann@example.com"), &audit(Some(&acme.id), "user.reset.request")).await.unwrap();
+    }
+    // The session verifications expire at NOW + 600 < cut.
+    let n = s.purge_verifications(cut).await.unwrap();
+    assert_eq!(n, u64::try_from(verifications.len()).unwrap() + 1, "session codes and v_old");
+    assert_eq!(s.verification(&v_old.id).await.unwrap(), None);
+    assert!(s.verification(&v_at.id).await.unwrap().is_some(), "expires_at == before is kept");
+    for v in &verifications {
+        assert_eq!(s.verification(&v.id).await.unwrap(), None);
+    }
+    assert_eq!(s.purge_verifications(cut).await.unwrap(), 0);
+}
+
+/// Like `every_mutation_rolls_back_with_its_audit_row`, for the Auth API's audited methods:
+/// when the audit insert fails (reused id), nothing of the change may remain.
+async fn auth_api_mutations_roll_back_with_their_audit_row(s: Arc<dyn Store>) {
+    let acme = seed_org(&*s, "acme").await;
+    let used = audit(Some(&acme.id), "used");
+    s.append_audit(&used).await.unwrap();
+    let reuse = |action: &str| AuditEvent { action: action.into(), ..used.clone() };
+    let ok = |action: &str| audit(Some(&acme.id), action);
+
+    let ann = seed_user(&*s, &acme.id, "ann@example.com").await;
+    let (active, active_v) = seed_session(&*s, &ann, 1).await;
+    assert!(s.consume_verification(&active_v.id, NOW, &activate(&active), &ok("session.verify")).await.unwrap());
+    let active = s.session(&active.id).await.unwrap().unwrap();
+    let (pending, pending_v) = seed_session(&*s, &ann, 2).await;
+    let (key, key_v) = seed_api_key(&*s, &ann, "k-1").await;
+    let alias = address(&ann, "alias@example.com");
+    let alias_v = verification(&ann, VerificationPurpose::Email, &alias.id);
+    s.add_user_email(&alias, &alias_v, &mail("alias@example.com"), &ok("user.email.add")).await.unwrap();
+    let ann = s.user(&acme.id, &ann.id).await.unwrap().unwrap();
+    let emails = s.user_emails(&ann.id).await.unwrap();
+    let mails = s.pending_mail_count().await.unwrap();
+    let log_len = audit_len(&*s).await;
+
+    // update_user (with end_sessions)
+    let changed = User { name: Some("changed".into()), updated_at: ann.updated_at + 1, ..ann.clone() };
+    assert_conflict(s.update_user(&changed, ann.updated_at, true, &reuse("user.update")).await, "update_user");
+    assert_eq!(s.user(&acme.id, &ann.id).await.unwrap().as_ref(), Some(&ann));
+    assert_eq!(s.session(&active.id).await.unwrap().as_ref(), Some(&active), "sessions not ended");
+
+    // set_login_failures
+    assert_conflict(s.set_login_failures(&ann.id, 4, Some(NOW + 60), &reuse("user.login")).await, "set_login_failures");
+    assert_eq!(s.user(&acme.id, &ann.id).await.unwrap().as_ref(), Some(&ann), "counter unchanged");
+
+    // delete_user
+    assert_conflict(s.delete_user(&acme.id, &ann.id, &reuse("user.delete")).await, "delete_user");
+    assert_eq!(s.user(&acme.id, &ann.id).await.unwrap().as_ref(), Some(&ann));
+    assert_eq!(s.user_emails(&ann.id).await.unwrap(), emails);
+    assert_eq!(s.session(&pending.id).await.unwrap().as_ref(), Some(&pending));
+    assert_eq!(s.api_key(&acme.id, &key.id).await.unwrap().as_ref(), Some(&key));
+    assert!(s.verification(&key_v.id).await.unwrap().is_some());
+
+    // add_user_email
+    let home = address(&ann, "home@example.com");
+    let home_v = verification(&ann, VerificationPurpose::Email, &home.id);
+    assert_conflict(
+        s.add_user_email(&home, &home_v, &mail("home@example.com"), &reuse("user.email.add")).await,
+        "add_user_email",
+    );
+    assert_eq!(s.user_emails(&ann.id).await.unwrap(), emails);
+    assert_eq!(s.verification(&home_v.id).await.unwrap(), None);
+
+    // consume_verification (each kind of effect)
+    assert_conflict(
+        s.consume_verification(
+            &alias_v.id,
+            NOW,
+            &VerificationEffect::VerifyEmail { email_id: alias.id.clone() },
+            &reuse("v"),
+        )
+        .await,
+        "verify email",
+    );
+    assert_eq!(s.user_emails(&ann.id).await.unwrap(), emails, "address not verified");
+    assert_eq!(s.verification(&alias_v.id).await.unwrap().as_ref(), Some(&alias_v), "not consumed");
+    assert_conflict(
+        s.consume_verification(&pending_v.id, NOW, &activate(&pending), &reuse("v")).await,
+        "activate session",
+    );
+    assert_eq!(s.session(&pending.id).await.unwrap().as_ref(), Some(&pending));
+    assert_eq!(s.verification(&pending_v.id).await.unwrap().as_ref(), Some(&pending_v), "sealed token kept");
+    assert_eq!(s.user_emails(&ann.id).await.unwrap(), emails);
+    assert_conflict(
+        s.consume_verification(
+            &key_v.id,
+            NOW,
+            &VerificationEffect::ActivateApiKey { key_id: key.id.clone() },
+            &reuse("v"),
+        )
+        .await,
+        "activate key",
+    );
+    assert_eq!(s.api_key(&acme.id, &key.id).await.unwrap().as_ref(), Some(&key));
+    let reset_v = verification(&ann, VerificationPurpose::PasswordReset, &ann.id);
+    assert_conflict(
+        s.create_verification(&reset_v, &mail("ann@example.com"), &reuse("reset.request")).await,
+        "create_verification",
+    );
+    assert_eq!(s.verification(&reset_v.id).await.unwrap(), None);
+    s.create_verification(&reset_v, &mail("ann@example.com"), &ok("reset.request")).await.unwrap();
+    let reset = VerificationEffect::ResetPassword { user_id: ann.id.clone(), password_hash: "$argon2id$x".into() };
+    assert_conflict(s.consume_verification(&reset_v.id, NOW + 5, &reset, &reuse("reset")).await, "reset password");
+    assert_eq!(s.user(&acme.id, &ann.id).await.unwrap().as_ref(), Some(&ann), "password unchanged");
+    assert_eq!(s.session(&active.id).await.unwrap().as_ref(), Some(&active), "sessions not ended");
+    assert_eq!(s.verification(&reset_v.id).await.unwrap().unwrap().consumed_at, None);
+
+    // set_primary_email (the alias verified for real first), remove_user_email
+    assert!(
+        s.consume_verification(
+            &alias_v.id,
+            NOW,
+            &VerificationEffect::VerifyEmail { email_id: alias.id.clone() },
+            &ok("v")
+        )
+        .await
+        .unwrap()
+    );
+    assert_conflict(s.set_primary_email(&ann.id, &alias.id, NOW + 5, &reuse("primary")).await, "set_primary_email");
+    assert_eq!(s.user(&acme.id, &ann.id).await.unwrap().as_ref(), Some(&ann));
+    let emails = s.user_emails(&ann.id).await.unwrap();
+    assert_conflict(s.remove_user_email(&ann.id, &alias.id, &reuse("remove")).await, "remove_user_email");
+    assert_eq!(s.user_emails(&ann.id).await.unwrap(), emails);
+
+    // Sessions: create, rotate, revoke one, revoke all.
+    let new_sess = session(&ann, 3);
+    let new_v = verification(&ann, VerificationPurpose::Session, &new_sess.id);
+    assert_conflict(
+        s.create_session(&new_sess, &new_v, &mail("ann@example.com"), &reuse("session.create")).await,
+        "create_session",
+    );
+    assert_eq!(s.session(&new_sess.id).await.unwrap(), None);
+    assert_eq!(s.verification(&new_v.id).await.unwrap(), None);
+    assert_conflict(s.rotate_session_token(&active.id, &hash(1), &hash(9), NOW + 5, &reuse("refresh")).await, "rotate");
+    assert_eq!(s.session_by_token(&hash(1)).await.unwrap().as_ref(), Some(&active));
+    assert_conflict(s.revoke_session(&active.id, NOW + 5, &reuse("revoke")).await, "revoke_session");
+    assert_conflict(s.revoke_user_sessions(&ann.id, NOW + 5, &reuse("revoke_all")).await, "revoke_user_sessions");
+    assert_eq!(s.session(&active.id).await.unwrap().as_ref(), Some(&active));
+    assert_eq!(s.session(&pending.id).await.unwrap().as_ref(), Some(&pending));
+
+    // API keys.
+    let k2 = api_key(&ann, "k-2");
+    let k2_v = verification(&ann, VerificationPurpose::ApiKey, &k2.id);
+    assert_conflict(
+        s.create_api_key(&k2, &k2_v, &mail("ann@example.com"), &reuse("api_key.create")).await,
+        "create_api_key",
+    );
+    assert_eq!(s.api_key_by_key("k-2").await.unwrap(), None);
+    assert_eq!(s.verification(&k2_v.id).await.unwrap(), None);
+    assert_conflict(s.revoke_api_key(&key.id, NOW + 5, &reuse("api_key.revoke")).await, "revoke_api_key");
+    assert_eq!(s.api_key(&acme.id, &key.id).await.unwrap().as_ref(), Some(&key));
+
+    // No mail was queued by a refused call; the log holds the two successful writes only.
+    assert_eq!(s.pending_mail_count().await.unwrap(), mails + 1, "only the successful create_verification's mail");
+    let log = s.audit_events(None, all()).await.unwrap();
+    assert_eq!(log.iter().filter(|e| e.id == used.id).collect::<Vec<_>>(), vec![&used]);
+    assert_eq!(log.len(), log_len + 2, "create_verification and the email verification only");
 }

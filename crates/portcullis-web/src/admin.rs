@@ -7,6 +7,7 @@ use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use portcullis_core::Portcullis;
 use portcullis_core::model::{Application, Organisation, Page, Service};
 use portcullis_core::usecases::*;
 use secrecy::ExposeSecret;
@@ -22,26 +23,48 @@ pub struct Admin(pub Principal, pub RequestContext);
 impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
 
+    /// `api-key` + `api-secret` headers, or `Authorization: Bearer` with a session token
+    /// (`pcs_…`) or an access token (JWT).
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let ctx = parts.extensions.get::<RequestContext>().cloned().unwrap_or_default();
-        let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
-            return Err(ApiError::Unauthenticated {
-                description: "a bearer access token is required".into(),
-                invalid_token: false,
-            });
-        };
-        let value = value.to_str().unwrap_or_default();
-        let token = match value.split_once(' ') {
-            Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") && !t.trim().is_empty() => t.trim(),
-            _ => {
+        if let Some(key) = parts.headers.get("api-key") {
+            let secret = parts.headers.get("api-secret").and_then(|v| v.to_str().ok()).unwrap_or_default();
+            let key = key.to_str().unwrap_or_default();
+            if secret.is_empty() {
                 return Err(ApiError::Unauthenticated {
-                    description: "the Authorization header must be 'Bearer <token>'".into(),
-                    invalid_token: true,
+                    description: "the api-secret header is required with api-key".into(),
+                    invalid_token: false,
                 });
             }
+            let principal = state.core.authenticate_api_key(&ctx, key, secret).await?;
+            return Ok(Admin(principal, ctx));
+        }
+        let token = bearer(parts)?;
+        let principal = if token.starts_with(SESSION_TOKEN_PREFIX) {
+            Portcullis::session_principal(state.core.validate_session(&ctx, token).await?.as_ref())
+        } else {
+            state.core.principal_from_bearer(token, &ctx).await?
         };
-        let principal = state.core.principal_from_bearer(token, &ctx).await?;
         Ok(Admin(principal, ctx))
+    }
+}
+
+/// The bearer token of a request (401 with a challenge when there is none).
+pub fn bearer(parts: &Parts) -> Result<&str, ApiError> {
+    let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
+        return Err(ApiError::Unauthenticated {
+            description: "a bearer token (session or access token) or api-key and api-secret headers are required"
+                .into(),
+            invalid_token: false,
+        });
+    };
+    let value = value.to_str().unwrap_or_default();
+    match value.split_once(' ') {
+        Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") && !t.trim().is_empty() => Ok(t.trim()),
+        _ => Err(ApiError::Unauthenticated {
+            description: "the Authorization header must be 'Bearer <token>'".into(),
+            invalid_token: true,
+        }),
     }
 }
 
@@ -53,7 +76,7 @@ pub struct PageQuery {
 }
 
 impl PageQuery {
-    fn page(&self) -> Page {
+    pub fn page(&self) -> Page {
         Page::new(self.limit, self.offset)
     }
 }
@@ -262,14 +285,31 @@ pub async fn create_user(
     Ok(created(serde_json::to_value(UserView::from(&u)).unwrap_or_default()))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserQuery {
+    q: Option<String>,
+    limit: Option<u32>,
+    offset: Option<u64>,
+}
+
 pub async fn users(
     State(s): State<AppState>,
     Admin(who, _): Admin,
     Path(org): Path<String>,
-    Query(q): Query<PageQuery>,
+    Query(q): Query<UserQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let list = s.core.users(&who, &org, q.page()).await?;
+    let page = Page::new(q.limit, q.offset);
+    let list = s.core.search_users(&who, &org, q.q.as_deref(), page).await?;
     Ok(Json(serde_json::json!({ "items": list.iter().map(UserView::from).collect::<Vec<_>>() })))
+}
+
+pub fn user_json(u: &portcullis_core::model::User, emails: &[portcullis_core::model::UserEmail]) -> serde_json::Value {
+    let mut v = serde_json::to_value(UserView::from(u)).unwrap_or_default();
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("emails".into(), serde_json::to_value(email_views(u, emails)).unwrap_or_default());
+    }
+    v
 }
 
 pub async fn user(
@@ -277,7 +317,102 @@ pub async fn user(
     Admin(who, _): Admin,
     Path((org, id)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    Ok(Json(serde_json::to_value(UserView::from(&s.core.user(&who, &org, &id).await?)).unwrap_or_default()))
+    let (u, emails) = s.core.user_with_emails(&who, &org, &id).await?;
+    Ok(Json(user_json(&u, &emails)))
+}
+
+pub async fn update_user(
+    State(s): State<AppState>,
+    Admin(who, ctx): Admin,
+    Path((org, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let patch: UserPatch = json_body(&headers, body).await?;
+    let u = s.core.update_user(&who, &ctx, &org, &id, patch).await?;
+    Ok(Json(serde_json::to_value(UserView::from(&u)).unwrap_or_default()))
+}
+
+pub async fn delete_user(
+    State(s): State<AppState>,
+    Admin(who, ctx): Admin,
+    Path((org, id)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    s.core.delete_user(&who, &ctx, &org, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn grant_user_role(
+    State(s): State<AppState>,
+    Admin(who, ctx): Admin,
+    Path((org, id, role)): Path<(String, String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let u = s.core.set_user_role(&who, &ctx, &org, &id, &role, true).await?;
+    Ok(Json(serde_json::to_value(UserView::from(&u)).unwrap_or_default()))
+}
+
+pub async fn revoke_user_role(
+    State(s): State<AppState>,
+    Admin(who, ctx): Admin,
+    Path((org, id, role)): Path<(String, String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let u = s.core.set_user_role(&who, &ctx, &org, &id, &role, false).await?;
+    Ok(Json(serde_json::to_value(UserView::from(&u)).unwrap_or_default()))
+}
+
+pub async fn user_sessions(
+    State(s): State<AppState>,
+    Admin(who, _): Admin,
+    Path((org, id)): Path<(String, String)>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let list = s.core.user_sessions(&who, &org, &id, q.page()).await?;
+    Ok(Json(serde_json::json!({ "items": list.iter().map(SessionView::from).collect::<Vec<_>>() })))
+}
+
+pub async fn revoke_user_sessions(
+    State(s): State<AppState>,
+    Admin(who, ctx): Admin,
+    Path((org, id)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let n = s.core.admin_revoke_user_sessions(&who, &ctx, &org, &id).await?;
+    Ok(Json(serde_json::json!({ "revoked": n })))
+}
+
+pub async fn revoke_session(
+    State(s): State<AppState>,
+    Admin(who, ctx): Admin,
+    Path((org, id)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    s.core.admin_revoke_session(&who, &ctx, &org, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyQuery {
+    user_id: Option<String>,
+    limit: Option<u32>,
+    offset: Option<u64>,
+}
+
+pub async fn org_api_keys(
+    State(s): State<AppState>,
+    Admin(who, _): Admin,
+    Path(org): Path<String>,
+    Query(q): Query<KeyQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let list = s.core.org_api_keys(&who, &org, q.user_id.as_deref(), Page::new(q.limit, q.offset)).await?;
+    Ok(Json(serde_json::json!({ "items": list.iter().map(ApiKeyView::from).collect::<Vec<_>>() })))
+}
+
+pub async fn revoke_org_api_key(
+    State(s): State<AppState>,
+    Admin(who, ctx): Admin,
+    Path((org, id)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    s.core.revoke_api_key(&ctx, &who, Some(&org), &id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 pub async fn audit_events(

@@ -95,12 +95,47 @@ pub async fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> 
         Err(BodyError::TooLarge) => return Err(ApiError::PayloadTooLarge(API_BODY_LIMIT)),
         Err(BodyError::Unreadable) => return Err(ApiError::BadRequest("request body could not be read".into())),
     };
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {}", json_error(&e))))
+}
+
+/// serde's message, minus any value it quotes: "invalid type: string \"hunter2\", expected …"
+/// would put a password sent in the wrong place into `x-error` and the log.
+fn json_error(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    if msg.starts_with("invalid type") || msg.starts_with("invalid value") || msg.starts_with("invalid length") {
+        let what = msg.split(':').next().unwrap_or("invalid value");
+        let expected = msg.split_once(", expected ").map(|(_, x)| x.split(" at line").next().unwrap_or(x));
+        match expected {
+            Some(x) => format!("{what}, expected {x} at line {} column {}", e.line(), e.column()),
+            None => format!("{what} at line {} column {}", e.line(), e.column()),
+        }
+    } else {
+        msg
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_errors_never_quote_the_value() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct T {
+            password: String,
+            n: u32,
+        }
+        for body in [r#"{"password": 123456789, "n": 1}"#, r#"{"password": "x", "n": "hunter2"}"#] {
+            let e = serde_json::from_str::<T>(body).unwrap_err();
+            let m = json_error(&e);
+            assert!(!m.contains("123456789") && !m.contains("hunter2"), "{m}");
+            assert!(m.contains("expected") && m.contains("line 1"), "{m}");
+        }
+        let e = serde_json::from_str::<T>(r#"{"pasword": "x"}"#).unwrap_err();
+        assert!(json_error(&e).contains("pasword"), "unknown field names are kept");
+    }
 
     #[test]
     fn forms_refuse_repeats_and_drop_empty_values() {

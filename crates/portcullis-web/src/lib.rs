@@ -4,6 +4,7 @@
 //! error response carries `x-error` and `x-error-id`.
 
 pub mod admin;
+pub mod auth;
 pub mod body;
 pub mod error;
 pub mod oauth;
@@ -17,7 +18,7 @@ use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, put};
 use metrics_exporter_prometheus::PrometheusHandle;
 use portcullis_core::Portcullis;
 use portcullis_core::usecases::RequestContext;
@@ -30,6 +31,7 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     use admin as a;
+    use auth as au;
     let org = "/api/v1/organisations/{org}";
     Router::new()
         .route("/healthz", get(healthz))
@@ -41,12 +43,28 @@ pub fn router(state: AppState) -> Router {
         .route("/oauth2/token", post(oauth::token))
         .route("/oauth2/introspect", post(oauth::introspect))
         .route("/oauth2/revoke", post(oauth::revoke))
+        .route("/api/v1/sessions", post(au::login).get(au::my_sessions))
+        .route("/api/v1/sessions/verify", post(au::verify_session))
+        .route("/api/v1/sessions/refresh", post(au::refresh_session))
+        .route("/api/v1/sessions/current", get(au::current_session).delete(au::revoke_current_session))
+        .route("/api/v1/sessions/{id}", delete(au::revoke_my_session))
+        .route("/api/v1/api-keys", post(au::create_api_key).get(au::my_api_keys))
+        .route("/api/v1/api-keys/verify", post(au::verify_api_key))
+        .route("/api/v1/api-keys/{id}", delete(au::revoke_my_api_key))
+        .route("/api/v1/me", get(au::me))
+        .route("/api/v1/me/password", post(au::change_password))
+        .route("/api/v1/me/emails", post(au::add_email))
+        .route("/api/v1/me/emails/verify", post(au::verify_email))
+        .route("/api/v1/me/emails/{id}", delete(au::remove_email))
+        .route("/api/v1/me/emails/{id}/primary", post(au::make_primary_email))
+        .route("/api/v1/password-reset", post(au::request_password_reset))
+        .route("/api/v1/password-reset/confirm", post(au::confirm_password_reset))
         .route("/api/v1/organisations", post(a::create_organisation).get(a::organisations))
         .route(org, get(a::organisation))
         .route(&format!("{org}/services"), post(a::create_service).get(a::services))
         .route(&format!("{org}/services/{{svc}}"), get(a::service).delete(a::delete_service))
         .route(&format!("{org}/roles"), get(a::roles))
-        .route(&format!("{org}/roles/{{role}}"), axum::routing::put(a::set_role))
+        .route(&format!("{org}/roles/{{role}}"), put(a::set_role))
         .route(&format!("{org}/applications"), post(a::create_application).get(a::applications))
         .route(
             &format!("{org}/applications/{{app}}"),
@@ -54,7 +72,12 @@ pub fn router(state: AppState) -> Router {
         )
         .route(&format!("{org}/applications/{{app}}/rotate-secret"), post(a::rotate_secret))
         .route(&format!("{org}/users"), post(a::create_user).get(a::users))
-        .route(&format!("{org}/users/{{id}}"), get(a::user))
+        .route(&format!("{org}/users/{{id}}"), get(a::user).patch(a::update_user).delete(a::delete_user))
+        .route(&format!("{org}/users/{{id}}/roles/{{role}}"), put(a::grant_user_role).delete(a::revoke_user_role))
+        .route(&format!("{org}/users/{{id}}/sessions"), get(a::user_sessions).delete(a::revoke_user_sessions))
+        .route(&format!("{org}/sessions/{{id}}"), delete(a::revoke_session))
+        .route(&format!("{org}/api-keys"), get(a::org_api_keys))
+        .route(&format!("{org}/api-keys/{{id}}"), delete(a::revoke_org_api_key))
         .route(&format!("{org}/audit-events"), get(a::audit_events))
         .route("/api/v1/authz/check", post(a::authz_check))
         .route("/api/v1/keys/rotate", post(a::rotate_keys))

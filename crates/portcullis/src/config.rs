@@ -11,11 +11,12 @@ use anyhow::{Context, bail};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use portcullis_core::crypto::signing::Algorithm;
+use portcullis_core::settings::AuthSettings;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 /// Environment variables read directly (not config keys).
-const DIRECT_ENV: [&str; 4] = ["master_key", "admin_password", "admin_client_secret", "config"];
+const DIRECT_ENV: [&str; 5] = ["master_key", "admin_password", "admin_client_secret", "smtp_password", "config"];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -31,7 +32,30 @@ pub struct Config {
     pub log: LogConfig,
     pub tokens: TokenConfig,
     pub clients: ClientConfig,
+    pub auth: AuthSettings,
+    /// Real mail delivery; without it mail goes to `data_dir/outbox/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smtp: Option<crate::mail::SmtpConfig>,
     pub bootstrap: BootstrapConfig,
+}
+
+/// `[auth]` is the core's [`AuthSettings`], checked here.
+fn validate_auth(a: &AuthSettings) -> anyhow::Result<()> {
+    let within = |name: &str, v: i64, lo: i64, hi: i64| {
+        if (lo..=hi).contains(&v) { Ok(()) } else { Err(anyhow::anyhow!("auth.{name} must be {lo} to {hi}")) }
+    };
+    within("session_idle_timeout", a.session_idle_timeout, 60, 30 * 86_400)?;
+    within("session_lifetime", a.session_lifetime, a.session_idle_timeout.max(60), 365 * 86_400)?;
+    within("code_lifetime", a.code_lifetime, 60, 86_400)?;
+    within("code_max_attempts", i64::from(a.code_max_attempts), 1, 10)?;
+    within("attempts_per_account_per_minute", i64::from(a.attempts_per_account_per_minute), 1, 10_000)?;
+    within("attempts_per_ip_per_minute", i64::from(a.attempts_per_ip_per_minute), 1, 1_000_000)?;
+    within("lockout_threshold", i64::from(a.lockout_threshold), 1, 1000)?;
+    within("lockout_duration", a.lockout_duration, 1, 30 * 86_400)?;
+    within("password_hash_concurrency", i64::try_from(a.password_hash_concurrency).unwrap_or(i64::MAX), 1, 256)?;
+    within("password_queue_wait_ms", i64::try_from(a.password_queue_wait_ms).unwrap_or(i64::MAX), 0, 60_000)?;
+    within("api_key_max_lifetime", a.api_key_max_lifetime, 3600, 10 * 365 * 86_400)?;
+    Ok(())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -87,6 +111,8 @@ impl Default for Config {
                 key_check_interval: 30,
             },
             clients: ClientConfig { secret_rotation_grace: 86_400, cache_ttl: 30, auth_failures_per_minute: 30 },
+            auth: AuthSettings::default(),
+            smtp: None,
             bootstrap: BootstrapConfig { admin_email: "admin@portcullis.local".into() },
         }
     }
@@ -183,6 +209,10 @@ fn validate(mut raw: Config) -> anyhow::Result<Settings> {
     }
     if !(0..=30 * 86_400).contains(&raw.clients.secret_rotation_grace) || !(0..=3600).contains(&raw.clients.cache_ttl) {
         bail!("clients: secret_rotation_grace must be 0 to 2592000 and cache_ttl 0 to 3600 seconds");
+    }
+    validate_auth(&raw.auth)?;
+    if let Some(smtp) = &raw.smtp {
+        smtp.validate().context("smtp")?;
     }
     Ok(Settings {
         listen,

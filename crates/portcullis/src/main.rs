@@ -4,6 +4,7 @@
 //! through the system adapter.
 
 mod config;
+mod mail;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -364,7 +365,9 @@ async fn wire(s: &Settings, issuer: String, lock: bool) -> anyhow::Result<Wired>
     core.cache_ttl = s.raw.clients.cache_ttl;
     core.auth_failures_per_minute = s.raw.clients.auth_failures_per_minute.max(1);
     core.bootstrap_admin_email = s.raw.bootstrap.admin_email.clone();
-    let core = Arc::new(Portcullis::new(store, clock, vault, core));
+    core.auth = s.raw.auth.clone();
+    let mailer = mail::build(s.raw.smtp.as_ref(), secret_env("SMTP_PASSWORD")?, &s.data_dir.join("outbox"))?;
+    let core = Arc::new(Portcullis::new(store, clock, vault, core).with_mailer(mailer));
     let report = core
         .bootstrap(BootstrapSecrets {
             admin_password: secret_env("ADMIN_PASSWORD")?,
@@ -402,6 +405,7 @@ fn cli_principal() -> Principal {
         org: PLATFORM_ORG.into(),
         roles: vec![ROLE_PLATFORM_ADMIN.into()],
         scopes: vec![],
+        credential: Credential::AccessToken,
     }
 }
 
@@ -508,6 +512,7 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         .and_then(|b| b.install_recorder())
         .map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
     spawn_maintenance(w.core.clone(), metrics.clone(), Duration::from_secs(s.raw.tokens.key_check_interval));
+    spawn_mail_delivery(w.core.clone());
     let app = portcullis_web::router(portcullis_web::AppState { core: w.core.clone(), metrics: Some(metrics) });
     tracing::info!(issuer = %w.core.issuer(), "listening on http://{bound}");
     // Responses are written whole; never hold them back for Nagle.
@@ -538,7 +543,22 @@ fn spawn_maintenance(core: Arc<Portcullis>, metrics: metrics_exporter_prometheus
             if let Err(e) = core.purge_expired_revocations().await {
                 tracing::warn!(error = %e, "purging expired revocations failed");
             }
+            if let Err(e) = core.purge_ended_credentials().await {
+                tracing::warn!(error = %e, "purging ended sessions and codes failed");
+            }
             metrics.run_upkeep();
+        }
+    });
+}
+
+/// Delivers queued mail as soon as it is queued, and retries failures on their schedule.
+fn spawn_mail_delivery(core: Arc<Portcullis>) {
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = core.deliver_mail().await {
+                tracing::warn!(error = %e, "mail delivery round failed; retrying");
+            }
+            core.wait_for_mail(Duration::from_secs(5)).await;
         }
     });
 }

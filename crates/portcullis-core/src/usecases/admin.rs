@@ -7,7 +7,6 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use super::*;
-use crate::crypto::password;
 use crate::crypto::secrets::{SecretHash, generate_secret};
 use crate::crypto::signing::Algorithm;
 use crate::ids::{ClientId, Email, PermissionName};
@@ -173,7 +172,10 @@ pub struct UserView {
     pub name: Option<String>,
     pub roles: Vec<String>,
     pub enabled: bool,
+    /// Set while the account is locked after repeated failed logins.
+    pub locked_until: Option<UnixTime>,
     pub created_at: UnixTime,
+    pub updated_at: UnixTime,
 }
 
 impl From<&User> for UserView {
@@ -184,7 +186,9 @@ impl From<&User> for UserView {
             name: u.name.clone(),
             roles: u.roles.iter().map(ToString::to_string).collect(),
             enabled: u.enabled,
+            locked_until: u.locked_until,
             created_at: u.created_at,
+            updated_at: u.updated_at,
         }
     }
 }
@@ -197,7 +201,7 @@ fn dedup<T: Ord + Clone>(v: Vec<T>) -> Vec<T> {
     v.into_iter().collect::<BTreeSet<_>>().into_iter().collect()
 }
 
-fn check_name(name: &str) -> Result<String> {
+pub(crate) fn check_name(name: &str) -> Result<String> {
     let n = name.trim();
     if n.is_empty() || n.chars().count() > 200 || n.chars().any(char::is_control) {
         return Err(Error::invalid("name must be 1 to 200 characters without control characters"));
@@ -486,7 +490,7 @@ impl Portcullis {
         Ok(())
     }
 
-    async fn check_grantable(
+    pub(crate) async fn check_grantable(
         &self,
         who: &Principal,
         org: &Organisation,
@@ -772,14 +776,7 @@ impl Portcullis {
         self.check_grantable(who, &org, &roles, &[]).await?;
         let name = req.name.as_deref().map(check_name).transpose()?;
         let password_hash = match req.password {
-            Some(p) => {
-                password::check_password_policy(&p)?;
-                Some(
-                    tokio::task::spawn_blocking(move || password::hash_password(&p))
-                        .await
-                        .map_err(Error::internal)??,
-                )
-            }
+            Some(p) => Some(self.hash_password_limited(p).await?),
             None => None,
         };
         let now = self.now();
@@ -791,6 +788,8 @@ impl Portcullis {
             password_hash,
             roles,
             enabled: true,
+            failed_logins: 0,
+            locked_until: None,
             created_at: now,
             updated_at: now,
         };

@@ -142,6 +142,8 @@ impl Portcullis {
             password_hash: Some(hash),
             roles: vec![RoleName::parse(ROLE_PLATFORM_ADMIN)?],
             enabled: true,
+            failed_logins: 0,
+            locked_until: None,
             created_at: now,
             updated_at: now,
         };

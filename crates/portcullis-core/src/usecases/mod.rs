@@ -3,16 +3,20 @@
 //! use case is one store transaction with its audit event.
 
 mod admin;
+mod auth;
 mod bootstrap;
 mod keys;
 mod oauth;
+mod users;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 pub use admin::*;
+pub use auth::*;
 pub use bootstrap::*;
 pub use oauth::*;
+pub use users::*;
 
 use crate::clock::{Clock, UnixTime};
 use crate::crypto::keyring::KeyRing;
@@ -32,15 +36,28 @@ pub const ROLE_ORG_ADMIN: &str = "portcullis:org-admin";
 pub const ROLE_GATEWAY: &str = "portcullis:gateway";
 pub const ADMIN_APP: &str = "admin";
 
-/// Who is calling: derived from a verified access token.
+/// How the caller proved who it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// An OAuth access token (the subject is a client or, later, a user).
+    AccessToken,
+    /// A verified login session (the subject is the user).
+    Session { id: String },
+    /// An activated API key (the subject is the user who created it).
+    ApiKey { id: String },
+}
+
+/// Who is calling: derived from a verified access token, session or API key.
 #[derive(Debug, Clone)]
 pub struct Principal {
     pub subject: String,
+    /// The OAuth client, or `session` / `api-key` for people and their keys.
     pub client_id: String,
     /// Organisation slug.
     pub org: String,
     pub roles: Vec<String>,
     pub scopes: Vec<String>,
+    pub credential: Credential,
 }
 
 impl Principal {
@@ -58,6 +75,13 @@ impl Principal {
             Err(Error::Forbidden(format!(
                 "requires role {ROLE_PLATFORM_ADMIN}, or {ROLE_ORG_ADMIN} in organisation {org_slug}"
             )))
+        }
+    }
+    /// The signed-in user, for the self-service endpoints (sessions and API keys).
+    pub fn ensure_user(&self) -> Result<&str> {
+        match self.credential {
+            Credential::Session { .. } => Ok(&self.subject),
+            _ => Err(Error::Forbidden("this endpoint needs a signed-in user (a session token)".into())),
         }
     }
     pub fn ensure_platform_admin(&self) -> Result<()> {
@@ -110,6 +134,7 @@ pub struct Portcullis {
     auth_failures: crate::ratelimit::FailureLimiter,
     /// The platform's own service, built once (its audience is the issuer).
     pub(crate) platform: Service,
+    pub(crate) auth: auth::AuthState,
 }
 
 impl std::fmt::Debug for Portcullis {
@@ -122,6 +147,7 @@ impl Portcullis {
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, vault: Arc<dyn KeyVault>, settings: CoreSettings) -> Self {
         let auth_failures = crate::ratelimit::FailureLimiter::new(settings.auth_failures_per_minute, 60);
         let platform = platform_service(&settings.issuer);
+        let settings_auth = settings.auth.clone();
         Self {
             store,
             clock,
@@ -131,7 +157,14 @@ impl Portcullis {
             caches: Caches::default(),
             auth_failures,
             platform,
+            auth: auth::AuthState::new(&settings_auth),
         }
+    }
+
+    /// Where mail goes (default: kept in memory, for tests).
+    pub fn with_mailer(mut self, mailer: Arc<dyn crate::mail::Mailer>) -> Self {
+        self.auth.mailer = mailer;
+        self
     }
 
     pub fn settings(&self) -> &CoreSettings {

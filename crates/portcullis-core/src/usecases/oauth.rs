@@ -384,7 +384,12 @@ impl Portcullis {
 
     /// A refused bearer token: audited, and counted per IP so a flood of bad tokens cannot turn
     /// into a flood of audit writes (beyond the limit: 429, nothing written).
-    async fn bearer_authentication_failed(&self, ctx: &RequestContext, presented: &str, reason: &str) -> Error {
+    pub(crate) async fn bearer_authentication_failed(
+        &self,
+        ctx: &RequestContext,
+        presented: &str,
+        reason: &str,
+    ) -> Error {
         if let Some(ip) = &ctx.ip
             && let Err(retry_after_secs) = self.auth_failures.fail(&[&format!("bearer-ip:{ip}")], self.now())
         {
@@ -423,6 +428,7 @@ impl Portcullis {
             org: claims.org.clone(),
             scopes: claims.scopes().map(str::to_owned).collect(),
             roles,
+            credential: Credential::AccessToken,
         })
     }
 }
