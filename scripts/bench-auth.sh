@@ -55,7 +55,7 @@ api /api/v1/organisations/bench/users "{\"email\":\"bench@example.test\",\"passw
 login=$(curl -fs -H 'content-type: application/json' -d "{\"email\":\"bench@example.test\",\"password\":\"$password\"}" "$url/api/v1/sessions")
 session=$(echo "$login" | field session_token); vid=$(echo "$login" | field verification_id)
 for _ in $(seq 50); do grep -q 'code=' "$work/err" && break; sleep 0.1; done
-code=$(grep -o 'code=[0-9]*' "$work/err" | tail -1 | cut -d= -f2)
+code=$(grep -o 'code=[^ ]*' "$work/err" | tail -1 | tr -dc '0-9')
 curl -fs -H 'content-type: application/json' -d "{\"verification_id\":\"$vid\",\"code\":\"$code\"}" "$url/api/v1/sessions/verify" >/dev/null
 
 cat >"$work/done.lua" <<'LUA'
@@ -92,16 +92,17 @@ done
 mh=$(median "${h[@]}"); mv=$(median "${v[@]}")
 echo "median: /healthz $mh req/s, sessions/current $mv req/s, ratio $(awk -v a="$mv" -v b="$mh" 'BEGIN {printf "%.2f", a/b}')"
 
-echo "== $backend: logins vs the Argon2id bound; token endpoint alone and during the login storm"
+echo "== $backend: logins alone vs the Argon2id bound; then the token endpoint (1 connection) alone and during a login storm"
 l=(); b=()
 for r in $(seq "$ROUNDS"); do
   bound=$("$target/examples/argon2_rate" "$(nproc)" | awk '/^RESULT/ {print $2}')
-  read -r ta te tp < <(run 4 "$work/token.lua" "$url/oauth2/token")
-  run 4 "$work/token.lua" "$url/oauth2/token" >"$work/during" &
-  bg=$!
   read -r lv le lp < <(run "$CONNECTIONS" "$work/login.lua" "$url/api/v1/sessions")
+  read -r ta te tp < <(run 1 "$work/token.lua" "$url/oauth2/token")
+  run 1 "$work/token.lua" "$url/oauth2/token" >"$work/during" &
+  bg=$!
+  read -r ls lse lsp < <(run "$CONNECTIONS" "$work/login.lua" "$url/api/v1/sessions")
   wait "$bg"; read -r td tde tdp <"$work/during"
-  echo "round $r: argon2id bound ${bound}/s  logins ${lv}/s (errors $le, p99 ${lp}us)  token alone ${ta}/s p99 ${tp}us, during logins ${td}/s p99 ${tdp}us (errors $tde)"
+  echo "round $r: argon2id bound ${bound}/s  logins ${lv}/s (errors $le, p99 ${lp}us) | token alone ${ta}/s p99 ${tp}us; during a login storm (${ls} logins/s) ${td}/s p99 ${tdp}us (errors $tde)"
   l+=("$lv"); b+=("$bound")
 done
 ml=$(median "${l[@]}"); mb=$(median "${b[@]}")

@@ -1,234 +1,40 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 //! End-to-end tests of the Auth API (login sessions, emailed codes, API keys, attempt limits,
 //! lockout, mail delivery): the real `portcullis serve` binary, started as a child process on a
-//! free port with its own data directory (as in `e2e.rs`), delivering its mail over SMTP to a
-//! real SMTP server started by each test (`tests/e2e/smtp_sink.py`, Python's aiosmtpd), which
-//! stores every message it receives; the tests read the codes out of the delivered messages
-//! (parsed by Python's `email` module). Python 3 with `aiosmtpd` is required (scripts/test.sh
-//! installs it); without it these tests fail.
+//! free port with its own data directory (by the harness in `support/`, shared with `e2e.rs`),
+//! delivering its mail over SMTP to a real SMTP server started by each test
+//! (`tests/e2e/smtp_sink.py`, Python's aiosmtpd), which stores every message it receives; the
+//! tests read the codes out of the delivered messages (parsed by Python's `email` module).
+//! Python 3 with `aiosmtpd` is required (scripts/test.sh installs it); without it these tests
+//! fail.
 //!
 //! The timing test takes an exclusive file lock (every other test a shared one) so that it is
 //! not measured while another test of this file hashes passwords on the same cores.
 
+#[allow(dead_code)]
+mod support;
+
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
-use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+use support::{
+    ADMIN_PASSWORD, ADMIN_SECRET, Client, Cred, Resp, Server, Stream, admin_token, create_acme_payments, drain, http,
+    random_hex, send, wait_line,
+};
+
 const SINK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/smtp_sink.py");
 const LOCK_FILE: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/portcullis-auth-e2e.lock");
-const ADMIN_ID: &str = "portcullis$admin";
-/// 43 printable ASCII characters, like a generated secret.
-const ADMIN_SECRET: &str = "auth-e2e-admin-client-secret-0123456789abcd";
-const ADMIN_PASSWORD: &str = "auth-e2e-admin-password-98765";
 const FROM: &str = "Portcullis <noreply@example.test>";
 const INVALID_LOGIN: &str = "invalid email or password";
-const START_TIMEOUT: Duration = Duration::from_secs(60);
-const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a mail may take to reach the SMTP server when nothing goes wrong.
 const MAIL_TIMEOUT: Duration = Duration::from_secs(10);
-
-// ------------------------------------------------------------------------------ processes --
-
-/// A `portcullis` command with a clean `PORTCULLIS_*` environment and the known admin secrets.
-fn portcullis_command(envs: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("PORTCULLIS_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("RUST_LOG", "info").env("NO_COLOR", "1");
-    cmd.env("PORTCULLIS_ADMIN_CLIENT_SECRET", ADMIN_SECRET).env("PORTCULLIS_ADMIN_PASSWORD", ADMIN_PASSWORD);
-    cmd.envs(envs.iter().copied());
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd
-}
-
-/// Copies a pipe into `buf` line by line, forwarding each line to `tx` if given.
-fn drain<R: Read + Send + 'static>(
-    pipe: R,
-    buf: Arc<Mutex<String>>,
-    tx: Option<mpsc::Sender<String>>,
-) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut r = BufReader::new(pipe);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            match r.read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let text = String::from_utf8_lossy(&line).into_owned();
-                    buf.lock().unwrap().push_str(&text);
-                    if let Some(tx) = &tx {
-                        let _ = tx.send(text);
-                    }
-                }
-            }
-        }
-    })
-}
-
-fn wait_deadline(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return Some(st);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Waits for the first line `pick` accepts (`None` if the pipe closed first), or panics.
-fn wait_line<T>(
-    rx: &mpsc::Receiver<String>,
-    child: &mut Child,
-    what: &str,
-    log: &Mutex<String>,
-    pick: impl Fn(&str) -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(line) => {
-                if let Some(v) = pick(&line) {
-                    return v;
-                }
-            }
-            Err(RecvTimeoutError::Timeout) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{what} did not start within {START_TIMEOUT:?}; output:\n{}", log.lock().unwrap());
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                let st = wait_deadline(child, EXIT_TIMEOUT);
-                panic!("{what} exited before it was ready ({st:?}); output:\n{}", log.lock().unwrap());
-            }
-        }
-    }
-}
-
-/// `http://ADDR:PORT` from a log line saying `listening on http://ADDR:PORT` (text or JSON).
-fn parse_listening(line: &str) -> Option<String> {
-    let at = line.find("listening on http://")? + "listening on ".len();
-    let url: String = line[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || ".:/[]-".contains(*c)).collect();
-    Some(url)
-}
-
-/// A running `portcullis serve`; killed on drop unless stopped.
-struct Server {
-    child: Child,
-    /// `http://127.0.0.1:PORT`.
-    url: String,
-    data_dir: PathBuf,
-    stderr: Arc<Mutex<String>>,
-    stdout: Arc<Mutex<String>>,
-    readers: Vec<JoinHandle<()>>,
-    exited: Option<ExitStatus>,
-}
-
-impl Server {
-    /// Starts on a free port with the known admin secrets and `envs`.
-    fn start(data_dir: &Path, envs: &[(&str, &str)]) -> Server {
-        let mut child = portcullis_command(envs)
-            .arg("serve")
-            .arg("--listen=127.0.0.1:0")
-            .arg(format!("--data-dir={}", data_dir.display()))
-            .spawn()
-            .unwrap();
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let stdout = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let readers = vec![
-            drain(child.stderr.take().unwrap(), stderr.clone(), Some(tx)),
-            drain(child.stdout.take().unwrap(), stdout.clone(), None),
-        ];
-        let url = wait_line(&rx, &mut child, "portcullis serve", &stderr, parse_listening);
-        Server { child, url, data_dir: data_dir.to_owned(), stderr, stdout, readers, exited: None }
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// Everything the process wrote: standard output and standard error.
-    fn output(&self) -> String {
-        format!("{}{}", self.stdout.lock().unwrap(), self.stderr())
-    }
-
-    /// SIGTERM, then wait for a clean exit; the output is complete afterwards.
-    fn stop_clean(&mut self) {
-        let kill = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
-        assert!(kill.success(), "kill -TERM failed");
-        let Some(status) = wait_deadline(&mut self.child, EXIT_TIMEOUT) else {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            panic!("server did not shut down within {EXIT_TIMEOUT:?} of SIGTERM; stderr:\n{}", self.stderr());
-        };
-        self.exited = Some(status);
-        for h in self.readers.drain(..) {
-            h.join().unwrap();
-        }
-        assert!(status.success(), "SIGTERM must end the server with status 0, got {status:?}:\n{}", self.stderr());
-        assert!(self.stderr().contains("shut down cleanly"), "stderr:\n{}", self.stderr());
-    }
-
-    /// The server logged no error (a 500, a failed background task, ...).
-    fn assert_no_logged_errors(&self) {
-        let errors: Vec<String> = self
-            .stderr()
-            .lines()
-            .filter(|l| l.contains(" ERROR ") || l.contains("\"level\":\"ERROR\""))
-            .map(str::to_owned)
-            .collect();
-        assert!(errors.is_empty(), "the server logged errors:\n{}", errors.join("\n"));
-    }
-
-    /// Waits until the output contains `needle`; returns it all.
-    fn wait_output(&self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let out = self.output();
-            if out.contains(needle) {
-                return out;
-            }
-            assert!(Instant::now() < deadline, "the output never contained {needle:?}:\n{out}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if self.exited.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("---- server {} output ----\n{}", self.url, self.output());
-        }
-    }
-}
-
-/// Hex from the OS CSPRNG: unique, unguessable test secrets.
-fn random_hex(bytes: usize) -> String {
-    let mut b = vec![0u8; bytes];
-    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut b).unwrap();
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
 
 /// A password no log could hold by chance.
 fn new_password(who: &str) -> String {
@@ -401,30 +207,7 @@ impl Drop for Sink {
 
 // ----------------------------------------------------------------------------------- HTTP --
 
-fn http() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build().unwrap()
-}
-
-#[derive(Debug)]
-struct Resp {
-    status: u16,
-    headers: HeaderMap,
-    text: String,
-    json: Value,
-}
-
 impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-    fn x_error(&self) -> &str {
-        self.header("x-error").unwrap_or_default()
-    }
-    #[track_caller]
-    fn expect(&self, status: u16) -> &Self {
-        assert_eq!(self.status, status, "unexpected status; x-error {:?}; body {}", self.header("x-error"), self.text);
-        self
-    }
     /// Asserts a refusal: the status, an `x-error` holding `x_error`, and an `x-error-id` that
     /// is also the body's `error_id`.
     #[track_caller]
@@ -437,81 +220,9 @@ impl Resp {
         assert_eq!(self.json["error_description"], self.x_error(), "body {}", self.text);
         self
     }
-    fn str(&self, field: &str) -> String {
-        self.json[field].as_str().unwrap_or_else(|| panic!("no string {field:?} in {}", self.text)).to_owned()
-    }
-}
-
-/// Sends a request. Every response: never a 5xx; every non-2xx carries `x-error` and `x-error-id`.
-#[track_caller]
-fn send(rb: reqwest::RequestBuilder) -> impl std::future::Future<Output = Resp> {
-    let caller = std::panic::Location::caller();
-    async move {
-        let r = rb.send().await.unwrap_or_else(|e| panic!("{caller}: request failed: {e}"));
-        let status = r.status().as_u16();
-        let headers = r.headers().clone();
-        let text = r.text().await.unwrap();
-        let json = serde_json::from_str(&text).unwrap_or(Value::Null);
-        assert!(status < 500, "{caller}: server error {status}: {text}");
-        if !(200..300).contains(&status) {
-            for h in ["x-error", "x-error-id"] {
-                assert!(headers.contains_key(h), "{caller}: {status} response without {h}: {headers:?} {text}");
-            }
-        }
-        Resp { status, headers, text, json }
-    }
-}
-
-/// Talks to one server; requests carry no credential unless asked.
-struct Client {
-    http: reqwest::Client,
-    base: String,
-}
-
-enum Cred<'a> {
-    None,
-    Bearer(&'a str),
-    Key(&'a str, &'a str),
 }
 
 impl Client {
-    fn new(s: &Server) -> Client {
-        Client { http: http(), base: s.url.clone() }
-    }
-    fn request(&self, method: Method, path: &str, cred: &Cred<'_>) -> reqwest::RequestBuilder {
-        let rb = self.http.request(method, format!("{}{path}", self.base));
-        match cred {
-            Cred::None => rb,
-            Cred::Bearer(t) => rb.bearer_auth(t),
-            Cred::Key(k, s) => rb.header("api-key", *k).header("api-secret", *s),
-        }
-    }
-    #[track_caller]
-    fn call(
-        &self,
-        method: Method,
-        path: &str,
-        cred: &Cred<'_>,
-        body: Option<&Value>,
-    ) -> impl Future<Output = Resp> + use<> {
-        let mut rb = self.request(method, path, cred);
-        if let Some(b) = body {
-            rb = rb.json(b);
-        }
-        send(rb)
-    }
-    #[track_caller]
-    fn post(&self, path: &str, cred: &Cred<'_>, body: &Value) -> impl Future<Output = Resp> + use<> {
-        self.call(Method::POST, path, cred, Some(body))
-    }
-    #[track_caller]
-    fn get(&self, path: &str, cred: &Cred<'_>) -> impl Future<Output = Resp> + use<> {
-        self.call(Method::GET, path, cred, None)
-    }
-    #[track_caller]
-    fn delete(&self, path: &str, cred: &Cred<'_>) -> impl Future<Output = Resp> + use<> {
-        self.call(Method::DELETE, path, cred, None)
-    }
     /// A raw body with the given content type.
     #[track_caller]
     fn post_raw(&self, path: &str, content_type: &str, body: Vec<u8>) -> impl Future<Output = Resp> + use<> {
@@ -535,64 +246,57 @@ impl Client {
     fn current(&self, token: &str) -> impl Future<Output = Resp> + use<> {
         self.get("/api/v1/sessions/current", &Cred::Bearer(token))
     }
+}
 
-    /// An admin access token (client credentials) for the admin API.
-    async fn admin_token(&self) -> String {
-        let r = send(
-            self.http
-                .post(format!("{}/oauth2/token", self.base))
-                .basic_auth(ADMIN_ID, Some(ADMIN_SECRET))
-                .form(&[("grant_type", "client_credentials")]),
-        )
-        .await;
-        r.expect(200);
-        r.str("access_token")
+/// How every test starts, once it holds the test lock (and its sink runs): a server on its own
+/// data directory with `envs`, organisation `acme` with service `payments`, a client of the
+/// server and an admin access token.
+struct Acme {
+    dir: tempfile::TempDir,
+    s: Server,
+    c: Client,
+    admin: String,
+}
+
+impl Acme {
+    async fn start(envs: &[(&str, String)]) -> Acme {
+        let dir = tempfile::tempdir().unwrap();
+        let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let s = Server::start(dir.path(), &[], &envs);
+        let c = Client::new(&s);
+        let admin = admin_token(&s).await;
+        create_acme_payments(&c, &admin).await;
+        Acme { dir, s, c, admin }
     }
 }
 
-/// Organisation `acme` with service `payments` (roles `payments:reader`, `payments:admin`).
-async fn setup_org(c: &Client) -> String {
-    let admin = c.admin_token().await;
-    let a = Cred::Bearer(&admin);
-    c.post("/api/v1/organisations", &a, &json!({ "slug": "acme", "name": "Acme" })).await.expect(201);
-    c.post(
-        "/api/v1/organisations/acme/services",
-        &a,
-        &json!({
-            "slug": "payments",
-            "name": "Payments",
-            "audience": "https://payments.acme.test",
-            "scopes": ["payments/read", "payments/write"],
-            "roles": ["payments:reader", "payments:admin"],
-            "permissions": ["payments.invoice.read", "payments.invoice.write"],
-            "grants": { "payments:reader": ["payments.invoice.read"] },
-        }),
-    )
-    .await
-    .expect(201);
-    admin
-}
-
-/// A user of `acme` with a password; returns the user's id.
-async fn create_user(c: &Client, admin: &str, email: &str, password: &str, roles: &[&str]) -> String {
+/// A user of `acme` with a new password; returns the password and the user's id.
+async fn create_user(c: &Client, admin: &str, email: &str, roles: &[&str]) -> (String, String) {
+    let name = email.split('@').next().unwrap();
+    let password = new_password(name);
     let r = c
         .post(
             "/api/v1/organisations/acme/users",
             &Cred::Bearer(admin),
-            &json!({ "email": email, "name": email.split('@').next().unwrap(), "password": password, "roles": roles }),
+            &json!({ "email": email, "name": name, "password": password, "roles": roles }),
         )
         .await;
     r.expect(201);
-    assert!(!r.text.contains(password), "the password is never echoed: {}", r.text);
-    r.str("id")
+    assert!(!r.text.contains(&password), "the password is never echoed: {}", r.text);
+    (password, r.str("id"))
+}
+
+/// Logs in; returns the answer (202) and the code it mailed.
+async fn login_with_code(c: &Client, sink: &Sink, email: &str, password: &str) -> (Resp, String) {
+    let login = c.login(email, password).await;
+    login.expect(202);
+    let code = sink.next_mail(email, "Your Portcullis sign-in code", MAIL_TIMEOUT).await.code();
+    (login, code)
 }
 
 /// Logs in and verifies with the emailed code; returns the session token and the code.
 async fn signed_in(c: &Client, sink: &Sink, email: &str, password: &str) -> (String, String) {
-    let login = c.login(email, password).await;
-    login.expect(202);
-    let mail = sink.next_mail(email, "Your Portcullis sign-in code", MAIL_TIMEOUT).await;
-    let code = mail.code();
+    let (login, code) = login_with_code(c, sink, email, password).await;
     let v = c.verify("session", &login.str("verification_id"), &code).await;
     v.expect(200);
     assert_eq!(v.str("session_token"), login.str("session_token"));
@@ -638,6 +342,16 @@ fn assert_no_secrets(s: &Server, secrets: &[(&str, String)]) {
     }
 }
 
+/// `secrets` and then the admin's: its client secret, its password and its access token `admin`.
+fn and_admin_secrets(mut secrets: Vec<(&'static str, String)>, admin: String) -> Vec<(&'static str, String)> {
+    secrets.extend([
+        ("admin client secret", ADMIN_SECRET.to_owned()),
+        ("admin password", ADMIN_PASSWORD.to_owned()),
+        ("admin access token", admin),
+    ]);
+    secrets
+}
+
 /// Every test but the timing one holds this lock shared; the timing test holds it alone.
 async fn test_lock(exclusive: bool) -> std::fs::File {
     tokio::task::spawn_blocking(move || {
@@ -667,15 +381,9 @@ fn median(v: &[Duration]) -> Duration {
 async fn session_lifecycle_over_smtp() {
     let _lock = test_lock(false).await;
     let sink = Sink::start(0);
-    let dir = tempfile::tempdir().unwrap();
-    let envs = sink.envs();
-    let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut s = Server::start(dir.path(), &envs);
-    let c = Client::new(&s);
-    let admin = setup_org(&c).await;
+    let Acme { dir: _dir, mut s, c, admin } = Acme::start(&sink.envs()).await;
     let email = "alice@acme.test";
-    let password = new_password("alice");
-    let user_id = create_user(&c, &admin, email, &password, &["payments:reader"]).await;
+    let (password, user_id) = create_user(&c, &admin, email, &["payments:reader"]).await;
 
     // Login: 202 at once, the token is not usable yet.
     let login = c.login(email, &password).await;
@@ -745,18 +453,13 @@ async fn session_lifecycle_over_smtp() {
 
     s.stop_clean();
     s.assert_no_logged_errors();
-    assert_no_secrets(
-        &s,
-        &[
-            ("user password", password),
-            ("session token", token),
-            ("refreshed session token", refreshed),
-            ("emailed code", code),
-            ("admin client secret", ADMIN_SECRET.to_owned()),
-            ("admin password", ADMIN_PASSWORD.to_owned()),
-            ("admin access token", admin),
-        ],
-    );
+    let secrets = vec![
+        ("user password", password),
+        ("session token", token),
+        ("refreshed session token", refreshed),
+        ("emailed code", code),
+    ];
+    assert_no_secrets(&s, &and_admin_secrets(secrets, admin));
 }
 
 /// Create an API key with a session → code by mail → refused until verified → works → wrong
@@ -765,15 +468,9 @@ async fn session_lifecycle_over_smtp() {
 async fn api_key_lifecycle_over_smtp() {
     let _lock = test_lock(false).await;
     let sink = Sink::start(0);
-    let dir = tempfile::tempdir().unwrap();
-    let envs = sink.envs();
-    let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut s = Server::start(dir.path(), &envs);
-    let c = Client::new(&s);
-    let admin = setup_org(&c).await;
+    let Acme { dir: _dir, mut s, c, admin } = Acme::start(&sink.envs()).await;
     let email = "bob@acme.test";
-    let password = new_password("bob");
-    let user_id = create_user(&c, &admin, email, &password, &["payments:admin", "payments:reader"]).await;
+    let (password, user_id) = create_user(&c, &admin, email, &["payments:admin", "payments:reader"]).await;
     let (session, login_code) = signed_in(&c, &sink, email, &password).await;
     let sess = Cred::Bearer(&session);
 
@@ -836,19 +533,14 @@ async fn api_key_lifecycle_over_smtp() {
 
     s.stop_clean();
     s.assert_no_logged_errors();
-    assert_no_secrets(
-        &s,
-        &[
-            ("user password", password),
-            ("session token", session),
-            ("login code", login_code),
-            ("API secret", api_secret),
-            ("API key code", key_code),
-            ("admin client secret", ADMIN_SECRET.to_owned()),
-            ("admin password", ADMIN_PASSWORD.to_owned()),
-            ("admin access token", admin),
-        ],
-    );
+    let secrets = vec![
+        ("user password", password),
+        ("session token", session),
+        ("login code", login_code),
+        ("API secret", api_secret),
+        ("API key code", key_code),
+    ];
+    assert_no_secrets(&s, &and_admin_secrets(secrets, admin));
 }
 
 /// Every refusal: the right status, `x-error` saying why, `x-error-id`. (An expired code is
@@ -858,15 +550,9 @@ async fn api_key_lifecycle_over_smtp() {
 async fn refusals_have_status_and_error_headers() {
     let _lock = test_lock(false).await;
     let sink = Sink::start(0);
-    let dir = tempfile::tempdir().unwrap();
-    let envs = sink.envs();
-    let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut s = Server::start(dir.path(), &envs);
-    let c = Client::new(&s);
-    let admin = setup_org(&c).await;
+    let Acme { dir: _dir, mut s, c, admin } = Acme::start(&sink.envs()).await;
     let email = "carol@acme.test";
-    let password = new_password("carol");
-    create_user(&c, &admin, email, &password, &["payments:reader"]).await;
+    let (password, _) = create_user(&c, &admin, email, &["payments:reader"]).await;
     let json_ct = "application/json";
 
     // ---- bodies
@@ -886,10 +572,8 @@ async fn refusals_have_status_and_error_headers() {
     c.post_raw("/api/v1/sessions", json_ct, big).await.refused(413, "larger than");
 
     // ---- codes
-    let login = c.login(email, &password).await;
-    login.expect(202);
+    let (login, code) = login_with_code(&c, &sink, email, &password).await;
     let (token, vid) = (login.str("session_token"), login.str("verification_id"));
-    let code = sink.next_mail(email, "Your Portcullis sign-in code", MAIL_TIMEOUT).await.code();
     let wrong_code = format!("{:06}", (code.parse::<u32>().unwrap() + 1) % 1_000_000);
     c.verify("session", &vid, "12ab56").await.refused(400, "digits");
     let unknown_vid = format!("{}{}", &vid[..vid.len() - 1], if vid.ends_with('0') { '1' } else { '0' });
@@ -903,10 +587,8 @@ async fn refusals_have_status_and_error_headers() {
     c.current(&token).await.refused(401, "not verified");
 
     // A used code does not work twice.
-    let login = c.login(email, &password).await;
-    login.expect(202);
+    let (login, code) = login_with_code(&c, &sink, email, &password).await;
     let (token, vid) = (login.str("session_token"), login.str("verification_id"));
-    let code = sink.next_mail(email, "Your Portcullis sign-in code", MAIL_TIMEOUT).await.code();
     c.verify("session", &vid, &code).await.expect(200);
     c.verify("session", &vid, &code).await.refused(401, "already used");
     let sess = Cred::Bearer(&token);
@@ -950,17 +632,12 @@ async fn refusals_have_status_and_error_headers() {
 async fn lockout_and_rate_limits() {
     let _lock = test_lock(false).await;
     let sink = Sink::start(0);
-    let dir = tempfile::tempdir().unwrap();
     let mut envs = sink.envs();
     envs.push(("PORTCULLIS_AUTH__LOCKOUT_THRESHOLD", "3".into()));
     envs.push(("PORTCULLIS_AUTH__ATTEMPTS_PER_ACCOUNT_PER_MINUTE", "5".into()));
-    let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut s = Server::start(dir.path(), &envs);
-    let c = Client::new(&s);
-    let admin = setup_org(&c).await;
+    let Acme { dir: _dir, mut s, c, admin } = Acme::start(&envs).await;
     let dave = "dave@acme.test";
-    let dave_pw = new_password("dave");
-    create_user(&c, &admin, dave, &dave_pw, &["payments:reader"]).await;
+    let (dave_pw, _) = create_user(&c, &admin, dave, &["payments:reader"]).await;
 
     // Three wrong passwords lock the account; then the right one gets the same 401.
     let mut refusals = Vec::new();
@@ -996,8 +673,7 @@ async fn lockout_and_rate_limits() {
     c.login("NoBody@ACME.test", "some-password-12345").await.refused(429, "too many");
     // ... and for a real account even with the right password; other addresses are not limited.
     let erin = "erin@acme.test";
-    let erin_pw = new_password("erin");
-    create_user(&c, &admin, erin, &erin_pw, &[]).await;
+    let (erin_pw, _) = create_user(&c, &admin, erin, &[]).await;
     for _ in 0..5 {
         c.login(erin, &erin_pw).await.expect(202);
     }
@@ -1016,19 +692,14 @@ async fn lockout_and_rate_limits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_enumeration_by_timing() {
     let _lock = test_lock(true).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = Server::start(
-        dir.path(),
-        &[
-            ("PORTCULLIS_AUTH__ATTEMPTS_PER_ACCOUNT_PER_MINUTE", "10000"),
-            ("PORTCULLIS_AUTH__ATTEMPTS_PER_IP_PER_MINUTE", "100000"),
-            ("PORTCULLIS_AUTH__LOCKOUT_THRESHOLD", "1000"),
-        ],
-    );
-    let c = Client::new(&s);
-    let admin = setup_org(&c).await;
+    let Acme { dir: _dir, mut s, c, admin } = Acme::start(&[
+        ("PORTCULLIS_AUTH__ATTEMPTS_PER_ACCOUNT_PER_MINUTE", "10000".into()),
+        ("PORTCULLIS_AUTH__ATTEMPTS_PER_IP_PER_MINUTE", "100000".into()),
+        ("PORTCULLIS_AUTH__LOCKOUT_THRESHOLD", "1000".into()),
+    ])
+    .await;
     let known = "gina@acme.test";
-    create_user(&c, &admin, known, &new_password("gina"), &["payments:reader"]).await;
+    create_user(&c, &admin, known, &["payments:reader"]).await;
 
     let timed = |email: String| {
         let c = &c;
@@ -1093,15 +764,9 @@ async fn no_enumeration_by_timing() {
 async fn mail_is_kept_and_retried_after_a_temporary_failure() {
     let _lock = test_lock(false).await;
     let sink = Sink::start(1);
-    let dir = tempfile::tempdir().unwrap();
-    let envs = sink.envs();
-    let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut s = Server::start(dir.path(), &envs);
-    let c = Client::new(&s);
-    let admin = setup_org(&c).await;
+    let Acme { dir: _dir, mut s, c, admin } = Acme::start(&sink.envs()).await;
     let email = "frank@acme.test";
-    let password = new_password("frank");
-    create_user(&c, &admin, email, &password, &["payments:reader"]).await;
+    let (password, _) = create_user(&c, &admin, email, &["payments:reader"]).await;
 
     let started = Instant::now();
     let login = c.login(email, &password).await;
@@ -1117,7 +782,7 @@ async fn mail_is_kept_and_retried_after_a_temporary_failure() {
     }
     let refused_at = Instant::now();
     assert!(sink.mails().is_empty());
-    s.wait_output("mail delivery failed; will retry", Duration::from_secs(5));
+    s.wait_output(Stream::All, "mail delivery failed; will retry", Duration::from_secs(5));
     // ... and the message arrives with the retry (after the 10 s backoff).
     let mail = sink.next_mail(email, "Your Portcullis sign-in code", Duration::from_secs(25)).await;
     let waited = refused_at.elapsed();
@@ -1148,13 +813,9 @@ async fn mail_is_kept_and_retried_after_a_temporary_failure() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_mode_writes_eml_and_logs_the_code() {
     let _lock = test_lock(false).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = Server::start(dir.path(), &[]);
-    let c = Client::new(&s);
-    let admin = setup_org(&c).await;
+    let Acme { dir: _dir, mut s, c, admin } = Acme::start(&[]).await;
     let email = "hank@acme.test";
-    let password = new_password("hank");
-    create_user(&c, &admin, email, &password, &["payments:reader"]).await;
+    let (password, _) = create_user(&c, &admin, email, &["payments:reader"]).await;
 
     let login = c.login(email, &password).await;
     login.expect(202);
@@ -1180,7 +841,7 @@ async fn outbox_mode_writes_eml_and_logs_the_code() {
     assert!(mail.subject().starts_with("Your Portcullis sign-in code"), "{msg}");
     let code = mail.code();
 
-    let log = s.wait_output("no SMTP configured", MAIL_TIMEOUT);
+    let log = s.wait_output(Stream::All, "no SMTP configured", MAIL_TIMEOUT);
     let line = log.lines().find(|l| l.contains("no SMTP configured")).unwrap();
     assert!(line.contains(&code) && line.contains(email), "the log line names the address and the code: {line}");
 
@@ -1197,17 +858,13 @@ async fn outbox_mode_writes_eml_and_logs_the_code() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_code_or_secret_at_rest() {
     let _lock = test_lock(false).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = Server::start(dir.path(), &[]);
-    let c = Client::new(&s);
-    let admin = setup_org(&c).await;
+    let Acme { dir, mut s, c, admin } = Acme::start(&[]).await;
     let email = "ivy@acme.test";
-    let password = new_password("ivy");
-    create_user(&c, &admin, email, &password, &["payments:reader"]).await;
+    let (password, _) = create_user(&c, &admin, email, &["payments:reader"]).await;
     let login = c.login(email, &password).await;
     login.expect(202);
     c.post("/api/v1/password-reset", &Cred::None, &json!({ "email": email })).await.expect(202);
-    let log = s.wait_output("kind=\"password_reset_code\"", MAIL_TIMEOUT);
+    let log = s.wait_output(Stream::All, "kind=\"password_reset_code\"", MAIL_TIMEOUT);
     let codes: Vec<String> = log
         .lines()
         .filter(|l| l.contains("no SMTP configured"))

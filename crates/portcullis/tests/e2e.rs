@@ -4,89 +4,32 @@
 //! and requests is required (scripts/test.sh installs them); without it these tests fail.
 //! `postgres_backend_end_to_end` needs a PostgreSQL server: `PORTCULLIS_TEST_PG_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/test`) and the `psql` client.
+//! The process harness and the HTTP helpers are in `support/`, shared with `auth_e2e.rs`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+#[allow(dead_code)]
+mod support;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
-use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+use support::{
+    ADMIN_ID, Client, Cred, EXIT_TIMEOUT, PAYMENTS_AUD, Resp, START_TIMEOUT, Server, Stream, access_token, admin_token,
+    create_acme_payments, drain, http, portcullis_command, random_hex, send, token_request, wait_deadline,
+};
+
 const ORACLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/e2e/oauth_client.py");
-const ADMIN_ID: &str = "portcullis$admin";
-/// 43 printable ASCII characters, like a generated secret.
-const ADMIN_SECRET: &str = "e2e-admin-client-secret-0123456789abcdefghi";
-const ADMIN_PASSWORD: &str = "e2e-admin-password-0123456";
-const PAYMENTS_AUD: &str = "https://payments.acme.test";
 const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-const START_TIMEOUT: Duration = Duration::from_secs(60);
-const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 // ------------------------------------------------------------------------------ processes --
-
-/// A `portcullis` command with a clean `PORTCULLIS_*` environment.
-fn portcullis_command(envs: &[(&str, &str)], known_secrets: bool) -> Command {
-    let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("PORTCULLIS_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("RUST_LOG", "info").env("NO_COLOR", "1");
-    if known_secrets {
-        cmd.env("PORTCULLIS_ADMIN_CLIENT_SECRET", ADMIN_SECRET).env("PORTCULLIS_ADMIN_PASSWORD", ADMIN_PASSWORD);
-    }
-    cmd.envs(envs.iter().copied());
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd
-}
-
-/// Copies a pipe into `buf` line by line, forwarding each line to `tx` if given.
-fn drain<R: Read + Send + 'static>(
-    pipe: R,
-    buf: Arc<Mutex<String>>,
-    tx: Option<mpsc::Sender<String>>,
-) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut r = BufReader::new(pipe);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            match r.read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let text = String::from_utf8_lossy(&line).into_owned();
-                    buf.lock().unwrap().push_str(&text);
-                    if let Some(tx) = &tx {
-                        let _ = tx.send(text);
-                    }
-                }
-            }
-        }
-    })
-}
-
-fn wait_deadline(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return Some(st);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 struct CliRun {
     status: ExitStatus,
@@ -112,178 +55,11 @@ fn run_cli(args: &[&str], envs: &[(&str, &str)]) -> CliRun {
     CliRun { status, stdout, stderr }
 }
 
-/// `http://ADDR:PORT` from a log line saying `listening on http://ADDR:PORT` (text or JSON).
-fn parse_listening(line: &str) -> Option<String> {
-    let at = line.find("listening on http://")? + "listening on ".len();
-    let url: String = line[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || ".:/[]-".contains(*c)).collect();
-    Some(url)
-}
-
-/// A running `portcullis serve`; killed on drop unless stopped.
-struct Server {
-    child: Child,
-    /// `http://127.0.0.1:PORT`, also the issuer.
-    url: String,
-    /// `127.0.0.1:PORT`, to restart on the same address (and so keep the issuer).
-    addr: String,
-    stderr: Arc<Mutex<String>>,
-    stdout: Arc<Mutex<String>>,
-    readers: Vec<JoinHandle<()>>,
-    exited: Option<ExitStatus>,
-}
-
-impl Server {
-    /// Starts on a free port with the known admin secrets.
-    fn start(data_dir: &Path, extra_args: &[&str], envs: &[(&str, &str)]) -> Server {
-        Server::launch(data_dir, "127.0.0.1:0", extra_args, envs, true)
-    }
-
-    fn launch(
-        data_dir: &Path,
-        listen: &str,
-        extra_args: &[&str],
-        envs: &[(&str, &str)],
-        known_secrets: bool,
-    ) -> Server {
-        let mut child = portcullis_command(envs, known_secrets)
-            .arg("serve")
-            .arg("--listen")
-            .arg(listen)
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(extra_args)
-            .spawn()
-            .unwrap();
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let stdout = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let readers = vec![
-            drain(child.stderr.take().unwrap(), stderr.clone(), Some(tx)),
-            drain(child.stdout.take().unwrap(), stdout.clone(), None),
-        ];
-        let deadline = Instant::now() + START_TIMEOUT;
-        let url = loop {
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(line) => {
-                    if let Some(url) = parse_listening(&line) {
-                        break url;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("server did not start within {START_TIMEOUT:?}; stderr:\n{}", stderr.lock().unwrap());
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let st = wait_deadline(&mut child, EXIT_TIMEOUT);
-                    panic!("server exited before listening ({st:?}); stderr:\n{}", stderr.lock().unwrap());
-                }
-            }
-        };
-        let addr = url.trim_start_matches("http://").to_owned();
-        Server { child, url, addr, stderr, stdout, readers, exited: None }
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    fn stdout(&self) -> String {
-        self.stdout.lock().unwrap().clone()
-    }
-
-    /// Waits until standard output contains `needle`; returns it all.
-    fn wait_stdout(&self, needle: &str) -> String {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let out = self.stdout();
-            if out.contains(needle) {
-                return out;
-            }
-            assert!(Instant::now() < deadline, "stdout never contained {needle:?}:\n{out}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM, then wait for the exit; the output is complete afterwards.
-    fn stop_graceful(&mut self) -> ExitStatus {
-        let kill = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
-        assert!(kill.success(), "kill -TERM failed");
-        let Some(status) = wait_deadline(&mut self.child, EXIT_TIMEOUT) else {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            panic!("server did not shut down within {EXIT_TIMEOUT:?} of SIGTERM; stderr:\n{}", self.stderr());
-        };
-        self.exited = Some(status);
-        for h in self.readers.drain(..) {
-            h.join().unwrap();
-        }
-        status
-    }
-
-    /// Stops with SIGTERM and asserts a clean exit (status 0, logged).
-    fn stop_clean(&mut self) {
-        let status = self.stop_graceful();
-        assert!(
-            status.success(),
-            "SIGTERM must shut down gracefully with status 0, got {status:?}; stderr:\n{}",
-            self.stderr()
-        );
-        assert!(self.stderr().contains("shut down cleanly"), "stderr:\n{}", self.stderr());
-    }
-
-    /// The server logged no error (a 500, a failed background task, ...).
-    fn assert_no_logged_errors(&self) {
-        let errors: Vec<String> = self
-            .stderr()
-            .lines()
-            .filter(|l| l.contains(" ERROR ") || l.contains("\"level\":\"ERROR\""))
-            .map(str::to_owned)
-            .collect();
-        assert!(errors.is_empty(), "the server logged errors:\n{}", errors.join("\n"));
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if self.exited.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("---- server {} stderr ----\n{}", self.url, self.stderr());
-        }
-    }
-}
-
 // ----------------------------------------------------------------------------------- HTTP --
 
-fn http() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build().unwrap()
-}
-
-#[derive(Debug)]
-struct Resp {
-    status: u16,
-    headers: HeaderMap,
-    text: String,
-    json: Value,
-}
-
 impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
     fn error(&self) -> &str {
         self.json["error"].as_str().unwrap_or_default()
-    }
-    fn x_error(&self) -> &str {
-        self.header("x-error").unwrap_or_default()
-    }
-    #[track_caller]
-    fn expect(&self, status: u16) -> &Self {
-        assert_eq!(self.status, status, "unexpected status; x-error {:?}; body {}", self.header("x-error"), self.text);
-        self
     }
     /// Asserts the status and the RFC 6749 / API `error` code.
     #[track_caller]
@@ -292,43 +68,6 @@ impl Resp {
         assert_eq!(self.error(), error, "body {}", self.text);
         self
     }
-}
-
-/// Sends a request. Every response: never a 5xx; every non-2xx carries `x-error` and `x-error-id`.
-#[track_caller]
-fn send(rb: reqwest::RequestBuilder) -> impl std::future::Future<Output = Resp> {
-    let caller = std::panic::Location::caller();
-    async move {
-        let r = rb.send().await.unwrap_or_else(|e| panic!("{caller}: request failed: {e}"));
-        let status = r.status().as_u16();
-        let headers = r.headers().clone();
-        let text = r.text().await.unwrap();
-        let json = serde_json::from_str(&text).unwrap_or(Value::Null);
-        assert!(status < 500, "{caller}: server error {status}: {text}");
-        if !(200..300).contains(&status) {
-            for h in ["x-error", "x-error-id"] {
-                assert!(headers.contains_key(h), "{caller}: {status} response without {h}: {headers:?} {text}");
-            }
-        }
-        Resp { status, headers, text, json }
-    }
-}
-
-/// A client_credentials token request with HTTP Basic authentication.
-async fn token_request(s: &Server, client_id: &str, secret: &str, form: &[(&str, &str)]) -> Resp {
-    let mut params = vec![("grant_type", "client_credentials")];
-    params.extend_from_slice(form);
-    send(http().post(format!("{}/oauth2/token", s.url)).basic_auth(client_id, Some(secret)).form(&params)).await
-}
-
-async fn access_token(s: &Server, client_id: &str, secret: &str) -> String {
-    let r = token_request(s, client_id, secret, &[]).await;
-    r.expect(200);
-    r.json["access_token"].as_str().unwrap().to_owned()
-}
-
-async fn admin_token(s: &Server) -> String {
-    access_token(s, ADMIN_ID, ADMIN_SECRET).await
 }
 
 /// RFC 7662 introspection with HTTP Basic, straight from reqwest.
@@ -350,8 +89,7 @@ async fn jwks_kids(s: &Server) -> BTreeSet<String> {
 
 /// The admin API with one bearer token.
 struct Api {
-    http: reqwest::Client,
-    base: String,
+    client: Client,
     token: String,
 }
 
@@ -360,23 +98,23 @@ impl Api {
         Api::with_token(s, &admin_token(s).await)
     }
     fn with_token(s: &Server, token: &str) -> Api {
-        Api { http: http(), base: s.url.clone(), token: token.to_owned() }
+        Api { client: Client::new(s), token: token.to_owned() }
     }
-    async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Resp {
-        let mut rb = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
-        if let Some(b) = body {
-            rb = rb.json(b);
-        }
-        send(rb).await
+    #[track_caller]
+    fn call(&self, method: Method, path: &str, body: Option<&Value>) -> impl Future<Output = Resp> + use<> {
+        self.client.call(method, path, &Cred::Bearer(&self.token), body)
     }
-    async fn get(&self, path: &str) -> Resp {
-        self.call(Method::GET, path, None).await
+    #[track_caller]
+    fn get(&self, path: &str) -> impl Future<Output = Resp> + use<> {
+        self.call(Method::GET, path, None)
     }
-    async fn post(&self, path: &str, body: &Value) -> Resp {
-        self.call(Method::POST, path, Some(body)).await
+    #[track_caller]
+    fn post(&self, path: &str, body: &Value) -> impl Future<Output = Resp> + use<> {
+        self.call(Method::POST, path, Some(body))
     }
-    async fn patch(&self, path: &str, body: &Value) -> Resp {
-        self.call(Method::PATCH, path, Some(body)).await
+    #[track_caller]
+    fn patch(&self, path: &str, body: &Value) -> impl Future<Output = Resp> + use<> {
+        self.call(Method::PATCH, path, Some(body))
     }
 }
 
@@ -399,22 +137,7 @@ async fn create_app(api: &Api, org: &str, body: Value) -> String {
 
 /// Organisation `acme`, service `payments`, application `acme$billing`; returns billing's secret.
 async fn setup_acme(api: &Api) -> String {
-    api.post("/api/v1/organisations", &json!({ "slug": "acme", "name": "Acme" })).await.expect(201);
-    let svc = api
-        .post(
-            "/api/v1/organisations/acme/services",
-            &json!({
-                "slug": "payments",
-                "name": "Payments",
-                "audience": PAYMENTS_AUD,
-                "scopes": ["payments/read", "payments/write"],
-                "roles": ["payments:reader", "payments:admin"],
-                "permissions": ["payments.invoice.read", "payments.invoice.write"],
-                "grants": { "payments:reader": ["payments.invoice.read"] },
-            }),
-        )
-        .await;
-    svc.expect(201);
+    let svc = create_acme_payments(&api.client, &api.token).await;
     assert_eq!(svc.json["audience"], PAYMENTS_AUD);
     create_app(
         api,
@@ -495,12 +218,6 @@ fn kid_of(verified: &Value) -> String {
 
 // ------------------------------------------------------------------------------ postgres --
 
-fn random_hex() -> String {
-    let mut b = [0u8; 16];
-    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut b).unwrap();
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// The admin URL with its database name replaced.
 fn with_db_name(url: &str, db: &str) -> String {
     let (base, query) = match url.split_once('?') {
@@ -541,7 +258,7 @@ struct PgDb {
 
 impl PgDb {
     fn create(admin_url: &str) -> PgDb {
-        let name = format!("portcullis_e2e_{}", random_hex());
+        let name = format!("portcullis_e2e_{}", random_hex(16));
         psql(admin_url, &format!("CREATE DATABASE {name}"))
             .unwrap_or_else(|e| panic!("PostgreSQL at {admin_url} (PORTCULLIS_TEST_PG_URL) is required: {e}"));
         PgDb { admin_url: admin_url.to_owned(), name }
@@ -879,7 +596,7 @@ async fn generated_bootstrap_secrets_are_printed_once() {
     };
     let mut s1 = Server::launch(dir.path(), "127.0.0.1:0", &[], &[], false);
     // The secret lines are printed before the server listens; the password comes first.
-    let printed = s1.wait_stdout("admin client secret:");
+    let printed = s1.wait_output(Stream::Stdout, "admin client secret:", START_TIMEOUT);
     let secret = value_of(&printed, "admin client secret:");
     let password = value_of(&printed, "admin password:");
     assert!(secret.len() >= 32, "{secret}");
