@@ -481,6 +481,22 @@ pub struct AuditEvent {
     pub details: serde_json::Value,
 }
 
+/// Criteria for querying audit events; `None` matches everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditFilter {
+    /// `session.` matches `session.login`, `session.verify`, …
+    pub action_prefix: Option<String>,
+    pub actor: Option<String>,
+    pub target: Option<String>,
+    /// `success` or `failure`.
+    pub outcome: Option<String>,
+    /// Unix seconds, inclusive.
+    pub since: Option<UnixTime>,
+    /// Unix seconds, exclusive.
+    pub until: Option<UnixTime>,
+}
+
 /// Offset pagination, bounded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Page {

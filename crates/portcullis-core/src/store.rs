@@ -213,4 +213,7 @@ pub trait Store: Send + Sync + 'static {
     async fn append_audit(&self, event: &AuditEvent) -> StoreResult<()>;
     /// Newest first.
     async fn audit_events(&self, org_id: Option<&str>, page: Page) -> StoreResult<Vec<AuditEvent>>;
+    /// An organisation's events matching every given criterion, newest first.
+    async fn search_audit_events(&self, org_id: &str, filter: &AuditFilter, page: Page)
+    -> StoreResult<Vec<AuditEvent>>;
 }

@@ -73,9 +73,13 @@ fn required_hash(b: Vec<u8>) -> StoreResult<SecretHash> {
 /// A `LIKE … ESCAPE '\'` pattern matching `query` as a lower-cased substring: `%`, `_` and
 /// `\` in the query match themselves.
 fn contains_pattern(query: &str) -> String {
-    let mut p = String::with_capacity(query.len() + 2);
-    p.push('%');
-    for c in query.to_lowercase().chars() {
+    format!("%{}", prefix_pattern(&query.to_lowercase()))
+}
+
+/// A `LIKE … ESCAPE '\'` pattern matching what starts with `prefix` (as is).
+fn prefix_pattern(prefix: &str) -> String {
+    let mut p = String::with_capacity(prefix.len() + 1);
+    for c in prefix.chars() {
         if matches!(c, '%' | '_' | '\\') {
             p.push('\\');
         }
@@ -1120,6 +1124,29 @@ macro_rules! sql_store {
                     Some(org) => sqlx::query("SELECT * FROM audit_events WHERE org_id = $1 ORDER BY seq DESC LIMIT $2 OFFSET $3").bind(org).bind(l).bind(o).fetch_all(&self.pool).await,
                     None => sqlx::query("SELECT * FROM audit_events ORDER BY seq DESC LIMIT $1 OFFSET $2").bind(l).bind(o).fetch_all(&self.pool).await,
                 }
+                .map_err(db_err)?;
+                rows.iter().map(Self::audit_row).collect()
+            }
+
+            async fn search_audit_events(&self, org_id: &str, f: &AuditFilter, page: Page) -> StoreResult<Vec<AuditEvent>> {
+                let (l, o) = limit(page);
+                let action = prefix_pattern(f.action_prefix.as_deref().unwrap_or(""));
+                let rows = sqlx::query(
+                    "SELECT * FROM audit_events WHERE org_id = $1 AND action LIKE $2 ESCAPE '\\' \
+                     AND ($3 IS NULL OR actor = $3) AND ($4 IS NULL OR target = $4) AND ($5 IS NULL OR outcome = $5) \
+                     AND ($6 IS NULL OR at >= $6) AND ($7 IS NULL OR at < $7) ORDER BY seq DESC LIMIT $8 OFFSET $9",
+                )
+                .bind(org_id)
+                .bind(action)
+                .bind(f.actor.as_deref())
+                .bind(f.target.as_deref())
+                .bind(f.outcome.as_deref())
+                .bind(f.since)
+                .bind(f.until)
+                .bind(l)
+                .bind(o)
+                .fetch_all(&self.pool)
+                .await
                 .map_err(db_err)?;
                 rows.iter().map(Self::audit_row).collect()
             }

@@ -66,6 +66,7 @@ contract_tests!(
     concurrent_application_updates_one_wins,
     ca_certificates_and_revoked_tokens,
     audit_log_is_newest_first_filtered_and_paged,
+    audit_search_matches_every_criterion,
     users_update_optimistically_and_can_end_sessions,
     user_search_escapes_wildcards_and_email_lookup_spans_organisations,
     delete_user_removes_everything_tied_to_the_user,
@@ -2395,4 +2396,59 @@ async fn auth_api_mutations_roll_back_with_their_audit_row(s: Arc<dyn Store>) {
     let log = s.audit_events(None, all()).await.unwrap();
     assert_eq!(log.iter().filter(|e| e.id == used.id).collect::<Vec<_>>(), vec![&used]);
     assert_eq!(log.len(), log_len + 2, "create_verification and the email verification only");
+}
+
+async fn audit_search_matches_every_criterion(s: Arc<dyn Store>) {
+    let acme = new_id();
+    let other = new_id();
+    let mut written = Vec::new();
+    for (i, (org, action, actor, outcome)) in [
+        (&acme, "session.login", "u1", "success"),
+        (&acme, "session.login", "u2", "failure"),
+        (&acme, "session.verify", "u1", "success"),
+        (&acme, "sessionXlogin", "u1", "success"),
+        (&acme, "api_key.create", "u1", "success"),
+        (&other, "session.login", "u1", "success"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let ev = AuditEvent {
+            at: NOW + i64::try_from(i).unwrap(),
+            actor: actor.into(),
+            outcome: outcome.into(),
+            target: format!("t{i}"),
+            ..audit(Some(org), action)
+        };
+        s.append_audit(&ev).await.unwrap();
+        written.push(ev);
+    }
+    let find = |f: AuditFilter| {
+        let s = s.clone();
+        let acme = acme.clone();
+        async move {
+            s.search_audit_events(&acme, &f, all()).await.unwrap().into_iter().map(|e| e.target).collect::<Vec<_>>()
+        }
+    };
+    let prefix = |p: &str| AuditFilter { action_prefix: Some(p.into()), ..Default::default() };
+    assert_eq!(
+        find(AuditFilter::default()).await,
+        ["t4", "t3", "t2", "t1", "t0"],
+        "only the organisation's, newest first"
+    );
+    assert_eq!(find(prefix("session.")).await, ["t2", "t1", "t0"], "'.' and '_' in a prefix are literal");
+    assert_eq!(find(prefix("session.login")).await, ["t1", "t0"]);
+    assert_eq!(find(prefix("session%")).await, Vec::<String>::new(), "'%' is literal");
+    assert_eq!(find(AuditFilter { actor: Some("u1".into()), ..prefix("session") }).await, ["t3", "t2", "t0"]);
+    assert_eq!(find(AuditFilter { outcome: Some("failure".into()), ..Default::default() }).await, ["t1"]);
+    assert_eq!(find(AuditFilter { target: Some("t4".into()), ..Default::default() }).await, ["t4"]);
+    assert_eq!(
+        find(AuditFilter { since: Some(NOW + 1), until: Some(NOW + 3), ..Default::default() }).await,
+        ["t2", "t1"],
+        "since inclusive, until exclusive"
+    );
+    assert_eq!(
+        s.search_audit_events(&acme, &AuditFilter::default(), page(2, 1)).await.unwrap(),
+        vec![written[3].clone(), written[2].clone()]
+    );
 }

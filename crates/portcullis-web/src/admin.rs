@@ -8,7 +8,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use portcullis_core::Portcullis;
-use portcullis_core::model::{Application, Organisation, Page, Service};
+use portcullis_core::model::{Application, AuditFilter, Organisation, Page, Service};
 use portcullis_core::usecases::*;
 use secrecy::ExposeSecret;
 use serde::Deserialize;
@@ -415,13 +415,34 @@ pub async fn revoke_org_api_key(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    action: Option<String>,
+    actor: Option<String>,
+    target: Option<String>,
+    outcome: Option<String>,
+    since: Option<i64>,
+    until: Option<i64>,
+    limit: Option<u32>,
+    offset: Option<u64>,
+}
+
 pub async fn audit_events(
     State(s): State<AppState>,
     Admin(who, _): Admin,
     Path(org): Path<String>,
-    Query(q): Query<PageQuery>,
+    Query(q): Query<AuditQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let list = s.core.audit_events(&who, &org, q.page()).await?;
+    let filter = AuditFilter {
+        action_prefix: q.action,
+        actor: q.actor,
+        target: q.target,
+        outcome: q.outcome,
+        since: q.since,
+        until: q.until,
+    };
+    let list = s.core.audit_events(&who, &org, &filter, Page::new(q.limit, q.offset)).await?;
     Ok(Json(serde_json::json!({ "items": list })))
 }
 

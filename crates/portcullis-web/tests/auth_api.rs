@@ -390,6 +390,19 @@ async fn a_session_is_created_verified_refreshed_and_revoked() {
         assert!(actions.iter().any(|(x, _)| x == a), "{a} missing from {actions:?}");
     }
     assert!(actions.iter().any(|(x, o)| x == "session.use_revoked" && o == "failure"));
+
+    // Queryable: by action prefix and outcome.
+    let admin = admin_token(&e).await;
+    let q = "/api/v1/organisations/acme/audit-events?action=session.&outcome=failure";
+    let r = call(&e, "GET", q, Auth::Bearer(&admin), None).await;
+    assert_eq!(r.s, StatusCode::OK, "{}", r.v);
+    let items = r.v["items"].as_array().unwrap();
+    assert!(!items.is_empty());
+    assert!(
+        items.iter().all(|ev| ev["action"].as_str().unwrap().starts_with("session.") && ev["outcome"] == "failure")
+    );
+    let bad = call(&e, "GET", "/api/v1/organisations/acme/audit-events?colour=red", Auth::Bearer(&admin), None).await;
+    assert_eq!(bad.s, StatusCode::BAD_REQUEST, "unknown query parameters are refused");
 }
 
 // ---- 2. codes --------------------------------------------------------------------------------
@@ -627,6 +640,33 @@ async fn login_attempts_are_limited_per_account() {
     assert_eq!(login_from(&e, OLGA, PW, None, Some([10, 0, 0, 2])).await.s, StatusCode::ACCEPTED);
     e.clock.advance(61);
     assert_eq!(login_from(&e, ANN, PW, None, a).await.s, StatusCode::ACCEPTED, "a new minute");
+}
+
+#[tokio::test]
+async fn code_submissions_are_limited_per_account() {
+    let e = env_with(|s| {
+        s.auth.attempts_per_account_per_minute = 4;
+        s.auth.attempts_per_ip_per_minute = 1000;
+    })
+    .await;
+    acme(&e).await;
+    // Two logins (the per-address login budget is 4), each with wrong codes: the account's
+    // code budget is shared across its verifications.
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let r = login(&e, ANN, PW).await;
+        assert_eq!(r.s, StatusCode::ACCEPTED, "{}", r.v);
+        let vid = r.str("verification_id");
+        for _ in 0..3 {
+            statuses.push(verify_code(&e, "/api/v1/sessions/verify", &vid, "000000").await.s);
+        }
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == StatusCode::UNAUTHORIZED).count(), 4, "{statuses:?}");
+    assert_eq!(statuses.last(), Some(&StatusCode::TOO_MANY_REQUESTS), "{statuses:?}");
+    e.clock.advance(61);
+    let r = login(&e, ANN, PW).await;
+    let code = code_for(&e, ANN).await;
+    assert_eq!(verify_code(&e, "/api/v1/sessions/verify", &r.str("verification_id"), &code).await.s, StatusCode::OK);
 }
 
 #[tokio::test]

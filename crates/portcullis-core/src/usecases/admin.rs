@@ -10,7 +10,7 @@ use super::*;
 use crate::crypto::secrets::{SecretHash, generate_secret};
 use crate::crypto::signing::Algorithm;
 use crate::ids::{ClientId, Email, PermissionName};
-use crate::model::{AuditEvent, AuthMethod, GrantType, Page, RoleGrant, User};
+use crate::model::{AuditEvent, AuditFilter, AuthMethod, GrantType, Page, RoleGrant, User};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -817,9 +817,21 @@ impl Portcullis {
 
     // ---- audit ------------------------------------------------------------------------------
 
-    pub async fn audit_events(&self, who: &Principal, org_slug: &str, page: Page) -> Result<Vec<AuditEvent>> {
+    pub async fn audit_events(
+        &self,
+        who: &Principal,
+        org_slug: &str,
+        filter: &AuditFilter,
+        page: Page,
+    ) -> Result<Vec<AuditEvent>> {
         let org = self.administered_org(who, org_slug).await?;
-        Ok(self.store.audit_events(Some(&org.id), page).await?)
+        let long = [&filter.action_prefix, &filter.actor, &filter.target, &filter.outcome]
+            .into_iter()
+            .any(|v| v.as_ref().is_some_and(|v| v.len() > 256));
+        if long {
+            return Err(Error::invalid("audit filters must be at most 256 bytes"));
+        }
+        Ok(self.store.search_audit_events(&org.id, filter, page).await?)
     }
 
     // ---- authorization ----------------------------------------------------------------------

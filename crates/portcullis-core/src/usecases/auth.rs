@@ -518,6 +518,13 @@ impl Portcullis {
         let Some(v) = self.store.verification(&sub.verification_id).await?.filter(|v| v.purpose == purpose) else {
             return Err(refuse("invalid or expired code"));
         };
+        // Per account too: wrong codes across all of a user's verifications (e.g. repeated
+        // logins) share one budget a minute.
+        let account_key = format!("verify:{}", v.user_id);
+        self.auth
+            .account_attempts
+            .check(&account_key, self.now())
+            .map_err(|retry_after_secs| Error::RateLimited { retry_after_secs })?;
         if v.consumed_at.is_some() {
             self.audit_code_failure(ctx, &v, "code already used").await;
             return Err(refuse("this code was already used"));
@@ -534,6 +541,7 @@ impl Portcullis {
             return Err(refuse("too many wrong codes; start again to get a new one"));
         }
         if !code_hash(self, &v.id, sub.code.expose_secret()).matches(&v.code_hash) {
+            self.auth.account_attempts.record_failure(&account_key, self.now());
             self.audit_code_failure(ctx, &v, "wrong code").await;
             let left = self.settings.auth.code_max_attempts.saturating_sub(tries);
             return Err(refuse(&format!("wrong code ({left} tries left)")));
