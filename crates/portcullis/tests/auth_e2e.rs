@@ -6,7 +6,8 @@
 //! (`tests/e2e/smtp_sink.py`, Python's aiosmtpd), which stores every message it receives; the
 //! tests read the codes out of the delivered messages (parsed by Python's `email` module).
 //! Python 3 with `aiosmtpd` is required (scripts/test.sh installs it); without it these tests
-//! fail.
+//! fail. The TLS mail tests (STARTTLS and implicit TLS, with SMTP AUTH, to a certificate of a
+//! throwaway CA) also need the `openssl` CLI.
 //!
 //! The timing test takes an exclusive file lock (every other test a shared one) so that it is
 //! not measured while another test of this file hashes passwords on the same cores.
@@ -15,7 +16,7 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -114,13 +115,28 @@ fn six_digit_numbers(s: &str) -> BTreeSet<String> {
 impl Sink {
     /// Starts the sink on a free port; it answers the first `fail_first` deliveries with 451.
     fn start(fail_first: u32) -> Sink {
+        Sink::launch(&[format!("--fail-first={fail_first}")])
+    }
+
+    /// Starts the sink speaking TLS (`mode`) with `pki`'s certificate for `localhost`, and
+    /// accepting only mail from sessions that authenticated as `user` with `password`.
+    fn start_tls(mode: SmtpTls, pki: &Pki, user: &str, password: &str) -> Sink {
+        Sink::launch(&[
+            format!("--tls-cert={}", pki.cert.display()),
+            format!("--tls-key={}", pki.key.display()),
+            mode.sink_flag().to_owned(),
+            format!("--auth={user}:{password}"),
+        ])
+    }
+
+    fn launch(args: &[String]) -> Sink {
         let dir = tempfile::tempdir().unwrap();
         let mut child = Command::new("python3")
             .arg(SINK)
             .arg("serve")
             .arg(format!("--dir={}", dir.path().display()))
             .arg("--port=0")
-            .arg(format!("--fail-first={fail_first}"))
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -145,6 +161,44 @@ impl Sink {
             ("PORTCULLIS_SMTP__SECURITY", "none".to_owned()),
             ("PORTCULLIS_SMTP__FROM", FROM.to_owned()),
         ]
+    }
+
+    /// `PORTCULLIS_SMTP__*` and `PORTCULLIS_SMTP_PASSWORD`: `mode` to this sink at `localhost`
+    /// (the name its certificate is for), as `user` with `password`, trusting `ca_file` if given.
+    fn tls_envs(
+        &self,
+        mode: SmtpTls,
+        ca_file: Option<&Path>,
+        user: &str,
+        password: &str,
+    ) -> Vec<(&'static str, String)> {
+        let mut envs = vec![
+            ("PORTCULLIS_SMTP__HOST", "localhost".to_owned()),
+            ("PORTCULLIS_SMTP__PORT", self.port.to_string()),
+            ("PORTCULLIS_SMTP__SECURITY", mode.security().to_owned()),
+            ("PORTCULLIS_SMTP__FROM", FROM.to_owned()),
+            ("PORTCULLIS_SMTP__USERNAME", user.to_owned()),
+            ("PORTCULLIS_SMTP_PASSWORD", password.to_owned()),
+        ];
+        if let Some(ca) = ca_file {
+            envs.push(("PORTCULLIS_SMTP__CA_FILE", ca.display().to_string()));
+        }
+        envs
+    }
+
+    /// The AUTH attempts the sink refused so far (`auth-failed-NNNN.json`: user, TLS).
+    fn auth_failures(&self) -> Vec<Value> {
+        let mut out: Vec<(String, Value)> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("auth-failed-") && n.ends_with(".json"))
+            .map(|n| {
+                let v = serde_json::from_slice(&std::fs::read(self.dir.path().join(&n)).unwrap()).unwrap();
+                (n, v)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.into_iter().map(|(_, v)| v).collect()
     }
 
     /// Every message received so far, in order.
@@ -203,6 +257,126 @@ impl Drop for Sink {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+// ------------------------------------------------------------------------------ SMTP TLS --
+
+/// How an SMTP session is secured: the sink's mode and the server's `smtp.security`.
+#[derive(Debug, Clone, Copy)]
+enum SmtpTls {
+    /// Plain connection, then STARTTLS (required by both sides).
+    StartTls,
+    /// TLS from the first byte (SMTPS).
+    Implicit,
+}
+
+impl SmtpTls {
+    fn sink_flag(self) -> &'static str {
+        match self {
+            SmtpTls::StartTls => "--starttls",
+            SmtpTls::Implicit => "--implicit-tls",
+        }
+    }
+    fn security(self) -> &'static str {
+        match self {
+            SmtpTls::StartTls => "starttls",
+            SmtpTls::Implicit => "tls",
+        }
+    }
+}
+
+/// A throwaway CA and a server certificate it signed for `localhost` (SAN `DNS:localhost`,
+/// `IP:127.0.0.1`), made with the `openssl` CLI; gone with the value.
+struct Pki {
+    _dir: tempfile::TempDir,
+    /// The CA certificate (PEM): what `smtp.ca_file` names.
+    ca: PathBuf,
+    /// The server's certificate and its key (PEM), for the sink.
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |name: &str| dir.path().join(name);
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run openssl ({e}): the TLS mail tests need the openssl CLI"));
+            assert!(
+                out.status.success(),
+                "openssl {args:?} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let mut ca_args = vec!["req", "-x509"];
+        ca_args.extend(ec);
+        ca_args.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=Portcullis e2e throwaway CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        openssl(&ca_args);
+        let mut csr_args = vec!["req", "-new"];
+        csr_args.extend(ec);
+        csr_args.extend(["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]);
+        openssl(&csr_args);
+        std::fs::write(
+            p("server.ext"),
+            "basicConstraints=critical,CA:FALSE\n\
+             keyUsage=critical,digitalSignature\n\
+             extendedKeyUsage=serverAuth\n\
+             subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.pem",
+        ]);
+        openssl(&["verify", "-CAfile", "ca.pem", "server.pem"]);
+        Pki { ca: p("ca.pem"), cert: p("server.pem"), key: p("server.key"), _dir: dir }
+    }
+}
+
+/// The rows of the server's mail queue (`mail_queue` in `<data_dir>/portcullis.db`, read with
+/// Python's sqlite3 once the server stopped): address, attempts, sent or not, last error.
+fn mail_queue(data_dir: &Path) -> Vec<Value> {
+    let db = data_dir.join("portcullis.db");
+    assert!(db.is_file(), "no SQLite database at {}", db.display());
+    let script = "import json, sqlite3, sys\n\
+                  db = sqlite3.connect(f'file:{sys.argv[1]}?mode=ro', uri=True)\n\
+                  rows = db.execute('SELECT to_addr, attempts, sent_at, last_error FROM mail_queue')\n\
+                  print(json.dumps([dict(to=r[0], attempts=r[1], sent_at=r[2], last_error=r[3]) for r in rows]))\n";
+    let out = Command::new("python3").arg("-c").arg(script).arg(&db).output().unwrap();
+    assert!(out.status.success(), "reading the mail queue: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice::<Value>(&out.stdout).unwrap().as_array().unwrap().clone()
 }
 
 // ----------------------------------------------------------------------------------- HTTP --
@@ -891,4 +1065,150 @@ async fn no_code_or_secret_at_rest() {
             assert!(!found, "the {what} {secret} is stored in clear in {}", f.display());
         }
     }
+}
+
+/// The SMTP user the TLS sinks accept.
+const SMTP_USER: &str = "portcullis-mailer";
+/// How long an undeliverable mail is watched for not arriving.
+const NOT_DELIVERED_FOR: Duration = Duration::from_secs(3);
+
+/// A login's code goes over TLS (`mode`) with SMTP AUTH to a server whose certificate only
+/// `smtp.ca_file` makes trusted, and verifies the session; then, each against its own sink
+/// (same mode, same certificate), a wrong SMTP password and a missing `ca_file` each leave the
+/// code undelivered and queued. The SMTP passwords are never in the server's log.
+async fn mail_over_tls_with_auth(mode: SmtpTls) {
+    let _lock = test_lock(false).await;
+    let started = Instant::now();
+    let pki = Pki::new();
+    let smtp_password = format!("smtp-pw-{}", random_hex(16));
+
+    // ---- delivered: trusted certificate, right password
+    let sink = Sink::start_tls(mode, &pki, SMTP_USER, &smtp_password);
+    let envs = sink.tls_envs(mode, Some(&pki.ca), SMTP_USER, &smtp_password);
+    let Acme { dir: _dir, mut s, c, admin } = Acme::start(&envs).await;
+    let email = "tls-alice@acme.test";
+    let (password, _) = create_user(&c, &admin, email, &["payments:reader"]).await;
+    let login = c.login(email, &password).await;
+    login.expect(202);
+    let mail = sink.next_mail(email, "Your Portcullis sign-in code", MAIL_TIMEOUT).await;
+    assert_eq!(mail.meta["tls"], true, "{mode:?}: the message did not come over TLS: {}", mail.meta);
+    let version = mail.meta["tls_version"].as_str().unwrap_or_default();
+    assert!(version == "TLSv1.2" || version == "TLSv1.3", "{mode:?}: TLS version {version:?}: {}", mail.meta);
+    assert_eq!(mail.meta["auth_user"], SMTP_USER, "{mode:?}: the session did not authenticate: {}", mail.meta);
+    assert_eq!(mail.rcpt_tos(), [email], "{}", mail.meta);
+    assert_eq!(mail.meta["mail_from"], "noreply@example.test", "{}", mail.meta);
+    assert!(sink.auth_failures().is_empty(), "the right password was refused: {:?}", sink.auth_failures());
+    let code = mail.code();
+    let v = c.verify("session", &login.str("verification_id"), &code).await;
+    v.expect(200);
+    assert_eq!(v.str("session_token"), login.str("session_token"));
+    c.current(&login.str("session_token")).await.expect(200);
+    assert_eq!(sink.mails().len(), 1, "one login, one message");
+    s.stop_clean();
+    s.assert_no_logged_errors();
+    assert!(!s.output().contains("mail delivery failed"), "delivered at the first attempt:\n{}", s.output());
+    let secrets = vec![
+        ("SMTP password", smtp_password.clone()),
+        ("user password", password),
+        ("emailed code", code),
+        ("session token", login.str("session_token")),
+    ];
+    assert_no_secrets(&s, &and_admin_secrets(secrets, admin));
+    let delivered_in = started.elapsed();
+
+    // ---- not delivered: a wrong password, and a certificate not trusted (no ca_file)
+    let wrong_password = format!("smtp-wrong-pw-{}", random_hex(16));
+    let (wrong_sink, untrusted_sink) = (
+        Sink::start_tls(mode, &pki, SMTP_USER, &smtp_password),
+        Sink::start_tls(mode, &pki, SMTP_USER, &smtp_password),
+    );
+    let wrong = undelivered(
+        mode,
+        &wrong_sink,
+        wrong_sink.tls_envs(mode, Some(&pki.ca), SMTP_USER, &wrong_password),
+        "tls-bob@acme.test",
+    );
+    let untrusted = undelivered(
+        mode,
+        &untrusted_sink,
+        untrusted_sink.tls_envs(mode, None, SMTP_USER, &smtp_password),
+        "tls-carol@acme.test",
+    );
+    let (wrong, untrusted) = tokio::join!(wrong, untrusted);
+
+    // The wrong password reached the sink inside TLS and was refused there (535, permanent).
+    let failures = wrong_sink.auth_failures();
+    assert!(!failures.is_empty(), "{mode:?}: the server never tried to authenticate");
+    for f in &failures {
+        assert_eq!(f["user"], SMTP_USER, "{f}");
+        assert_eq!(f["tls"], true, "{mode:?}: AUTH outside TLS: {f}");
+    }
+    assert!(wrong.warning.contains("535") && wrong.warning.contains("permanent=true"), "{}", wrong.warning);
+    assert!(wrong.last_error.contains("535"), "{}", wrong.last_error);
+    assert_no_secrets(
+        &wrong.server,
+        &[("SMTP password", smtp_password.clone()), ("wrong SMTP password", wrong_password.clone())],
+    );
+    assert!(!wrong.last_error.contains(&wrong_password), "{}", wrong.last_error);
+
+    // The untrusted certificate: the handshake failed, so no AUTH was even tried.
+    assert!(untrusted_sink.auth_failures().is_empty(), "{:?}", untrusted_sink.auth_failures());
+    for text in [&untrusted.warning, &untrusted.last_error] {
+        assert!(text.to_lowercase().contains("certificate"), "{mode:?}: not a certificate error: {text}");
+    }
+    assert_no_secrets(&untrusted.server, &[("SMTP password", smtp_password.clone())]);
+    eprintln!(
+        "{mode:?}: delivered and verified in {delivered_in:?}; the whole test took {:?}\n  wrong password: {}\n  untrusted certificate: {}",
+        started.elapsed(),
+        wrong.last_error,
+        untrusted.last_error
+    );
+}
+
+/// What [`undelivered`] saw: the stopped server, its delivery warning and the queued mail's
+/// last error.
+struct Undelivered {
+    server: Server,
+    warning: String,
+    last_error: String,
+    _dir: tempfile::TempDir,
+}
+
+/// A server with `envs` (which cannot deliver to `sink`): a login for `email` still answers
+/// 202 at once, the server warns that the delivery failed, nothing reaches the sink within
+/// [`NOT_DELIVERED_FOR`], and after a clean stop the code is still in the queue, unsent.
+async fn undelivered(mode: SmtpTls, sink: &Sink, envs: Vec<(&'static str, String)>, email: &str) -> Undelivered {
+    let Acme { dir, mut s, c, admin } = Acme::start(&envs).await;
+    let (password, _) = create_user(&c, &admin, email, &["payments:reader"]).await;
+    let asked = Instant::now();
+    c.login(email, &password).await.expect(202);
+    assert!(asked.elapsed() < Duration::from_secs(3), "the login waited for the mail: {:?}", asked.elapsed());
+    let log = s.wait_output(Stream::All, "mail delivery failed; will retry", MAIL_TIMEOUT);
+    let warning = log.lines().find(|l| l.contains("mail delivery failed; will retry")).unwrap().to_owned();
+    assert!(warning.contains(" WARN "), "{mode:?}: the failure is logged as a warning: {warning}");
+    tokio::time::sleep(NOT_DELIVERED_FOR).await;
+    assert!(sink.mails().is_empty(), "{mode:?}: delivered anyway: {:?}", sink.mails());
+    s.stop_clean();
+    s.assert_no_logged_errors();
+    let queue = mail_queue(&s.data_dir);
+    assert_eq!(queue.len(), 1, "{mode:?}: one queued mail: {queue:?}");
+    let row = &queue[0];
+    assert_eq!(row["to"], email, "{row}");
+    assert!(row["sent_at"].is_null(), "{mode:?}: marked as sent: {row}");
+    assert!(row["attempts"].as_i64().unwrap() >= 1, "{row}");
+    let last_error = row["last_error"].as_str().unwrap_or_default().to_owned();
+    assert_no_secrets(&s, &[("user password", password)]);
+    Undelivered { server: s, warning, last_error, _dir: dir }
+}
+
+/// STARTTLS (`smtp.security = "starttls"`) with SMTP AUTH to a private CA's certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_over_starttls_with_auth() {
+    mail_over_tls_with_auth(SmtpTls::StartTls).await;
+}
+
+/// Implicit TLS (`smtp.security = "tls"`) with SMTP AUTH to a private CA's certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_over_implicit_tls_with_auth() {
+    mail_over_tls_with_auth(SmtpTls::Implicit).await;
 }
