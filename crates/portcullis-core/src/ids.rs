@@ -181,7 +181,9 @@ impl Email {
     pub fn parse(s: &str) -> Result<Self, Error> {
         let s = s.trim();
         let ok = s.len() <= 254
-            && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+            // No characters with a meaning in address headers: `x<ceo@acme.test>` must not be
+            // stored as one address and delivered to another.
+            && !s.chars().any(|c| c.is_whitespace() || c.is_control() || "<>()[],;:\"\\".contains(c))
             && matches!(s.split_once('@'), Some((l, d)) if !l.is_empty() && d.contains('.') && !d.contains('@') && !d.starts_with('.') && !d.ends_with('.'));
         if ok {
             Ok(Self(s.to_lowercase()))
@@ -227,6 +229,9 @@ mod tests {
         assert_eq!(Email::parse(" Ann@Example.COM ").unwrap().as_str(), "ann@example.com");
         assert!(Email::parse("ann@localhost").is_err());
         assert!(Email::parse("a b@example.com").is_err());
+        for header_trick in ["x<ceo@acme.test>", "a@b.test,c@d.test", "\"a\"@b.test", "a@b.test;x", "(c)a@b.test"] {
+            assert!(Email::parse(header_trick).is_err(), "{header_trick}");
+        }
     }
 
     #[test]

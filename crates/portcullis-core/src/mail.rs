@@ -75,12 +75,33 @@ impl Mailer for MemoryMailer {
 /// What Portcullis writes to people.
 #[derive(Clone)]
 pub enum Message<'a> {
-    LoginCode { code: &'a str, ip: Option<&'a str>, minutes: i64 },
-    ApiKeyCode { code: &'a str, key_name: &'a str, minutes: i64 },
-    EmailCode { code: &'a str, minutes: i64 },
-    PasswordResetCode { code: &'a str, minutes: i64 },
-    AccountLocked { until: UnixTime, failures: u32 },
+    LoginCode {
+        code: &'a str,
+        ip: Option<&'a str>,
+        minutes: i64,
+    },
+    ApiKeyCode {
+        code: &'a str,
+        key_name: &'a str,
+        minutes: i64,
+    },
+    EmailCode {
+        code: &'a str,
+        minutes: i64,
+    },
+    PasswordResetCode {
+        code: &'a str,
+        minutes: i64,
+    },
+    AccountLocked {
+        until: UnixTime,
+        failures: u32,
+    },
     PasswordChanged,
+    /// Sent to the previous primary address.
+    PrimaryEmailChanged {
+        new: &'a str,
+    },
 }
 
 impl std::fmt::Debug for Message<'_> {
@@ -105,6 +126,7 @@ impl Message<'_> {
             Self::PasswordResetCode { .. } => "password_reset_code",
             Self::AccountLocked { .. } => "account_locked",
             Self::PasswordChanged => "password_changed",
+            Self::PrimaryEmailChanged { .. } => "primary_email_changed",
         }
     }
 
@@ -115,7 +137,7 @@ impl Message<'_> {
             | Self::ApiKeyCode { code, .. }
             | Self::EmailCode { code, .. }
             | Self::PasswordResetCode { code, .. } => Some(code),
-            Self::AccountLocked { .. } | Self::PasswordChanged => None,
+            Self::AccountLocked { .. } | Self::PasswordChanged | Self::PrimaryEmailChanged { .. } => None,
         }
     }
 
@@ -166,9 +188,15 @@ impl Message<'_> {
             ),
             Self::PasswordChanged => (
                 "Your Portcullis password was changed".to_owned(),
-                "The password of your account was changed and every session was signed out.".to_owned(),
+                "The password of your account was changed and every session was signed out (after a reset, every API key was revoked too).".to_owned(),
                 None,
                 "If you did not do this, reset your password now and contact your administrator.".to_owned(),
+            ),
+            Self::PrimaryEmailChanged { new } => (
+                "Your Portcullis sign-in address was changed".to_owned(),
+                format!("Your account now signs in and receives its codes at {new}; this address no longer does."),
+                None,
+                "If you did not do this, contact your administrator now: someone may have taken over your account.".to_owned(),
             ),
         };
         let text = match code {
@@ -236,6 +264,7 @@ mod tests {
             Message::PasswordResetCode { code: "222222", minutes: 10 },
             Message::AccountLocked { until: 1_800_000_000, failures: 10 },
             Message::PasswordChanged,
+            Message::PrimaryEmailChanged { new: "new@example.test" },
         ];
         for m in all {
             let r = m.render();

@@ -313,7 +313,8 @@ pub enum VerificationEffect {
     VerifyEmail {
         email_id: String,
     },
-    /// New password hash; every session of the user ends; the lockout is lifted.
+    /// New password hash; every session of the user ends, every API key is revoked; the
+    /// lockout is lifted.
     ResetPassword {
         user_id: String,
         password_hash: String,

@@ -42,6 +42,14 @@ impl FailureLimiter {
         Ok(())
     }
 
+    /// Takes back one counted event (an attempt that turned out right).
+    pub fn forgive(&self, key: &str) {
+        let Ok(mut map) = self.counters.lock() else { return };
+        if let Some(e) = map.get_mut(key) {
+            e.1 = e.1.saturating_sub(1);
+        }
+    }
+
     fn check_in(&self, map: &HashMap<String, (UnixTime, u32)>, key: &str, now: UnixTime) -> Result<(), u64> {
         match map.get(key) {
             Some((start, n)) if *n >= self.max_failures && now < start + self.window_secs => {
@@ -89,5 +97,8 @@ mod tests {
         assert!(l.fail(&["client:a", "ip:1"], 0).is_ok());
         assert!(l.fail(&["client:b", "ip:1"], 0).is_err(), "the IP is used up");
         assert!(l.check("client:b", 0).is_ok(), "nothing was counted for client:b");
+        l.forgive("ip:1");
+        assert!(l.fail(&["ip:1"], 0).is_ok(), "a forgiven event frees its place");
+        assert!(l.fail(&["ip:1"], 0).is_err());
     }
 }

@@ -97,6 +97,18 @@ pub trait Store: Send + Sync + 'static {
         locked_until: Option<UnixTime>,
         audit: &AuditEvent,
     ) -> StoreResult<()>;
+    /// Counts one failed login atomically (parallel failures are all counted): a lock that has
+    /// ended starts a new count at 1; reaching `threshold` locks until `lock_until`; a running
+    /// lock is kept. Records `audit` in the same transaction. Returns the new count and lock
+    /// (`None`: no such user).
+    async fn record_login_failure(
+        &self,
+        user_id: &str,
+        now: UnixTime,
+        threshold: u32,
+        lock_until: UnixTime,
+        audit: &AuditEvent,
+    ) -> StoreResult<Option<(u32, Option<UnixTime>)>>;
     /// Deletes the user with its addresses, sessions, API keys and pending verifications.
     async fn delete_user(&self, org_id: &str, id: &str, audit: &AuditEvent) -> StoreResult<bool>;
 

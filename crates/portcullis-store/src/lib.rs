@@ -650,6 +650,34 @@ macro_rules! sql_store {
                 tx.commit().await.map_err(db_err)
             }
 
+            async fn record_login_failure(&self, user_id: &str, now: UnixTime, threshold: u32, lock_until: UnixTime, audit: &AuditEvent) -> StoreResult<Option<(u32, Option<UnixTime>)>> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                // Every right-hand side sees the row as it was: one atomic step per failure.
+                let row = sqlx::query(
+                    "UPDATE users SET \
+                       failed_logins = CASE WHEN locked_until IS NOT NULL AND locked_until <= $2 THEN 1 ELSE failed_logins + 1 END, \
+                       locked_until = CASE \
+                         WHEN locked_until IS NOT NULL AND locked_until > $2 THEN locked_until \
+                         WHEN (CASE WHEN locked_until IS NOT NULL AND locked_until <= $2 THEN 1 ELSE failed_logins + 1 END) >= $3 THEN $4 \
+                         ELSE NULL END \
+                     WHERE id = $1 RETURNING failed_logins, locked_until",
+                )
+                .bind(user_id)
+                .bind(now)
+                .bind(i64::from(threshold))
+                .bind(lock_until)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+                let Some(row) = row else { return Ok(None) };
+                let failures: i32 = row.try_get("failed_logins").map_err(db_err)?;
+                let failures = u32::try_from(failures).map_err(|_| corrupt("failed_logins"))?;
+                let locked: Option<UnixTime> = row.try_get("locked_until").map_err(db_err)?;
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(Some((failures, locked)))
+            }
+
             async fn delete_user(&self, org_id: &str, id: &str, audit: &AuditEvent) -> StoreResult<bool> {
                 let mut tx = self.pool.begin().await.map_err(db_err)?;
                 for sql in [
@@ -965,6 +993,13 @@ macro_rules! sql_store {
                             .await
                             .map_err(db_err)?;
                         Self::revoke_sessions_of(&mut *tx, user_id, now).await?;
+                        // An account being recovered may have been compromised: its keys go too.
+                        sqlx::query("UPDATE api_keys SET state = 'revoked', revoked_at = $1 WHERE user_id = $2 AND state IN ('pending', 'active')")
+                            .bind(now)
+                            .bind(user_id)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_err)?;
                     }
                 }
                 Self::insert_audit(&mut *tx, audit).await?;

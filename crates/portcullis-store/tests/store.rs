@@ -67,6 +67,7 @@ contract_tests!(
     ca_certificates_and_revoked_tokens,
     audit_log_is_newest_first_filtered_and_paged,
     audit_search_matches_every_criterion,
+    login_failures_count_atomically_and_lock_once,
     users_update_optimistically_and_can_end_sessions,
     user_search_escapes_wildcards_and_email_lookup_spans_organisations,
     delete_user_removes_everything_tied_to_the_user,
@@ -1453,7 +1454,7 @@ async fn user_search_escapes_wildcards_and_email_lookup_spans_organisations(s: A
         named(&acme.id, "bob@example.com", Some("Bobby ANNE")),
         named(&acme.id, "per_cent@example.com", Some("100% sure")),
         named(&acme.id, "perxcent@example.com", Some("a_b")),
-        named(&acme.id, "back\\slash@example.com", Some("plain")),
+        named(&acme.id, "backslash@example.com", Some("back\\slash")),
         named(&acme.id, "zed@example.com", Some("Zed")),
     ];
     for u in &acme_users {
@@ -1492,8 +1493,8 @@ async fn user_search_escapes_wildcards_and_email_lookup_spans_organisations(s: A
         "_ matches itself only"
     );
     assert_eq!(search(a(), "per_", all()).await, ["per_cent@example.com"], "escaped _ is not any character");
-    assert_eq!(search(a(), "\\", all()).await, ["back\\slash@example.com"], "backslash matches itself");
-    assert_eq!(search(a(), "k\\s", all()).await, ["back\\slash@example.com"]);
+    assert_eq!(search(a(), "\\", all()).await, ["backslash@example.com"], "backslash (in a name) matches itself");
+    assert_eq!(search(a(), "k\\s", all()).await, ["backslash@example.com"]);
     assert!(search(a(), "other", all()).await.is_empty(), "other organisations' names are not searched");
     assert!(search(a(), "nobody", all()).await.is_empty());
     assert_eq!(search(a(), "", all()).await.len(), acme_users.len(), "the empty query matches everyone");
@@ -2055,8 +2056,8 @@ async fn verification_effects(s: Arc<dyn Store>) {
     assert_eq!(s.user(&acme.id, &bob.id).await.unwrap().as_ref(), Some(&bob));
     assert_eq!(
         s.api_key(&acme.id, &key.id).await.unwrap().unwrap().state,
-        CredentialState::Active,
-        "API keys are not sessions"
+        CredentialState::Revoked,
+        "a reset revokes the user's API keys too"
     );
 }
 
@@ -2451,4 +2452,46 @@ async fn audit_search_matches_every_criterion(s: Arc<dyn Store>) {
         s.search_audit_events(&acme, &AuditFilter::default(), page(2, 1)).await.unwrap(),
         vec![written[3].clone(), written[2].clone()]
     );
+}
+
+async fn login_failures_count_atomically_and_lock_once(s: Arc<dyn Store>) {
+    let acme = seed_org(&*s, "acme").await;
+    let ann = seed_user(&*s, &acme.id, "ann@example.com").await;
+    let fail = |now: UnixTime| {
+        let s = s.clone();
+        let id = ann.id.clone();
+        let org = acme.id.clone();
+        async move { s.record_login_failure(&id, now, 5, now + 900, &audit(Some(&org), "session.login")).await.unwrap() }
+    };
+    // Eight parallel failures are eight, not one: exactly one of them reached the threshold.
+    let results = futures_join_all((0..8).map(|_| fail(NOW))).await;
+    let mut counts: Vec<u32> = results.iter().map(|r| r.unwrap().0).collect();
+    counts.sort_unstable();
+    assert_eq!(counts, (1..=8).collect::<Vec<_>>(), "every failure counted once");
+    assert!(results.iter().all(|r| match r.unwrap() {
+        (n, locked) if n < 5 => locked.is_none(),
+        (_, locked) => locked == Some(NOW + 900),
+    }));
+    let u = s.user(&acme.id, &ann.id).await.unwrap().unwrap();
+    assert_eq!((u.failed_logins, u.locked_until), (8, Some(NOW + 900)));
+    assert_eq!(fail(NOW + 10).await, Some((9, Some(NOW + 900))), "a running lock is kept, not extended");
+    assert_eq!(fail(NOW + 900).await, Some((1, None)), "an ended lock starts a new count");
+    assert_eq!(
+        s.record_login_failure(&new_id(), NOW, 5, NOW + 900, &audit(Some(&acme.id), "session.login")).await.unwrap(),
+        None
+    );
+}
+
+/// `join_all` without a futures dependency: spawn each and await them in order.
+async fn futures_join_all<F>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
 }

@@ -265,12 +265,21 @@ pub async fn verify_email(
     Ok(Json(serde_json::json!({ "id": e.id, "email": e.email, "verified": true })))
 }
 
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CurrentPassword {
+    current_password: secrecy::SecretString,
+}
+
 pub async fn make_primary_email(
     State(s): State<AppState>,
     Admin(who, ctx): Admin,
     Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<StatusCode, ApiError> {
-    s.core.make_primary_email(&ctx, &who, &id).await?;
+    let req: CurrentPassword = json_body(&headers, body).await?;
+    s.core.make_primary_email(&ctx, &who, &id, req.current_password).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -104,6 +104,15 @@ async fn observe(mut req: Request, next: Next) -> Response {
         req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
     let method = req.method().clone();
     req.extensions_mut().insert(RequestContext { ip, request_id: Some(id.clone()) });
+    // A NUL byte has no use in a path or query and PostgreSQL refuses it in text: stop it here
+    // rather than let it become a 500 deep inside.
+    if req.uri().path_and_query().is_some_and(|pq| pq.as_str().contains("%00")) {
+        let mut resp = error::ApiError::BadRequest("the URL must not contain NUL bytes (%00)".into()).into_response();
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            resp.headers_mut().insert("x-request-id", v);
+        }
+        return resp;
+    }
     let span = tracing::debug_span!("request", request_id = %id, %method, route = %route);
     let mut resp = tracing::Instrument::instrument(next.run(req), span).await;
     error::ensure_error_headers(&mut resp);

@@ -990,6 +990,20 @@ async fn an_admin_of_the_platform_organisation_cannot_take_over_a_platform_admin
     let t = sign_in(&e, ROOT, ROOT_PW).await;
     let r = call(&e, "GET", "/api/v1/organisations", Auth::Bearer(&t), None).await;
     assert_eq!(r.s, StatusCode::OK, "a platform admin's session works on the whole admin API");
+    // Nor may the organisation admin look at or end the platform admin's sessions and keys.
+    let key = api_key(&e, &t, ROOT, json!({"name": "root key"})).await;
+    let sid = call(&e, "GET", "/api/v1/sessions/current", Auth::Bearer(&t), None).await.str("id");
+    let org = "/api/v1/organisations/portcullis";
+    for (method, path) in [
+        ("GET", format!("{user}/sessions")),
+        ("DELETE", format!("{user}/sessions")),
+        ("DELETE", format!("{org}/sessions/{sid}")),
+        ("DELETE", format!("{org}/api-keys/{}", key.id)),
+    ] {
+        let r = call(&e, method, &path, Auth::Bearer(&pat), None).await;
+        assert_eq!(r.s, StatusCode::FORBIDDEN, "{method} {path}: {}", r.v);
+    }
+    assert_eq!(current(&e, &t).await.s, StatusCode::OK, "the platform admin's session lives on");
     let r = call(&e, "PATCH", &user, Auth::Bearer(&admin), Some(json!({"name": "Root"}))).await;
     assert_eq!(r.s, StatusCode::OK, "{}", r.v);
 }
@@ -1092,7 +1106,8 @@ async fn admins_search_disable_and_delete_users() {
 
 #[tokio::test]
 async fn users_manage_their_addresses_and_password() {
-    let e = env().await;
+    // Many password checks for one account in one (manual-clock) minute: not what this tests.
+    let e = env_with(|s| s.auth.attempts_per_account_per_minute = 100).await;
     let f = acme(&e).await;
     let t = sign_in(&e, ANN, PW).await;
     let me = call(&e, "GET", "/api/v1/me", Auth::Bearer(&t), None).await;
@@ -1116,7 +1131,8 @@ async fn users_manage_their_addresses_and_password() {
     assert_eq!(r.s, StatusCode::ACCEPTED, "{}", r.v);
     let (new_id, vid) = (r.str("id"), r.str("verification_id"));
     let code = code_for(&e, NEW).await;
-    let r = call(&e, "POST", &format!("/api/v1/me/emails/{new_id}/primary"), Auth::Bearer(&t), None).await;
+    let primary = |p: &str| Some(json!({"current_password": p}));
+    let r = call(&e, "POST", &format!("/api/v1/me/emails/{new_id}/primary"), Auth::Bearer(&t), primary(PW)).await;
     assert_eq!(r.s, StatusCode::CONFLICT, "an unverified address cannot become primary");
     let r = verify_code(&e, "/api/v1/me/emails/verify", &vid, other_code(&code)).await;
     assert_eq!(r.s, StatusCode::UNAUTHORIZED);
@@ -1124,9 +1140,19 @@ async fn users_manage_their_addresses_and_password() {
     assert_eq!((r.s, &r.v["verified"]), (StatusCode::OK, &json!(true)), "{}", r.v);
     let r = call(&e, "POST", "/api/v1/me/emails", Auth::Bearer(&t), Some(json!({"email": OLGA}))).await;
     assert_eq!(r.s, StatusCode::CONFLICT, "another user's address: {}", r.v);
-    let r = call(&e, "POST", &format!("/api/v1/me/emails/{new_id}/primary"), Auth::Bearer(&t), None).await;
+    let path = format!("/api/v1/me/emails/{new_id}/primary");
+    let r = call(&e, "POST", &path, Auth::Bearer(&t), None).await;
+    assert_eq!(r.s, StatusCode::BAD_REQUEST, "the current password is required");
+    let r = call(&e, "POST", &path, Auth::Bearer(&t), primary("wrong-password-123")).await;
+    assert_eq!(r.s, StatusCode::FORBIDDEN, "a session alone cannot move the account to another mailbox");
+    let r = call(&e, "POST", &path, Auth::Bearer(&t), primary(PW)).await;
     assert_eq!(r.s, StatusCode::NO_CONTENT);
     assert_eq!(call(&e, "GET", "/api/v1/me", Auth::Bearer(&t), None).await.str("email"), NEW);
+    let notices = mails_to(&e, ANN).await;
+    assert!(
+        notices.iter().any(|m| m.subject.contains("sign-in address was changed") && m.text.contains(NEW)),
+        "the previous address is told"
+    );
     let t = sign_in(&e, NEW, PW).await;
     let r = call(&e, "DELETE", &format!("/api/v1/me/emails/{old_id}"), Auth::Bearer(&t), None).await;
     assert_eq!(r.s, StatusCode::NO_CONTENT);
@@ -1372,4 +1398,74 @@ async fn debug_output_shows_no_secrets() {
     let events = e.core.store().audit_events(None, Page::new(Some(500), None)).await.unwrap();
     let all = serde_json::to_string(&events).unwrap();
     assert!(!all.contains(secret) && !all.contains(PW) && !all.contains(&code), "audit events hold no secrets");
+}
+
+// ---- limits on self-service and odd input ----------------------------------------------------
+
+#[tokio::test]
+async fn self_service_is_limited() {
+    let e = env_with(|s| s.auth.attempts_per_account_per_minute = 3).await;
+    acme(&e).await;
+    let t = sign_in(&e, ANN, PW).await;
+    // Guessing the current password counts like a login (the sign-in used one of three).
+    let body = json!({"current_password": "wrong-password-123", "new_password": "another-password-456"});
+    for _ in 0..2 {
+        let r = call(&e, "POST", "/api/v1/me/password", Auth::Bearer(&t), Some(body.clone())).await;
+        assert_eq!(r.s, StatusCode::FORBIDDEN, "{}", r.v);
+    }
+    let r = call(&e, "POST", "/api/v1/me/password", Auth::Bearer(&t), Some(body)).await;
+    assert_eq!(r.s, StatusCode::TOO_MANY_REQUESTS, "{}", r.v);
+
+    // Mail-sending self-service: ten an hour per user.
+    for i in 0..5 {
+        let r = call(&e, "POST", "/api/v1/me/emails", Auth::Bearer(&t), Some(json!({"email": format!("a{i}@x.test")})))
+            .await;
+        assert_eq!(r.s, StatusCode::ACCEPTED, "{}", r.v);
+        let r = call(&e, "POST", "/api/v1/api-keys", Auth::Bearer(&t), Some(json!({"name": format!("k{i}")}))).await;
+        assert_eq!(r.s, StatusCode::ACCEPTED, "{}", r.v);
+    }
+    let r = call(&e, "POST", "/api/v1/me/emails", Auth::Bearer(&t), Some(json!({"email": "one.more@x.test"}))).await;
+    assert_eq!(r.s, StatusCode::TOO_MANY_REQUESTS, "{}", r.v);
+    let r = call(&e, "POST", "/api/v1/api-keys", Auth::Bearer(&t), Some(json!({"name": "one more"}))).await;
+    assert_eq!(r.s, StatusCode::TOO_MANY_REQUESTS, "{}", r.v);
+    e.clock.advance(3601);
+    let t = sign_in(&e, ANN, PW).await;
+    let r = call(&e, "POST", "/api/v1/api-keys", Auth::Bearer(&t), Some(json!({"name": "next hour"}))).await;
+    assert_eq!(r.s, StatusCode::ACCEPTED, "{}", r.v);
+}
+
+#[tokio::test]
+async fn password_resets_are_limited_per_address_alike_for_unknown_ones() {
+    let e = env_with(|s| s.auth.attempts_per_account_per_minute = 100).await;
+    acme(&e).await;
+    for who in [ANN, "nobody@acme.test"] {
+        for _ in 0..3 {
+            let r = call(&e, "POST", "/api/v1/password-reset", Auth::Anon, Some(json!({"email": who}))).await;
+            assert_eq!(r.s, StatusCode::ACCEPTED, "{who}: {}", r.v);
+        }
+        let r = call(&e, "POST", "/api/v1/password-reset", Auth::Anon, Some(json!({"email": who}))).await;
+        assert_eq!(r.s, StatusCode::TOO_MANY_REQUESTS, "{who}: the fourth in 15 minutes");
+    }
+}
+
+#[tokio::test]
+async fn nul_bytes_are_refused_with_400_not_500() {
+    let e = env().await;
+    acme(&e).await;
+    let admin = admin_token(&e).await;
+    for path in ["/api/v1/organisations/acme/users?q=%00", "/api/v1/organisations/acme/users/a%00b"] {
+        let r = call(&e, "GET", path, Auth::Bearer(&admin), None).await;
+        assert_eq!(r.s, StatusCode::BAD_REQUEST, "{path}: {}", r.v);
+    }
+    let r = verify_code(&e, "/api/v1/sessions/verify", "abc\u{0}def", "123456").await;
+    assert_eq!(r.s, StatusCode::BAD_REQUEST, "{}", r.v);
+    let r = call(
+        &e,
+        "POST",
+        "/api/v1/sessions",
+        Auth::Anon,
+        Some(json!({"email": ANN, "password": PW, "organisation": "ac\u{0}me"})),
+    )
+    .await;
+    assert_eq!(r.s, StatusCode::BAD_REQUEST, "{}", r.v);
 }

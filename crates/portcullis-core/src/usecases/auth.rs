@@ -45,6 +45,11 @@ pub(crate) struct AuthState {
     password_wait: Duration,
     account_attempts: FailureLimiter,
     ip_attempts: FailureLimiter,
+    /// Password resets asked for per address (known or not): 3 per 15 minutes.
+    pub(crate) reset_requests: FailureLimiter,
+    /// Self-service actions that send mail (adding an address, creating an API key), per user:
+    /// 10 an hour.
+    pub(crate) mail_actions: FailureLimiter,
     /// By the token's keyed hash.
     sessions: RwLock<HashMap<[u8; 32], Cached<SessionEntry>>>,
     /// By the public `api-key` value.
@@ -65,6 +70,8 @@ impl AuthState {
             password_wait: Duration::from_millis(s.password_queue_wait_ms),
             account_attempts: FailureLimiter::new(s.attempts_per_account_per_minute.max(1), 60),
             ip_attempts: FailureLimiter::new(s.attempts_per_ip_per_minute.max(1), 60),
+            reset_requests: FailureLimiter::new(3, 900),
+            mail_actions: FailureLimiter::new(10, 3600),
             sessions: RwLock::new(HashMap::new()),
             api_keys: RwLock::new(HashMap::new()),
             generation: std::sync::atomic::AtomicU64::new(0),
@@ -278,6 +285,12 @@ fn token_purpose(verification_id: &str) -> String {
     format!("session-token:{verification_id}")
 }
 
+/// Ids we hand out are UUIDs; anything else (NUL bytes included, which PostgreSQL refuses in
+/// text) never reaches the store.
+pub(crate) fn plausible_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
 fn plausible_token(t: &str, prefix: &str) -> bool {
     t.starts_with(prefix) && plausible_secret(&SecretString::from(t.to_owned())) && t.len() <= 128
 }
@@ -352,6 +365,15 @@ impl Portcullis {
         }
         self.auth.ip_attempts.record_failure(&ip_key, now);
         Ok(())
+    }
+
+    /// Self-service actions that send mail are limited per user (no mail bombing through a
+    /// stolen session, no unbounded rows).
+    pub(crate) fn count_mail_action(&self, user_id: &str) -> Result<()> {
+        self.auth
+            .mail_actions
+            .fail(&[user_id], self.now())
+            .map_err(|retry_after_secs| Error::RateLimited { retry_after_secs })
     }
 
     // ---- mail -----------------------------------------------------------------------------
@@ -506,8 +528,8 @@ impl Portcullis {
         if !looks_like_code(&sub.code) {
             return Err(Error::invalid(format!("code must be {CODE_DIGITS} digits")));
         }
-        if sub.verification_id.len() > 64 || sub.verification_id.is_empty() {
-            return Err(Error::invalid("verification_id is malformed"));
+        if !plausible_id(&sub.verification_id) {
+            return Err(Error::invalid("verification_id is malformed: expected the id the server returned"));
         }
         // A password reset hands out a verification id whether or not the address has an
         // account: its refusals must all read alike, or a guessed code would tell a real id
@@ -519,12 +541,16 @@ impl Portcullis {
             return Err(refuse("invalid or expired code"));
         };
         // Per account too: wrong codes across all of a user's verifications (e.g. repeated
-        // logins) share one budget a minute.
+        // logins) share one budget a minute. Not for resets: a 429 that only real accounts can
+        // reach would tell them from made-up ids (resets are limited per address when asked for).
+        // Counted before comparing (so parallel guesses all count) and given back when right.
         let account_key = format!("verify:{}", v.user_id);
-        self.auth
-            .account_attempts
-            .check(&account_key, self.now())
-            .map_err(|retry_after_secs| Error::RateLimited { retry_after_secs })?;
+        if !uniform {
+            self.auth
+                .account_attempts
+                .fail(&[&account_key], self.now())
+                .map_err(|retry_after_secs| Error::RateLimited { retry_after_secs })?;
+        }
         if v.consumed_at.is_some() {
             self.audit_code_failure(ctx, &v, "code already used").await;
             return Err(refuse("this code was already used"));
@@ -541,10 +567,12 @@ impl Portcullis {
             return Err(refuse("too many wrong codes; start again to get a new one"));
         }
         if !code_hash(self, &v.id, sub.code.expose_secret()).matches(&v.code_hash) {
-            self.auth.account_attempts.record_failure(&account_key, self.now());
             self.audit_code_failure(ctx, &v, "wrong code").await;
             let left = self.settings.auth.code_max_attempts.saturating_sub(tries);
             return Err(refuse(&format!("wrong code ({left} tries left)")));
+        }
+        if !uniform {
+            self.auth.account_attempts.forgive(&account_key);
         }
         Ok(v)
     }
@@ -654,7 +682,7 @@ impl Portcullis {
     /// account with that address (several → none: the caller must name the organisation).
     pub(crate) async fn login_candidate(&self, email: &Email, organisation: Option<&str>) -> Result<Option<User>> {
         match organisation {
-            Some(slug) => match self.store.organisation(slug).await? {
+            Some(slug) => match self.store.organisation(crate::ids::Slug::parse(slug)?.as_str()).await? {
                 Some(org) => Ok(self.store.user_by_email(&org.id, email.as_str()).await?),
                 None => Ok(None),
             },
@@ -665,8 +693,8 @@ impl Portcullis {
         }
     }
 
-    /// Counts a failed login against an existing account, locks it at the threshold and tells
-    /// its owner by email.
+    /// Counts a failed login against an existing account (atomically, so parallel guesses
+    /// all count), locks it at the threshold and tells its owner by email.
     async fn login_failed(&self, ctx: &RequestContext, user: &User, locked: bool) {
         let now = self.now();
         let reason = if locked {
@@ -676,31 +704,24 @@ impl Portcullis {
         } else {
             "wrong password"
         };
-        // A lock that has ended starts a new count: one more wrong password must not re-lock.
-        let lock_ended = user.locked_until.is_some_and(|t| t <= now);
-        let failures = if lock_ended { 1 } else { user.failed_logins.saturating_add(1) };
-        let lock_now = !locked && failures >= self.settings.auth.lockout_threshold;
-        let locked_until = if lock_now {
-            Some(now + self.settings.auth.lockout_duration)
-        } else if lock_ended {
-            None
-        } else {
-            user.locked_until
-        };
+        let threshold = self.settings.auth.lockout_threshold;
+        let lock_until = now + self.settings.auth.lockout_duration;
         let mut ev = self.audit(
             ctx,
             &user.id,
             Some(&user.org_id),
             "session.login",
             &user.id,
-            serde_json::json!({ "reason": reason, "failed_logins": failures, "locked": lock_now || locked }),
+            serde_json::json!({ "reason": reason }),
         );
         ev.outcome = "failure".to_owned();
-        if let Err(e) = self.store.set_login_failures(&user.id, failures, locked_until, &ev).await {
-            tracing::error!(error = %e, "could not record a failed login");
-        }
-        if let (true, Some(until)) = (lock_now, locked_until) {
-            self.send_notice(&user.email, &Message::AccountLocked { until, failures }).await;
+        match self.store.record_login_failure(&user.id, now, threshold, lock_until, &ev).await {
+            // Exactly the failure that reached the threshold locked it (later ones count on).
+            Ok(Some((failures, Some(until)))) if failures == threshold && until == lock_until => {
+                self.send_notice(&user.email, &Message::AccountLocked { until, failures }).await;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "could not record a failed login"),
         }
     }
 
@@ -916,6 +937,7 @@ impl Portcullis {
         let org = self.administered_org(who, org_slug).await?;
         let user =
             self.store.user(&org.id, user_id).await?.ok_or_else(|| Error::NotFound(format!("user {user_id:?}")))?;
+        super::users::ensure_may_manage_user(who, &user)?;
         Ok(self.store.user_sessions(&user.id, page).await?)
     }
 
@@ -931,6 +953,9 @@ impl Portcullis {
         let Some(s) = self.store.session(id).await?.filter(|s| s.org_id == org.id) else {
             return Err(Error::NotFound(format!("session {id:?}")));
         };
+        if let Some(owner) = self.store.user(&org.id, &s.user_id).await? {
+            super::users::ensure_may_manage_user(who, &owner)?;
+        }
         self.end_session(ctx, &who.subject, &s).await
     }
 
@@ -945,6 +970,7 @@ impl Portcullis {
         let org = self.administered_org(who, org_slug).await?;
         let user =
             self.store.user(&org.id, user_id).await?.ok_or_else(|| Error::NotFound(format!("user {user_id:?}")))?;
+        super::users::ensure_may_manage_user(who, &user)?;
         let ev = self.audit(ctx, &who.subject, Some(&org.id), "session.revoke_all", &user.id, serde_json::json!({}));
         let n = self.store.revoke_user_sessions(&user.id, self.now(), &ev).await?;
         self.forget_user_credentials(&user.id);
@@ -957,6 +983,7 @@ impl Portcullis {
     /// it works once the emailed code is verified.
     pub async fn create_api_key(&self, ctx: &RequestContext, who: &Principal, req: NewApiKey) -> Result<CreatedApiKey> {
         let user_id = who.ensure_user()?.to_owned();
+        self.count_mail_action(&user_id)?;
         let org = self.organisation_or_404(&who.org).await?;
         let user = self.store.user(&org.id, &user_id).await?.ok_or_else(|| Error::NotFound("user".into()))?;
         let name = req.name.trim();
@@ -1147,6 +1174,9 @@ impl Portcullis {
             && key.user_id == who.subject;
         if org_slug.is_none() && !owner {
             return Err(Error::NotFound(format!("API key {id:?}")));
+        }
+        if !owner && let Some(key_user) = self.store.user(&org.id, &key.user_id).await? {
+            super::users::ensure_may_manage_user(who, &key_user)?;
         }
         let ev = self.audit(
             ctx,

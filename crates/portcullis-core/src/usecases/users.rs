@@ -92,7 +92,7 @@ pub fn email_views(user: &User, emails: &[UserEmail]) -> Vec<EmailView> {
 /// platform admin may change a user holding a platform-wide role, or an organisation admin of the
 /// platform organisation could set a `portcullis:admin`'s password and sign in as them (the
 /// same rule as for applications).
-fn ensure_may_manage_user(who: &Principal, user: &User) -> Result<()> {
+pub(crate) fn ensure_may_manage_user(who: &Principal, user: &User) -> Result<()> {
     if who.is_platform_admin() {
         return Ok(());
     }
@@ -262,6 +262,7 @@ impl Portcullis {
     pub async fn add_email(&self, ctx: &RequestContext, who: &Principal, email: &str) -> Result<(UserEmail, String)> {
         let user = self.me_user(who).await?;
         let email = Email::parse(email)?;
+        self.count_mail_action(&user.id)?;
         if self.store.user_emails(&user.id).await?.len() >= 10 {
             return Err(Error::Conflict("a user may have at most 10 addresses".into()));
         }
@@ -305,13 +306,31 @@ impl Portcullis {
             .ok_or_else(|| Error::NotFound("address".into()))
     }
 
-    pub async fn make_primary_email(&self, ctx: &RequestContext, who: &Principal, email_id: &str) -> Result<()> {
+    /// Needs the current password (a stolen session alone must not move the account to
+    /// another mailbox); the previous address is told.
+    pub async fn make_primary_email(
+        &self,
+        ctx: &RequestContext,
+        who: &Principal,
+        email_id: &str,
+        current_password: SecretString,
+    ) -> Result<()> {
         let user = self.me_user(who).await?;
+        self.count_attempt(ctx, Some(user.email.as_str()))?;
+        if !self.verify_password_limited(current_password, user.password_hash.clone()).await? {
+            return Err(Error::Forbidden("the current password is wrong".into()));
+        }
+        let Some(target) = self.store.user_emails(&user.id).await?.into_iter().find(|e| e.id == email_id) else {
+            return Err(Error::NotFound(format!("address {email_id:?}")));
+        };
         let ev = self.audit(ctx, &user.id, Some(&user.org_id), "user.email.primary", email_id, serde_json::json!({}));
         if !self.store.set_primary_email(&user.id, email_id, self.touched(&user), &ev).await? {
             return Err(Error::Conflict("only a verified address of yours can become the primary one".into()));
         }
         self.forget_user_credentials(&user.id);
+        if target.email != user.email {
+            self.send_notice(&user.email, &Message::PrimaryEmailChanged { new: target.email.as_str() }).await;
+        }
         Ok(())
     }
 
@@ -330,6 +349,8 @@ impl Portcullis {
     pub async fn change_password(&self, ctx: &RequestContext, who: &Principal, req: PasswordChange) -> Result<()> {
         let mut user = self.me_user(who).await?;
         crate::crypto::password::check_password_policy(&req.new_password)?;
+        // Guessing the current password is guessing a password: same limits as a login.
+        self.count_attempt(ctx, Some(user.email.as_str()))?;
         if !self.verify_password_limited(req.current_password, user.password_hash.clone()).await? {
             let mut ev = self.audit(
                 ctx,
@@ -357,6 +378,10 @@ impl Portcullis {
     pub async fn request_password_reset(&self, ctx: &RequestContext, req: ResetRequest) -> Result<String> {
         let email = Email::parse(&req.email)?;
         self.count_attempt(ctx, Some(email.as_str()))?;
+        self.auth
+            .reset_requests
+            .fail(&[email.as_str()], self.now())
+            .map_err(|retry_after_secs| Error::RateLimited { retry_after_secs })?;
         let Some(user) = self.login_candidate(&email, req.organisation.as_deref()).await?.filter(|u| u.enabled) else {
             self.audit_failed_authentication(ctx, email.as_str(), "user.password.reset", "unknown email").await;
             return Ok(new_id());
