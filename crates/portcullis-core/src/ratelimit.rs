@@ -11,11 +11,22 @@ pub struct FailureLimiter {
     max_failures: u32,
     window_secs: i64,
     counters: Mutex<HashMap<String, (UnixTime, u32)>>,
+    /// When ended windows were last swept out (at most once a second, so a flood of new keys
+    /// cannot make every insert scan the whole map).
+    last_sweep: std::sync::atomic::AtomicI64,
 }
+
+/// Past this many live keys, ended windows are swept out.
+const SWEEP_ABOVE: usize = 100_000;
 
 impl FailureLimiter {
     pub fn new(max_failures: u32, window_secs: i64) -> Self {
-        Self { max_failures, window_secs, counters: Mutex::new(HashMap::new()) }
+        Self {
+            max_failures,
+            window_secs,
+            counters: Mutex::new(HashMap::new()),
+            last_sweep: std::sync::atomic::AtomicI64::new(i64::MIN),
+        }
     }
 
     /// `Err(retry_after_secs)` when `key` has used up its failures in the current window.
@@ -60,7 +71,7 @@ impl FailureLimiter {
     }
 
     fn record_in(&self, map: &mut HashMap<String, (UnixTime, u32)>, key: &str, now: UnixTime) {
-        if map.len() > 100_000 {
+        if map.len() > SWEEP_ABOVE && self.last_sweep.swap(now, std::sync::atomic::Ordering::Relaxed) < now {
             let w = self.window_secs;
             map.retain(|_, (start, _)| now < *start + w);
         }

@@ -197,6 +197,10 @@ pub trait Store: Send + Sync + 'static {
         audit: &AuditEvent,
     ) -> StoreResult<bool>;
     async fn purge_verifications(&self, before: UnixTime) -> StoreResult<u64>;
+    /// Deletes API keys revoked, expired or left pending before `before`.
+    async fn purge_api_keys(&self, before: UnixTime) -> StoreResult<u64>;
+    /// Deletes the records of mail delivered before `before` (unsent mail is never deleted).
+    async fn purge_sent_mail(&self, before: UnixTime) -> StoreResult<u64>;
 
     async fn enqueue_mail(&self, mail: &QueuedMail) -> StoreResult<()>;
     /// Unsent mail whose next attempt is due, oldest first.

@@ -1012,6 +1012,20 @@ macro_rules! sql_store {
                 Ok(r.rows_affected())
             }
 
+            async fn purge_api_keys(&self, before: UnixTime) -> StoreResult<u64> {
+                let r = sqlx::query("DELETE FROM api_keys WHERE (state = 'revoked' AND revoked_at < $1) OR expires_at < $1 OR (state = 'pending' AND created_at < $1)")
+                    .bind(before)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db_err)?;
+                Ok(r.rows_affected())
+            }
+
+            async fn purge_sent_mail(&self, before: UnixTime) -> StoreResult<u64> {
+                let r = sqlx::query("DELETE FROM mail_queue WHERE sent_at IS NOT NULL AND sent_at < $1").bind(before).execute(&self.pool).await.map_err(db_err)?;
+                Ok(r.rows_affected())
+            }
+
             async fn enqueue_mail(&self, mail: &QueuedMail) -> StoreResult<()> {
                 Self::insert_mail(&self.pool, mail).await
             }

@@ -2250,6 +2250,45 @@ async fn purges_remove_only_ended_rows(s: Arc<dyn Store>) {
         assert_eq!(s.verification(&v.id).await.unwrap(), None);
     }
     assert_eq!(s.purge_verifications(cut).await.unwrap(), 0);
+
+    // API keys: revoked, expired or still pending before the cut go; active ones stay.
+    let mk_key = |name: &str, state: CredentialState, created_at: UnixTime, expires_at: Option<UnixTime>| ApiKey {
+        state,
+        created_at,
+        expires_at,
+        revoked_at: (state == CredentialState::Revoked).then_some(cut - 1),
+        ..api_key(&ann, name)
+    };
+    let keys = [
+        (mk_key("pck_revoked", CredentialState::Revoked, NOW, None), false),
+        (mk_key("pck_expired", CredentialState::Active, NOW, Some(cut - 1)), false),
+        (mk_key("pck_pending_old", CredentialState::Pending, cut - 1, None), false),
+        (mk_key("pck_pending_new", CredentialState::Pending, cut, None), true),
+        (mk_key("pck_active", CredentialState::Active, NOW, None), true),
+        (mk_key("pck_active_later", CredentialState::Active, NOW, Some(cut)), true),
+    ];
+    for (k, _) in &keys {
+        let v = verification(&ann, VerificationPurpose::ApiKey, &k.id);
+        s.create_api_key(k, &v, &mail("ann@example.com"), &audit(Some(&acme.id), "api_key.create")).await.unwrap();
+    }
+    assert_eq!(s.purge_api_keys(cut).await.unwrap(), 3);
+    for (k, kept) in &keys {
+        assert_eq!(s.api_key(&acme.id, &k.id).await.unwrap().is_some(), *kept, "{}", k.key);
+    }
+
+    // Mail: only delivered records before the cut; unsent mail is never deleted.
+    let old_sent = mail("a@example.com");
+    let new_sent = mail("b@example.com");
+    let unsent = QueuedMail { created_at: NOW - 86_400, ..mail("c@example.com") };
+    for m in [&old_sent, &new_sent, &unsent] {
+        s.enqueue_mail(m).await.unwrap();
+    }
+    s.mail_sent(&old_sent.id, cut - 1).await.unwrap();
+    s.mail_sent(&new_sent.id, cut).await.unwrap();
+    let before = s.pending_mail_count().await.unwrap();
+    assert_eq!(s.purge_sent_mail(cut).await.unwrap(), 1, "only the one delivered before the cut");
+    assert_eq!(s.pending_mail_count().await.unwrap(), before, "unsent mail stays");
+    assert_eq!(s.purge_sent_mail(cut).await.unwrap(), 0);
 }
 
 /// Like `every_mutation_rolls_back_with_its_audit_row`, for the Auth API's audited methods:

@@ -1059,6 +1059,10 @@ async fn admins_search_disable_and_delete_users() {
     assert_eq!(r.s, StatusCode::OK, "{}", r.v);
     assert!(r.v.get("password_hash").is_none() && !r.v.to_string().contains("argon2"), "{}", r.v);
     assert_eq!(current(&e, &t).await.s, StatusCode::UNAUTHORIZED);
+    assert!(
+        mails_to(&e, &BOB.to_lowercase()).await.iter().any(|m| m.subject.contains("password was changed")),
+        "the owner is told that someone set their password"
+    );
     assert_eq!(login(&e, BOB, PW).await.s, StatusCode::UNAUTHORIZED);
     let t = sign_in(&e, BOB, NEW_PW).await;
     let r = call(&e, "PATCH", &user, Auth::Bearer(&admin), Some(json!({"name": "Bob"}))).await;

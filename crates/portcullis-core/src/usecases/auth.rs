@@ -285,6 +285,20 @@ fn token_purpose(verification_id: &str) -> String {
     format!("session-token:{verification_id}")
 }
 
+/// The unit an IP address is counted in: the address for IPv4, its /64 for IPv6 (one host
+/// usually holds a whole /64, so per-address counting would give it 2⁶⁴ budgets).
+pub(crate) fn ip_bucket(ip: Option<&str>) -> String {
+    match ip.map(str::parse::<std::net::IpAddr>) {
+        Some(Ok(std::net::IpAddr::V6(v6))) if v6.to_ipv4_mapped().is_none() => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        Some(Ok(std::net::IpAddr::V6(v6))) => v6.to_ipv4_mapped().map(|v4| v4.to_string()).unwrap_or_default(),
+        Some(Ok(std::net::IpAddr::V4(v4))) => v4.to_string(),
+        _ => ip.unwrap_or("unknown").to_owned(),
+    }
+}
+
 /// Ids we hand out are UUIDs; anything else (NUL bytes included, which PostgreSQL refuses in
 /// text) never reaches the store.
 pub(crate) fn plausible_id(id: &str) -> bool {
@@ -351,8 +365,7 @@ impl Portcullis {
     /// used up its minute.
     pub(crate) fn count_attempt(&self, ctx: &RequestContext, account: Option<&str>) -> Result<()> {
         let now = self.now();
-        let ip = ctx.ip.as_deref().unwrap_or("unknown");
-        let ip_key = format!("ip:{ip}");
+        let ip_key = format!("ip:{}", ip_bucket(ctx.ip.as_deref()));
         self.auth
             .ip_attempts
             .check(&ip_key, now)
@@ -479,11 +492,16 @@ impl Portcullis {
         Ok(sent)
     }
 
-    /// Deletes sessions that ended, and verifications that expired, more than a week ago
-    /// (kept that long so users and admins can still see them).
+    /// Deletes sessions that ended, verifications that expired and delivered mail records
+    /// older than a week, and API keys that ended (revoked, expired, never activated) more than
+    /// 30 days ago — kept that long so users and admins can still see them.
     pub async fn purge_ended_credentials(&self) -> Result<u64> {
-        let before = self.now() - 7 * 86_400;
-        Ok(self.store.purge_sessions(before).await? + self.store.purge_verifications(before).await?)
+        let now = self.now();
+        let week = now - 7 * 86_400;
+        Ok(self.store.purge_sessions(week).await?
+            + self.store.purge_verifications(week).await?
+            + self.store.purge_sent_mail(week).await?
+            + self.store.purge_api_keys(now - 30 * 86_400).await?)
     }
 
     // ---- codes ----------------------------------------------------------------------------
@@ -851,7 +869,8 @@ impl Portcullis {
         reason: &str,
     ) -> Error {
         if let Some(ip) = &ctx.ip
-            && let Err(retry_after_secs) = self.auth_failures.fail(&[&format!("credential-ip:{ip}")], self.now())
+            && let Err(retry_after_secs) =
+                self.auth_failures.fail(&[&format!("credential-ip:{}", ip_bucket(Some(ip)))], self.now())
         {
             return Error::RateLimited { retry_after_secs };
         }
@@ -1206,6 +1225,15 @@ mod tests {
         assert!(distinct.len() > 45);
         assert!(!looks_like_code(&SecretString::from("12345a")));
         assert!(!looks_like_code(&SecretString::from("12345")));
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_per_64() {
+        assert_eq!(ip_bucket(Some("2001:db8:1:2:aaaa::1")), ip_bucket(Some("2001:db8:1:2:ffff::9")));
+        assert_ne!(ip_bucket(Some("2001:db8:1:2::1")), ip_bucket(Some("2001:db8:1:3::1")));
+        assert_eq!(ip_bucket(Some("::ffff:192.0.2.7")), "192.0.2.7");
+        assert_eq!(ip_bucket(Some("192.0.2.7")), "192.0.2.7");
+        assert_eq!(ip_bucket(None), "unknown");
     }
 
     #[test]

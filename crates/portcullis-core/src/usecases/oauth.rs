@@ -146,7 +146,7 @@ impl Portcullis {
         // A malformed id may be a secret sent in the wrong field: never record it.
         let presented = if ClientId::is_valid(auth.client_id()) { auth.client_id() } else { "(malformed client id)" };
         let client_key = format!("client:{presented}");
-        let ip_key = ctx.ip.as_ref().map(|ip| format!("ip:{ip}"));
+        let ip_key = ctx.ip.as_deref().map(|ip| format!("ip:{}", super::auth::ip_bucket(Some(ip))));
         let keys: Vec<&str> = std::iter::once(client_key.as_str()).chain(ip_key.as_deref()).collect();
         if let Err(retry_after_secs) = self.auth_failures.fail(&keys, now) {
             return Error::RateLimited { retry_after_secs }.into();
@@ -391,7 +391,8 @@ impl Portcullis {
         reason: &str,
     ) -> Error {
         if let Some(ip) = &ctx.ip
-            && let Err(retry_after_secs) = self.auth_failures.fail(&[&format!("bearer-ip:{ip}")], self.now())
+            && let Err(retry_after_secs) =
+                self.auth_failures.fail(&[&format!("bearer-ip:{}", super::auth::ip_bucket(Some(ip)))], self.now())
         {
             return Error::RateLimited { retry_after_secs };
         }

@@ -167,6 +167,7 @@ impl Portcullis {
             }
             changed.push("enabled");
         }
+        let password_set = patch.password.is_some();
         if let Some(p) = patch.password {
             user.password_hash = Some(self.hash_password_limited(p).await?);
             user.failed_logins = 0;
@@ -184,6 +185,10 @@ impl Portcullis {
             serde_json::json!({ "changed": changed, "enabled": user.enabled, "sessions_ended": end_sessions }),
         );
         self.save_user(&user, before, end_sessions, &ev).await?;
+        if password_set {
+            // The owner learns that someone else set their password.
+            self.send_notice(&user.email, &Message::PasswordChanged).await;
+        }
         Ok(user)
     }
 
