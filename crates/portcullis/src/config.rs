@@ -1,8 +1,8 @@
 //! Configuration: defaults → TOML file (`--config`) → `PORTCULLIS_*` environment (`__` for
 //! nesting) → flags. Unknown keys are errors. Secrets never live in the config file: they
 //! come from `PORTCULLIS_MASTER_KEY`, `PORTCULLIS_ADMIN_PASSWORD`,
-//! `PORTCULLIS_ADMIN_CLIENT_SECRET` and `PORTCULLIS_DATABASE_URL`, or the same names with
-//! `_FILE` to read them from a file.
+//! `PORTCULLIS_ADMIN_CLIENT_SECRET`, `PORTCULLIS_SMTP_PASSWORD` and `PORTCULLIS_DATABASE_URL`,
+//! or the same names with `_FILE` to read them from a file.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -256,6 +256,12 @@ mod tests {
         assert!(load(Some(&p), FlagOverrides::default()).unwrap_err().to_string().contains("ADDR:PORT"));
         std::fs::write(&p, "[tokens]\nalgorithms = [\"HS256\"]\n").unwrap();
         assert!(load(Some(&p), FlagOverrides::default()).is_err());
+        std::fs::write(&p, "[auth]\nlockout_threshold = 0\n").unwrap();
+        assert!(load(Some(&p), FlagOverrides::default()).unwrap_err().to_string().contains("lockout_threshold"));
+        std::fs::write(&p, "[auth]\nsession_idle_timeout = 600\nsesion_lifetime = 1\n").unwrap();
+        assert!(load(Some(&p), FlagOverrides::default()).unwrap_err().to_string().contains("sesion_lifetime"));
+        std::fs::write(&p, "[smtp]\nhost = \"mail.example.com\"\nfrom = \"a@b.test\"\nsecurity = \"none\"\n").unwrap();
+        assert!(load(Some(&p), FlagOverrides::default()).is_err(), "plain SMTP to a remote host");
         // Flags win over the file.
         std::fs::write(&p, "listen = \"127.0.0.1:1\"\n").unwrap();
         let s = load(Some(&p), FlagOverrides { listen: Some("127.0.0.1:2".into()), ..Default::default() }).unwrap();
