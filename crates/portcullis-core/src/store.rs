@@ -196,6 +196,14 @@ pub trait Store: Send + Sync + 'static {
         effect: &VerificationEffect,
         audit: &AuditEvent,
     ) -> StoreResult<bool>;
+    /// Marks every unconsumed verification of `user_id` for `purpose` consumed (a newer one
+    /// replaces them, or the address they went to changed). Returns how many.
+    async fn cancel_verifications(
+        &self,
+        user_id: &str,
+        purpose: VerificationPurpose,
+        now: UnixTime,
+    ) -> StoreResult<u64>;
     async fn purge_verifications(&self, before: UnixTime) -> StoreResult<u64>;
     /// Deletes API keys revoked, expired or left pending before `before`.
     async fn purge_api_keys(&self, before: UnixTime) -> StoreResult<u64>;

@@ -1007,6 +1007,17 @@ macro_rules! sql_store {
                 Ok(true)
             }
 
+            async fn cancel_verifications(&self, user_id: &str, purpose: VerificationPurpose, now: UnixTime) -> StoreResult<u64> {
+                let r = sqlx::query("UPDATE verifications SET consumed_at = $1, sealed_token = NULL WHERE user_id = $2 AND purpose = $3 AND consumed_at IS NULL")
+                    .bind(now)
+                    .bind(user_id)
+                    .bind(purpose.as_str())
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db_err)?;
+                Ok(r.rows_affected())
+            }
+
             async fn purge_verifications(&self, before: UnixTime) -> StoreResult<u64> {
                 let r = sqlx::query("DELETE FROM verifications WHERE expires_at < $1").bind(before).execute(&self.pool).await.map_err(db_err)?;
                 Ok(r.rows_affected())

@@ -68,6 +68,7 @@ contract_tests!(
     audit_log_is_newest_first_filtered_and_paged,
     audit_search_matches_every_criterion,
     login_failures_count_atomically_and_lock_once,
+    cancelled_verifications_are_consumed_for_one_user_and_purpose,
     users_update_optimistically_and_can_end_sessions,
     user_search_escapes_wildcards_and_email_lookup_spans_organisations,
     delete_user_removes_everything_tied_to_the_user,
@@ -2533,4 +2534,27 @@ where
         out.push(h.await.unwrap());
     }
     out
+}
+
+async fn cancelled_verifications_are_consumed_for_one_user_and_purpose(s: Arc<dyn Store>) {
+    let acme = seed_org(&*s, "acme").await;
+    let ann = seed_user(&*s, &acme.id, "ann@example.com").await;
+    let bob = seed_user(&*s, &acme.id, "bob@example.com").await;
+    let reset = |u: &User| verification(u, VerificationPurpose::PasswordReset, &u.id);
+    let (a1, a2, b1) = (reset(&ann), reset(&ann), reset(&bob));
+    let a_email = verification(&ann, VerificationPurpose::Email, &ann.id);
+    for v in [&a1, &a2, &b1, &a_email] {
+        s.create_verification(v, &mail("x@example.com"), &audit(Some(&acme.id), "v")).await.unwrap();
+    }
+    let done = |v: &Verification| {
+        let s = s.clone();
+        let id = v.id.clone();
+        async move { s.verification(&id).await.unwrap().unwrap().consumed_at }
+    };
+    assert_eq!(s.cancel_verifications(&ann.id, VerificationPurpose::PasswordReset, NOW + 5).await.unwrap(), 2);
+    assert_eq!((done(&a1).await, done(&a2).await), (Some(NOW + 5), Some(NOW + 5)));
+    assert_eq!(done(&b1).await, None, "other users' codes are untouched");
+    assert_eq!(done(&a_email).await, None, "other purposes are untouched");
+    assert_eq!(s.count_verification_attempt(&a1.id).await.unwrap(), None, "a cancelled code takes no more tries");
+    assert_eq!(s.cancel_verifications(&ann.id, VerificationPurpose::PasswordReset, NOW + 6).await.unwrap(), 0);
 }

@@ -1473,3 +1473,28 @@ async fn nul_bytes_are_refused_with_400_not_500() {
     .await;
     assert_eq!(r.s, StatusCode::BAD_REQUEST, "{}", r.v);
 }
+
+#[tokio::test]
+async fn only_the_newest_reset_code_works() {
+    let e = env().await;
+    acme(&e).await;
+    let ask = || call(&e, "POST", "/api/v1/password-reset", Auth::Anon, Some(json!({"email": ANN})));
+    let first = ask().await;
+    assert_eq!(first.s, StatusCode::ACCEPTED);
+    let first_code = code_for(&e, ANN).await;
+    let second = ask().await;
+    let second_code = code_for(&e, ANN).await;
+    let confirm = |vid: String, code: String| {
+        call(
+            &e,
+            "POST",
+            "/api/v1/password-reset/confirm",
+            Auth::Anon,
+            Some(json!({"verification_id": vid, "code": code, "new_password": "a-brand-new-password"})),
+        )
+    };
+    let r = confirm(first.str("verification_id"), first_code).await;
+    assert_eq!(r.s, StatusCode::UNAUTHORIZED, "the older code was replaced: {}", r.v);
+    let r = confirm(second.str("verification_id"), second_code).await;
+    assert_eq!(r.s, StatusCode::NO_CONTENT, "{}", r.v);
+}

@@ -333,6 +333,8 @@ impl Portcullis {
             return Err(Error::Conflict("only a verified address of yours can become the primary one".into()));
         }
         self.forget_user_credentials(&user.id);
+        // Reset codes already sent to the previous address stop working.
+        self.store.cancel_verifications(&user.id, VerificationPurpose::PasswordReset, self.now()).await?;
         if target.email != user.email {
             self.send_notice(&user.email, &Message::PrimaryEmailChanged { new: target.email.as_str() }).await;
         }
@@ -391,6 +393,8 @@ impl Portcullis {
             self.audit_failed_authentication(ctx, email.as_str(), "user.password.reset", "unknown email").await;
             return Ok(new_id());
         };
+        // Only the newest reset code works.
+        self.store.cancel_verifications(&user.id, VerificationPurpose::PasswordReset, self.now()).await?;
         let code = super::auth::new_code()?;
         let v = self.new_verification(VerificationPurpose::PasswordReset, &user, &user.id, &code);
         let msg = Message::PasswordResetCode { code: code.expose_secret(), minutes: self.code_minutes() };
