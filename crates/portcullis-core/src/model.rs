@@ -171,6 +171,20 @@ pub struct UserEmail {
     pub created_at: UnixTime,
 }
 
+impl UserEmail {
+    /// The row a new user's primary address gets: the user's own id, not yet verified.
+    pub fn primary_of(u: &User) -> Self {
+        Self {
+            id: u.id.clone(),
+            user_id: u.id.clone(),
+            org_id: u.org_id.clone(),
+            email: u.email.clone(),
+            verified_at: None,
+            created_at: u.created_at,
+        }
+    }
+}
+
 /// Lifecycle shared by login sessions and API keys: usable only once an emailed code is verified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]

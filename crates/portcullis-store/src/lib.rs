@@ -547,15 +547,7 @@ macro_rules! sql_store {
                     .execute(&mut *tx)
                     .await
                     .map_err(db_err)?;
-                let primary = UserEmail {
-                    id: u.id.clone(),
-                    user_id: u.id.clone(),
-                    org_id: u.org_id.clone(),
-                    email: u.email.clone(),
-                    verified_at: None,
-                    created_at: u.created_at,
-                };
-                Self::insert_user_email(&mut *tx, &primary).await?;
+                Self::insert_user_email(&mut *tx, &UserEmail::primary_of(u)).await?;
                 Self::insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
             }

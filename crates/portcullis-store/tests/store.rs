@@ -841,7 +841,7 @@ async fn users_are_scoped_to_their_organisation(s: Arc<dyn Store>) {
     assert_eq!(s.user(&acme.id, &bob.id).await.unwrap().as_ref(), Some(&bob), "None/false/empty round-trip");
     assert_eq!(
         s.user_emails(&ann.id).await.unwrap(),
-        vec![primary_address(&ann)],
+        vec![UserEmail::primary_of(&ann)],
         "create_user also records the primary address, unverified, under the user's id"
     );
     assert_eq!(s.user(&other.id, &ann.id).await.unwrap(), None, "by id is scoped to the org");
@@ -1207,18 +1207,6 @@ async fn seed_user(s: &dyn Store, org_id: &str, email: &str) -> User {
     u
 }
 
-/// The address row `create_user` writes for the user's primary email.
-fn primary_address(u: &User) -> UserEmail {
-    UserEmail {
-        id: u.id.clone(),
-        user_id: u.id.clone(),
-        org_id: u.org_id.clone(),
-        email: u.email.clone(),
-        verified_at: None,
-        created_at: u.created_at,
-    }
-}
-
 fn address(u: &User, email: &str) -> UserEmail {
     UserEmail {
         id: new_id(),
@@ -1576,7 +1564,7 @@ async fn delete_user_removes_everything_tied_to_the_user(s: Arc<dyn Store>) {
 
     // Bob keeps everything.
     assert_eq!(s.user(&acme.id, &bob.id).await.unwrap().as_ref(), Some(&bob));
-    assert_eq!(s.user_emails(&bob.id).await.unwrap(), vec![primary_address(&bob), bob_owned.alias.clone()]);
+    assert_eq!(s.user_emails(&bob.id).await.unwrap(), vec![UserEmail::primary_of(&bob), bob_owned.alias.clone()]);
     assert_eq!(s.session(&bob_owned.session.id).await.unwrap().as_ref(), Some(&bob_owned.session));
     assert_eq!(s.api_key(&acme.id, &bob_owned.key.id).await.unwrap().as_ref(), Some(&bob_owned.key));
     for id in &bob_owned.verifications {
@@ -1600,7 +1588,7 @@ async fn user_emails_add_verify_make_primary_and_remove(s: Arc<dyn Store>) {
     let other = seed_org(&*s, "other").await;
     let ann = seed_user(&*s, &acme.id, "ann@example.com").await;
     let bob = seed_user(&*s, &acme.id, "bob@example.com").await;
-    assert_eq!(s.user_emails(&ann.id).await.unwrap(), vec![primary_address(&ann)]);
+    assert_eq!(s.user_emails(&ann.id).await.unwrap(), vec![UserEmail::primary_of(&ann)]);
 
     // Add: the address, its verification and its mail, audited.
     let work = address(&ann, "ann@work.example");
@@ -1609,7 +1597,7 @@ async fn user_emails_add_verify_make_primary_and_remove(s: Arc<dyn Store>) {
     let add_ev = audit(Some(&acme.id), "user.email.add");
     s.add_user_email(&work, &work_v, &work_mail, &add_ev).await.unwrap();
     assert!(audited(&*s, &add_ev).await);
-    assert_eq!(s.user_emails(&ann.id).await.unwrap(), vec![primary_address(&ann), work.clone()]);
+    assert_eq!(s.user_emails(&ann.id).await.unwrap(), vec![UserEmail::primary_of(&ann), work.clone()]);
     assert_eq!(s.verification(&work_v.id).await.unwrap().as_ref(), Some(&work_v));
     assert_eq!(s.due_mail(NOW, 10).await.unwrap(), vec![work_mail.clone()]);
 
@@ -1624,7 +1612,7 @@ async fn user_emails_add_verify_make_primary_and_remove(s: Arc<dyn Store>) {
         assert!(!audited(&*s, &dup_ev).await);
     }
     assert_eq!(s.pending_mail_count().await.unwrap(), 1, "refused adds queued no mail");
-    assert_eq!(s.user_emails(&bob.id).await.unwrap(), vec![primary_address(&bob)]);
+    assert_eq!(s.user_emails(&bob.id).await.unwrap(), vec![UserEmail::primary_of(&bob)]);
     // The same address in another organisation is fine.
     let elsewhere = seed_user(&*s, &other.id, "carol@example.com").await;
     let e = address(&elsewhere, "ann@work.example");
@@ -1653,7 +1641,7 @@ async fn user_emails_add_verify_make_primary_and_remove(s: Arc<dyn Store>) {
         .unwrap()
     );
     let verified_work = UserEmail { verified_at: Some(NOW + 10), ..work.clone() };
-    assert_eq!(s.user_emails(&ann.id).await.unwrap(), vec![primary_address(&ann), verified_work.clone()]);
+    assert_eq!(s.user_emails(&ann.id).await.unwrap(), vec![UserEmail::primary_of(&ann), verified_work.clone()]);
     // Not someone else's address, nor an unknown one.
     assert!(
         !s.set_primary_email(&bob.id, &work.id, NOW + 50, &audit(Some(&acme.id), "user.email.primary")).await.unwrap()
@@ -1672,7 +1660,7 @@ async fn user_emails_add_verify_make_primary_and_remove(s: Arc<dyn Store>) {
     assert_eq!(s.user_by_email(&acme.id, "ann@example.com").await.unwrap(), None);
     assert_eq!(
         s.user_emails(&ann.id).await.unwrap(),
-        vec![primary_address(&ann), verified_work.clone()],
+        vec![UserEmail::primary_of(&ann), verified_work.clone()],
         "address rows unchanged"
     );
 
@@ -1961,10 +1949,10 @@ async fn verification_effects(s: Arc<dyn Store>) {
     );
     assert_eq!(
         s.user_emails(&ann.id).await.unwrap(),
-        vec![UserEmail { verified_at: Some(now), ..primary_address(&ann) }, alias.clone()],
+        vec![UserEmail { verified_at: Some(now), ..UserEmail::primary_of(&ann) }, alias.clone()],
         "primary verified, alias not"
     );
-    assert_eq!(s.user_emails(&bob.id).await.unwrap(), vec![primary_address(&bob)]);
+    assert_eq!(s.user_emails(&bob.id).await.unwrap(), vec![UserEmail::primary_of(&bob)]);
     // A later session keeps the first verification time.
     let (sess2, sess2_v) = seed_session(&*s, &ann, 2).await;
     assert!(

@@ -10,54 +10,19 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use base64::Engine;
 use portcullis_core::Portcullis;
-use portcullis_core::clock::{Clock, ManualClock};
 use portcullis_core::crypto::signing::Algorithm;
 use portcullis_core::crypto::vault::LocalKeyVault;
 use portcullis_core::model::Page;
 use portcullis_core::settings::CoreSettings;
 use portcullis_core::usecases::BootstrapSecrets;
-use portcullis_store::SqliteStore;
 use portcullis_web::{AppState, router};
-use secrecy::SecretString;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-const ISS: &str = "https://issuer.test";
-const ADMIN_SECRET: &str = "admin-secret-0123456789abcdefghijklmnopqrstuv";
+#[allow(dead_code)]
+mod support;
 
-struct Env {
-    app: Router,
-    clock: Arc<ManualClock>,
-    core: Arc<Portcullis>,
-    _dir: tempfile::TempDir,
-}
-
-async fn env_with(tweak: impl FnOnce(&mut CoreSettings)) -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock::new(1_900_000_000));
-    let store = SqliteStore::open(&dir.path().join("t.db"), clock.now()).await.unwrap();
-    let mut settings = CoreSettings::for_issuer(ISS);
-    settings.signing_algorithms = vec![Algorithm::ES256];
-    tweak(&mut settings);
-    let core = Arc::new(Portcullis::new(
-        Arc::new(store),
-        clock.clone(),
-        Arc::new(LocalKeyVault::new(&[42u8; 32]).unwrap()),
-        settings,
-    ));
-    core.bootstrap(BootstrapSecrets {
-        admin_password: Some(SecretString::from("bootstrap-password-123")),
-        admin_client_secret: Some(SecretString::from(ADMIN_SECRET)),
-    })
-    .await
-    .unwrap();
-    let app = router(AppState { core: core.clone(), metrics: None });
-    Env { app, clock, core, _dir: dir }
-}
-
-async fn env() -> Env {
-    env_with(|_| {}).await
-}
+use support::{ADMIN_SECRET, Env, ISS, env, env_with};
 
 fn basic(id: &str, secret: &str) -> String {
     format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}")))

@@ -17,24 +17,19 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode, header};
 use axum::response::Response;
-use portcullis_core::Portcullis;
-use portcullis_core::clock::{Clock, ManualClock};
-use portcullis_core::crypto::signing::Algorithm;
-use portcullis_core::crypto::vault::LocalKeyVault;
+use portcullis_core::clock::Clock;
 use portcullis_core::mail::{MailError, Mailer, MemoryMailer, OutgoingMail};
 use portcullis_core::model::Page;
-use portcullis_core::settings::CoreSettings;
-use portcullis_core::usecases::{
-    BootstrapSecrets, CodeSubmission, Credential, LoginRequest, NewApiKey, Principal, RequestContext,
-};
-use portcullis_store::SqliteStore;
-use portcullis_web::{AppState, router};
+use portcullis_core::usecases::{CodeSubmission, Credential, LoginRequest, NewApiKey, Principal, RequestContext};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-const ISS: &str = "https://issuer.test";
-const ADMIN_SECRET: &str = "admin-secret-0123456789abcdefghijklmnopqrstuv";
+#[allow(dead_code)]
+mod support;
+
+use support::{ADMIN_SECRET, Env, build, env, env_with};
+
 const PW: &str = "correct-horse-battery";
 const NEW_PW: &str = "another-long-passphrase";
 /// A plain user: `payments:reader`.
@@ -46,15 +41,6 @@ const CHANGED_SUBJECT: &str = "password was changed";
 
 // ---- harness ---------------------------------------------------------------------------------
 
-struct Env {
-    app: Router,
-    clock: Arc<ManualClock>,
-    core: Arc<Portcullis>,
-    /// Every message delivered (through the flaky mailer too, once it succeeds).
-    mailer: Arc<MemoryMailer>,
-    _dir: tempfile::TempDir,
-}
-
 /// A mailer whose first `failures` deliveries fail (temporarily), then delivers to `inner`.
 struct FlakyMailer {
     failures: usize,
@@ -62,55 +48,15 @@ struct FlakyMailer {
     inner: Arc<MemoryMailer>,
 }
 
+#[async_trait::async_trait]
 impl Mailer for FlakyMailer {
-    // What `#[async_trait]` expands to (the macro is not a dependency of this crate).
-    fn send<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        mail: &'life1 OutgoingMail,
-    ) -> Pin<Box<dyn Future<Output = Result<(), MailError>> + Send + 'async_trait>>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        Box::pin(async move {
-            let n = self.calls.fetch_add(1, Ordering::SeqCst);
-            if n < self.failures {
-                return Err(MailError { permanent: false, message: format!("451 try again later ({n})") });
-            }
-            self.inner.send(mail).await
-        })
+    async fn send(&self, mail: &OutgoingMail) -> Result<(), MailError> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        if n < self.failures {
+            return Err(MailError { permanent: false, message: format!("451 try again later ({n})") });
+        }
+        self.inner.send(mail).await
     }
-}
-
-async fn build(tweak: impl FnOnce(&mut CoreSettings), wrap: impl FnOnce(Arc<MemoryMailer>) -> Arc<dyn Mailer>) -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock::new(1_900_000_000));
-    let store = SqliteStore::open(&dir.path().join("t.db"), clock.now()).await.unwrap();
-    let mut settings = CoreSettings::for_issuer(ISS);
-    settings.signing_algorithms = vec![Algorithm::ES256];
-    tweak(&mut settings);
-    let mailer = Arc::new(MemoryMailer::default());
-    let core = Arc::new(
-        Portcullis::new(Arc::new(store), clock.clone(), Arc::new(LocalKeyVault::new(&[42u8; 32]).unwrap()), settings)
-            .with_mailer(wrap(mailer.clone())),
-    );
-    core.bootstrap(BootstrapSecrets {
-        admin_password: Some(SecretString::from("bootstrap-password-123")),
-        admin_client_secret: Some(SecretString::from(ADMIN_SECRET)),
-    })
-    .await
-    .unwrap();
-    let app = router(AppState { core: core.clone(), metrics: None });
-    Env { app, clock, core, mailer, _dir: dir }
-}
-
-async fn env_with(tweak: impl FnOnce(&mut CoreSettings)) -> Env {
-    build(tweak, |m| m).await
-}
-
-async fn env() -> Env {
-    env_with(|_| {}).await
 }
 
 /// How a request authenticates.
