@@ -305,8 +305,10 @@ pub(crate) fn plausible_id(id: &str) -> bool {
     (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
+/// A token we could have issued: our prefix, bounded, printable ASCII (checked before hashing,
+/// without copying it, on the validation path).
 fn plausible_token(t: &str, prefix: &str) -> bool {
-    t.starts_with(prefix) && plausible_secret(&SecretString::from(t.to_owned())) && t.len() <= 128
+    t.starts_with(prefix) && t.len() <= 128 && t.bytes().all(|b| b.is_ascii_graphic())
 }
 
 impl Portcullis {
@@ -621,7 +623,6 @@ impl Portcullis {
         if !self.store.consume_verification(&v.id, self.now(), &effect, &ev).await? {
             return Err(Error::Unauthenticated("this code was already used".into()));
         }
-        self.forget_user_credentials(&v.user_id);
         Ok(())
     }
 
@@ -769,6 +770,7 @@ impl Portcullis {
             "session.verify",
         )
         .await?;
+        self.forget_session(&SecretHash::of(self.vault.as_ref(), token.expose_secret()));
         let entry = self.session_entry(token.expose_secret()).await?;
         let Some(entry) = entry.filter(|e| e.session.state == CredentialState::Active) else {
             return Err(Error::Unauthenticated("the session ended before it was verified".into()));
@@ -810,7 +812,24 @@ impl Portcullis {
         Ok(Some(entry))
     }
 
-    /// Drops every cached session and API key of `user_id` (after any change to them or it).
+    /// Drops one cached session (after it changed: verified, refreshed, revoked).
+    fn forget_session(&self, token_hash: &SecretHash) {
+        self.auth.generation.fetch_add(1, Ordering::AcqRel);
+        if let Ok(mut map) = self.auth.sessions.write() {
+            map.remove(&token_hash.0);
+        }
+    }
+
+    /// Drops one cached API key (after it was activated or revoked).
+    fn forget_api_key(&self, key: &str) {
+        self.auth.generation.fetch_add(1, Ordering::AcqRel);
+        if let Ok(mut map) = self.auth.api_keys.write() {
+            map.remove(key);
+        }
+    }
+
+    /// Drops every cached session and API key of `user_id` (after a change to the user, or to
+    /// all its sessions at once). Scans both caches: for the rarer changes only.
     pub(crate) fn forget_user_credentials(&self, user_id: &str) {
         self.auth.generation.fetch_add(1, Ordering::AcqRel);
         if let Ok(mut map) = self.auth.sessions.write() {
@@ -909,7 +928,7 @@ impl Portcullis {
         let ev =
             self.audit(ctx, &e.user.id, Some(&e.user.org_id), "session.refresh", &e.session.id, serde_json::json!({}));
         let rotated = self.store.rotate_session_token(&e.session.id, &old_hash, &new_hash, self.now(), &ev).await?;
-        self.forget_user_credentials(&e.user.id);
+        self.forget_session(&old_hash);
         if !rotated {
             return Err(Error::Unauthenticated("session token was already refreshed or revoked".into()));
         }
@@ -935,7 +954,7 @@ impl Portcullis {
             serde_json::json!({ "user_id": s.user_id }),
         );
         self.store.revoke_session(&s.id, self.now(), &ev).await?;
-        self.forget_user_credentials(&s.user_id);
+        self.forget_session(&s.token_hash);
         Ok(())
     }
 
@@ -1071,7 +1090,10 @@ impl Portcullis {
         let v = self.check_code(ctx, &sub, VerificationPurpose::ApiKey).await?;
         self.consume(ctx, &v, VerificationEffect::ActivateApiKey { key_id: v.subject_id.clone() }, "api_key.verify")
             .await?;
-        self.store.api_key(&v.org_id, &v.subject_id).await?.ok_or_else(|| Error::NotFound("API key".into()))
+        let key =
+            self.store.api_key(&v.org_id, &v.subject_id).await?.ok_or_else(|| Error::NotFound("API key".into()))?;
+        self.forget_api_key(&key.key);
+        Ok(key)
     }
 
     /// Authenticates `api-key` + `api-secret` headers: an active, unexpired key whose secret
@@ -1206,7 +1228,7 @@ impl Portcullis {
             serde_json::json!({ "api_key": key.key }),
         );
         self.store.revoke_api_key(&key.id, self.now(), &ev).await?;
-        self.forget_user_credentials(&key.user_id);
+        self.forget_api_key(&key.key);
         Ok(())
     }
 }

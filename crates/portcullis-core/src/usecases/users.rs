@@ -424,6 +424,7 @@ impl Portcullis {
             "user.password.reset.confirm",
         )
         .await?;
+        self.forget_user_credentials(&v.user_id);
         if let Some(user) = self.store.user(&v.org_id, &v.user_id).await? {
             self.send_notice(&user.email, &Message::PasswordChanged).await;
         }
