@@ -9,6 +9,7 @@ pub mod error;
 pub mod ids;
 pub mod mail;
 pub mod model;
+pub mod pki;
 pub mod ratelimit;
 pub mod settings;
 pub mod store;

@@ -102,6 +102,21 @@ pub enum Message<'a> {
     PrimaryEmailChanged {
         new: &'a str,
     },
+    /// Sent to the organisation's admins.
+    CertificateExpiring {
+        client_id: &'a str,
+        cert_type: &'a str,
+        serial: &'a str,
+        not_after: UnixTime,
+    },
+    /// Sent to the organisation's admins.
+    CertificateRevoked {
+        client_id: &'a str,
+        cert_type: &'a str,
+        serial: &'a str,
+        reason: &'a str,
+        by: &'a str,
+    },
 }
 
 impl std::fmt::Debug for Message<'_> {
@@ -127,6 +142,8 @@ impl Message<'_> {
             Self::AccountLocked { .. } => "account_locked",
             Self::PasswordChanged => "password_changed",
             Self::PrimaryEmailChanged { .. } => "primary_email_changed",
+            Self::CertificateExpiring { .. } => "certificate_expiring",
+            Self::CertificateRevoked { .. } => "certificate_revoked",
         }
     }
 
@@ -137,7 +154,11 @@ impl Message<'_> {
             | Self::ApiKeyCode { code, .. }
             | Self::EmailCode { code, .. }
             | Self::PasswordResetCode { code, .. } => Some(code),
-            Self::AccountLocked { .. } | Self::PasswordChanged | Self::PrimaryEmailChanged { .. } => None,
+            Self::AccountLocked { .. }
+            | Self::PasswordChanged
+            | Self::PrimaryEmailChanged { .. }
+            | Self::CertificateExpiring { .. }
+            | Self::CertificateRevoked { .. } => None,
         }
     }
 
@@ -197,6 +218,26 @@ impl Message<'_> {
                 format!("Your account now signs in and receives its codes at {new}; this address no longer does."),
                 None,
                 "If you did not do this, contact your administrator now: someone may have taken over your account.".to_owned(),
+            ),
+            Self::CertificateExpiring { client_id, cert_type, serial, not_after } => (
+                format!(
+                    "Certificate of {client_id} expires on {}",
+                    crate::clock::rfc3339(*not_after).get(..10).unwrap_or_default()
+                ),
+                format!(
+                    "The {cert_type} certificate of application {client_id} (serial {serial}) expires at {} (UTC).",
+                    crate::clock::rfc3339(*not_after)
+                ),
+                None,
+                "Renew it before then (portal, `portcullis cert renew`, or POST …/certificates/{id}/renew); after that date it is refused.".to_owned(),
+            ),
+            Self::CertificateRevoked { client_id, cert_type, serial, reason, by } => (
+                format!("Certificate of {client_id} was revoked"),
+                format!(
+                    "The {cert_type} certificate of application {client_id} (serial {serial}) was revoked by {by} (reason: {reason}). It is on the CRL and refused from now on."
+                ),
+                None,
+                "If this was not expected, check the audit log and issue a new certificate for the application.".to_owned(),
             ),
         };
         let text = match code {

@@ -14,6 +14,8 @@ pub struct Organisation {
     pub id: String,
     pub slug: Slug,
     pub name: String,
+    /// DNS names (and their subdomains) its `server-transport` certificates may carry.
+    pub allowed_domains: Vec<String>,
     pub created_at: UnixTime,
     pub updated_at: UnixTime,
 }
@@ -119,6 +121,8 @@ pub struct Application {
     pub roles: Vec<RoleName>,
     pub auth_method: AuthMethod,
     pub redirect_uris: Vec<String>,
+    /// A JWKS URL for `private_key_jwt`, used besides the application's signing certificates.
+    pub jwks_uri: Option<String>,
     pub access_token_lifetime: i64,
     pub signing_alg: Algorithm,
     pub enabled: bool,
@@ -530,4 +534,202 @@ impl Default for Page {
     fn default() -> Self {
         Self::new(None, None)
     }
+}
+
+/// The certificate profiles (DESIGN §4): what a certificate of each type is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CertificateType {
+    /// mTLS client (EKU clientAuth).
+    Transport,
+    /// A resource server's TLS (EKU serverAuth, DNS SANs within the organisation's domains).
+    ServerTransport,
+    /// `private_key_jwt` signing key (digitalSignature only, no EKU); published in the JWKS.
+    Signing,
+}
+
+impl CertificateType {
+    pub const ALL: [Self; 3] = [Self::Transport, Self::ServerTransport, Self::Signing];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Transport => "transport",
+            Self::ServerTransport => "server-transport",
+            Self::Signing => "signing",
+        }
+    }
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::ALL.into_iter().find(|t| t.as_str() == s).ok_or_else(|| {
+            Error::invalid(format!("unknown certificate type {s:?}: expected transport, server-transport or signing"))
+        })
+    }
+}
+
+/// RFC 5280 §5.3.1 reason codes a revocation may carry. `certificateHold` and `removeFromCRL`
+/// are not offered: a revocation here is final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RevocationReason {
+    Unspecified,
+    KeyCompromise,
+    CaCompromise,
+    AffiliationChanged,
+    Superseded,
+    CessationOfOperation,
+    PrivilegeWithdrawn,
+    AaCompromise,
+}
+
+impl RevocationReason {
+    pub const ALL: [Self; 8] = [
+        Self::Unspecified,
+        Self::KeyCompromise,
+        Self::CaCompromise,
+        Self::AffiliationChanged,
+        Self::Superseded,
+        Self::CessationOfOperation,
+        Self::PrivilegeWithdrawn,
+        Self::AaCompromise,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unspecified => "unspecified",
+            Self::KeyCompromise => "key_compromise",
+            Self::CaCompromise => "ca_compromise",
+            Self::AffiliationChanged => "affiliation_changed",
+            Self::Superseded => "superseded",
+            Self::CessationOfOperation => "cessation_of_operation",
+            Self::PrivilegeWithdrawn => "privilege_withdrawn",
+            Self::AaCompromise => "aa_compromise",
+        }
+    }
+    /// The CRLReason code.
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Unspecified => 0,
+            Self::KeyCompromise => 1,
+            Self::CaCompromise => 2,
+            Self::AffiliationChanged => 3,
+            Self::Superseded => 4,
+            Self::CessationOfOperation => 5,
+            Self::PrivilegeWithdrawn => 9,
+            Self::AaCompromise => 10,
+        }
+    }
+    /// Accepts our snake_case names, RFC 5280's camelCase names and the numeric codes.
+    pub fn parse(s: &str) -> Result<Self> {
+        let folded: String = s.chars().filter(|c| *c != '_' && *c != '-').collect::<String>().to_ascii_lowercase();
+        Self::ALL.into_iter().find(|r| r.as_str().replace('_', "") == folded || r.code().to_string() == s).ok_or_else(
+            || {
+                Error::invalid(format!(
+                    "unknown revocation reason {s:?}: expected one of unspecified, key_compromise, ca_compromise, \
+                     affiliation_changed, superseded, cessation_of_operation, privilege_withdrawn, aa_compromise \
+                     (or the RFC 5280 code)"
+                ))
+            },
+        )
+    }
+}
+
+/// A certificate issued to an application, as kept in the inventory. `serial` is lowercase
+/// hex; `fingerprint` the lowercase hex SHA-256 of the DER (its base64url form is `x5t#S256`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedCertificate {
+    pub id: String,
+    pub org_id: String,
+    pub app_id: String,
+    pub client_id: ClientId,
+    pub cert_type: CertificateType,
+    pub serial: String,
+    /// The id of the issuing CA certificate that signed it.
+    pub issuer_id: String,
+    pub subject: String,
+    /// `DNS:…` and `URI:…` entries, as issued.
+    pub sans: Vec<String>,
+    /// `EC P-256`, `EC P-384`, `RSA 3072`, `Ed25519`, …
+    pub key_type: String,
+    /// Lowercase hex SHA-256 of the subject public key info (the same key across renewals).
+    pub spki_sha256: String,
+    pub fingerprint: String,
+    pub certificate_pem: String,
+    pub not_before: UnixTime,
+    pub not_after: UnixTime,
+    pub revoked_at: Option<UnixTime>,
+    pub revocation_reason: Option<RevocationReason>,
+    /// The certificate this one renewed.
+    pub renewed_from: Option<String>,
+    /// When the organisation's admins were warned of its expiry.
+    pub expiry_notified_at: Option<UnixTime>,
+    pub created_by: String,
+    pub created_at: UnixTime,
+}
+
+impl IssuedCertificate {
+    pub fn status(&self, now: UnixTime) -> CertificateStatus {
+        if self.revoked_at.is_some() {
+            CertificateStatus::Revoked
+        } else if self.not_after <= now {
+            CertificateStatus::Expired
+        } else {
+            CertificateStatus::Active
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertificateStatus {
+    Active,
+    Revoked,
+    Expired,
+}
+
+impl CertificateStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Revoked => "revoked",
+            Self::Expired => "expired",
+        }
+    }
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "active" => Ok(Self::Active),
+            "revoked" => Ok(Self::Revoked),
+            "expired" => Ok(Self::Expired),
+            _ => Err(Error::invalid(format!("unknown certificate status {s:?}: expected active, revoked or expired"))),
+        }
+    }
+}
+
+/// Inventory search: every given criterion must match. `status` is judged at `now`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CertificateFilter {
+    pub app_id: Option<String>,
+    pub cert_type: Option<CertificateType>,
+    pub status: Option<CertificateStatus>,
+    /// Lowercase hex, as stored.
+    pub serial: Option<String>,
+    pub fingerprint: Option<String>,
+    pub spki_sha256: Option<String>,
+    /// `not_after` strictly before this.
+    pub expires_before: Option<UnixTime>,
+    pub now: UnixTime,
+}
+
+/// One entry of a CRL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedEntry {
+    pub serial: String,
+    pub revoked_at: UnixTime,
+    pub reason: RevocationReason,
+}
+
+/// The latest CRL an issuing CA signed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCrl {
+    pub issuer_id: String,
+    pub number: u64,
+    pub this_update: UnixTime,
+    pub next_update: UnixTime,
+    pub der: Vec<u8>,
 }

@@ -26,6 +26,85 @@ pub struct CoreSettings {
     /// Failed client authentications allowed per client id and per IP address each minute.
     pub auth_failures_per_minute: u32,
     pub auth: AuthSettings,
+    pub ca: CaSettings,
+}
+
+/// The certificate authority: validity per certificate type, CRL lifetime, expiry notices and
+/// client assertions. Also the `[ca]` section of the configuration file (the binary checks
+/// the ranges with [`CaSettings::validate`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaSettings {
+    /// Default and longest validity of each certificate type, in days.
+    pub transport_validity_days: i64,
+    pub transport_max_validity_days: i64,
+    pub server_transport_validity_days: i64,
+    pub server_transport_max_validity_days: i64,
+    pub signing_validity_days: i64,
+    pub signing_max_validity_days: i64,
+    /// Issuing CA lifetime when created or rotated, in days.
+    pub issuing_ca_validity_days: i64,
+    /// `nextUpdate − thisUpdate` of every CRL (seconds); CRLs are re-signed at half of it.
+    pub crl_lifetime: i64,
+    /// Organisation admins are emailed this many days before a certificate expires (0: never).
+    pub expiry_notice_days: i64,
+    /// Longest `exp − now` a `private_key_jwt` client assertion may have (seconds).
+    pub assertion_max_lifetime: i64,
+}
+
+impl Default for CaSettings {
+    fn default() -> Self {
+        Self {
+            transport_validity_days: 90,
+            transport_max_validity_days: 397,
+            server_transport_validity_days: 90,
+            server_transport_max_validity_days: 397,
+            signing_validity_days: 365,
+            signing_max_validity_days: 825,
+            issuing_ca_validity_days: 5 * 365,
+            crl_lifetime: 86_400,
+            expiry_notice_days: 14,
+            assertion_max_lifetime: 300,
+        }
+    }
+}
+
+impl CaSettings {
+    /// Default and maximum validity (days) of a certificate type.
+    pub fn validity(&self, t: crate::model::CertificateType) -> (i64, i64) {
+        use crate::model::CertificateType as T;
+        match t {
+            T::Transport => (self.transport_validity_days, self.transport_max_validity_days),
+            T::ServerTransport => (self.server_transport_validity_days, self.server_transport_max_validity_days),
+            T::Signing => (self.signing_validity_days, self.signing_max_validity_days),
+        }
+    }
+
+    /// Refuses values that make no sense, naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        for t in crate::model::CertificateType::ALL {
+            let (d, m) = self.validity(t);
+            if !(1..=3650).contains(&m) || !(1..=m).contains(&d) {
+                return Err(format!(
+                    "ca: {} validity must be 1 to 3650 days and at most its maximum (got {d} of {m})",
+                    t.as_str()
+                ));
+            }
+        }
+        if !(30..=20 * 365).contains(&self.issuing_ca_validity_days) {
+            return Err("ca.issuing_ca_validity_days must be 30 to 7300".into());
+        }
+        if !(300..=30 * 86_400).contains(&self.crl_lifetime) {
+            return Err("ca.crl_lifetime must be 300 to 2592000 seconds".into());
+        }
+        if !(0..=365).contains(&self.expiry_notice_days) {
+            return Err("ca.expiry_notice_days must be 0 to 365".into());
+        }
+        if !(10..=3600).contains(&self.assertion_max_lifetime) {
+            return Err("ca.assertion_max_lifetime must be 10 to 3600 seconds".into());
+        }
+        Ok(())
+    }
 }
 
 /// Login sessions, emailed codes, lockout and the password-hashing limit. Also the `[auth]`
@@ -87,6 +166,7 @@ impl CoreSettings {
             bootstrap_admin_email: "admin@portcullis.local".into(),
             auth_failures_per_minute: 30,
             auth: AuthSettings::default(),
+            ca: CaSettings::default(),
         }
     }
     /// How long a retired key stays published after it stopped signing here: every token it

@@ -37,6 +37,14 @@ pub trait Store: Send + Sync + 'static {
     async fn organisation(&self, slug: &str) -> StoreResult<Option<Organisation>>;
     async fn organisation_by_id(&self, id: &str) -> StoreResult<Option<Organisation>>;
     async fn organisations(&self, page: Page) -> StoreResult<Vec<Organisation>>;
+    /// Replaces the organisation's allowed DNS domains; `false` if there is no such organisation.
+    async fn set_organisation_domains(
+        &self,
+        org_id: &str,
+        domains: &[String],
+        now: UnixTime,
+        audit: &AuditEvent,
+    ) -> StoreResult<bool>;
 
     async fn create_service(&self, service: &Service, grants: &[RoleGrant], audit: &AuditEvent) -> StoreResult<()>;
     async fn service(&self, org_id: &str, slug: &str) -> StoreResult<Option<Service>>;
@@ -76,6 +84,8 @@ pub trait Store: Send + Sync + 'static {
     async fn users(&self, org_id: &str, page: Page) -> StoreResult<Vec<User>>;
     /// Users whose email or name contains `query` (case-insensitive), ordered by email.
     async fn search_users(&self, org_id: &str, query: &str, page: Page) -> StoreResult<Vec<User>>;
+    /// Enabled users of the organisation holding `role` (at most `max`), e.g. its admins.
+    async fn users_with_role(&self, org_id: &str, role: &str, max: u32) -> StoreResult<Vec<User>>;
     /// Every user, in any organisation, whose primary email is `email` (at most `max`).
     async fn users_with_email(&self, email: &str, max: u32) -> StoreResult<Vec<User>>;
     /// Replaces the row if its `updated_at` still equals `expected_updated_at` (`Conflict`
@@ -228,6 +238,57 @@ pub trait Store: Send + Sync + 'static {
 
     async fn ca_certificates(&self) -> StoreResult<Vec<CaCertificate>>;
     async fn insert_ca_certificates(&self, certs: &[CaCertificate], audit: &AuditEvent) -> StoreResult<()>;
+    /// Inserts `certs` (each `active`) and marks every previously active CA certificate of the
+    /// same kinds inactive, in one transaction: a rotation or an import. Inactive issuing CAs
+    /// stay (their certificates remain valid and their CRLs are still signed).
+    async fn activate_ca_certificates(&self, certs: &[CaCertificate], audit: &AuditEvent) -> StoreResult<()>;
+
+    /// `Conflict` if the serial (or id) exists: serials are unique by constraint.
+    async fn insert_certificate(&self, cert: &IssuedCertificate, audit: &AuditEvent) -> StoreResult<()>;
+    async fn certificate(&self, org_id: &str, id: &str) -> StoreResult<Option<IssuedCertificate>>;
+    /// Any organisation's certificate with this SHA-256 fingerprint (lowercase hex).
+    async fn certificate_by_fingerprint(&self, fingerprint: &str) -> StoreResult<Option<IssuedCertificate>>;
+    /// The organisation's certificates matching `filter`, newest first.
+    async fn certificates(
+        &self,
+        org_id: &str,
+        filter: &CertificateFilter,
+        page: Page,
+    ) -> StoreResult<Vec<IssuedCertificate>>;
+    /// The application's signing certificates that are neither revoked nor expired at `now`.
+    async fn active_signing_certificates(&self, app_id: &str, now: UnixTime) -> StoreResult<Vec<IssuedCertificate>>;
+    /// Revokes it (expired ones too) and queues `mails`, in one transaction. `false` when it
+    /// does not exist or was already revoked (nothing is written then).
+    async fn revoke_certificate(
+        &self,
+        id: &str,
+        reason: RevocationReason,
+        at: UnixTime,
+        mails: &[QueuedMail],
+        audit: &AuditEvent,
+    ) -> StoreResult<bool>;
+    /// Every revoked certificate the issuing CA `issuer_id` signed, by serial.
+    async fn revoked_certificates(&self, issuer_id: &str) -> StoreResult<Vec<RevokedEntry>>;
+    /// Atomically takes the next CRL number of `issuer_id` (1, 2, 3, … across nodes).
+    async fn next_crl_number(&self, issuer_id: &str) -> StoreResult<u64>;
+    /// Keeps `crl` unless a CRL with a higher number is already stored.
+    async fn save_crl(&self, crl: &StoredCrl) -> StoreResult<()>;
+    async fn crls(&self) -> StoreResult<Vec<StoredCrl>>;
+    /// Active certificates whose `not_after` is before `before` and that were not yet warned
+    /// about, soonest first.
+    async fn certificates_expiring(
+        &self,
+        now: UnixTime,
+        before: UnixTime,
+        max: u32,
+    ) -> StoreResult<Vec<IssuedCertificate>>;
+    /// Marks the certificate warned and queues `mails`, in one transaction.
+    async fn mark_expiry_notified(&self, id: &str, now: UnixTime, mails: &[QueuedMail]) -> StoreResult<()>;
+
+    /// Records a client assertion's `jti` until `expires_at`: `false` if it was seen before
+    /// (a replay). Survives restarts and is shared by every node.
+    async fn record_assertion_jti(&self, client_id: &str, jti: &str, expires_at: UnixTime) -> StoreResult<bool>;
+    async fn purge_assertion_jtis(&self, now: UnixTime) -> StoreResult<u64>;
 
     /// Idempotent: revoking a revoked token changes nothing.
     async fn revoke_token(&self, revoked: &RevokedToken, audit: &AuditEvent) -> StoreResult<()>;

@@ -71,6 +71,15 @@ pub struct AccessClaimsRef<'a> {
     pub scope: &'a str,
     pub roles: &'a [&'a str],
     pub org: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<CnfRef<'a>>,
+}
+
+/// RFC 8705 §3.1 confirmation: the SHA-256 thumbprint of the client certificate.
+#[derive(Debug, Serialize)]
+pub struct CnfRef<'a> {
+    #[serde(rename = "x5t#S256")]
+    pub x5t_s256: &'a str,
 }
 
 #[derive(Debug, Serialize)]
@@ -178,7 +187,11 @@ mod tests {
 
     #[test]
     fn borrowed_claims_serialise_like_owned_ones() {
-        let owned = AccessClaims { aud: Audience::Many(vec!["a".into(), "b".into()]), ..claims(2000) };
+        let owned = AccessClaims {
+            aud: Audience::Many(vec!["a".into(), "b".into()]),
+            cnf: Some(serde_json::json!({ "x5t#S256": "thumb" })),
+            ..claims(2000)
+        };
         let auds = ["a", "b"];
         let borrowed = AccessClaimsRef {
             iss: &owned.iss,
@@ -191,6 +204,7 @@ mod tests {
             scope: &owned.scope,
             roles: &[],
             org: &owned.org,
+            cnf: Some(CnfRef { x5t_s256: "thumb" }),
         };
         assert_eq!(serde_json::to_string(&borrowed).unwrap(), serde_json::to_string(&owned).unwrap());
         let one = ["a"];

@@ -57,6 +57,21 @@ fn to_json<T: ToString>(v: &[T]) -> String {
     serde_json::to_string(&v.iter().map(ToString::to_string).collect::<Vec<_>>()).unwrap_or_else(|_| "[]".into())
 }
 
+/// A list of plain strings as JSON text.
+fn string_list(v: &[String]) -> StoreResult<String> {
+    serde_json::to_string(v).map_err(|_| corrupt("string list"))
+}
+
+/// Exactly the names [`RevocationReason::as_str`] writes.
+fn revocation_reason(s: &str) -> StoreResult<RevocationReason> {
+    RevocationReason::ALL.into_iter().find(|r| r.as_str() == s).ok_or_else(|| corrupt("revocation reason"))
+}
+
+/// A `u64` counter stored as BIGINT.
+fn to_bigint(v: u64, what: &str) -> StoreResult<i64> {
+    i64::try_from(v).map_err(|_| StoreError::Internal(format!("{what} {v} does not fit a BIGINT")))
+}
+
 fn hash_from(b: Option<Vec<u8>>) -> StoreResult<Option<SecretHash>> {
     b.map(|b| SecretHash::from_slice(&b).ok_or_else(|| corrupt("secret hash"))).transpose()
 }
@@ -102,6 +117,7 @@ macro_rules! sql_store {
                     id: r.try_get("id").map_err(db_err)?,
                     slug: Slug::parse(r.try_get::<&str, _>("slug").map_err(db_err)?).map_err(|_| corrupt("slug"))?,
                     name: r.try_get("name").map_err(db_err)?,
+                    allowed_domains: json_list(r.try_get("allowed_domains").map_err(db_err)?, |s| Ok(s.to_owned()), "allowed domains")?,
                     created_at: r.try_get("created_at").map_err(db_err)?,
                     updated_at: r.try_get("updated_at").map_err(db_err)?,
                 })
@@ -134,6 +150,7 @@ macro_rules! sql_store {
                     roles: json_list(r.try_get("roles").map_err(db_err)?, RoleName::parse, "roles")?,
                     auth_method: AuthMethod::parse(r.try_get("auth_method").map_err(db_err)?).map_err(|_| corrupt("auth method"))?,
                     redirect_uris: json_list(r.try_get("redirect_uris").map_err(db_err)?, |s| Ok(s.to_owned()), "redirect uris")?,
+                    jwks_uri: r.try_get("jwks_uri").map_err(db_err)?,
                     access_token_lifetime: r.try_get("access_token_lifetime").map_err(db_err)?,
                     signing_alg: Algorithm::parse(r.try_get("signing_alg").map_err(db_err)?).map_err(|_| corrupt("algorithm"))?,
                     enabled: r.try_get("enabled").map_err(db_err)?,
@@ -262,6 +279,42 @@ macro_rules! sql_store {
                 })
             }
 
+            fn cert_row(r: &$row) -> StoreResult<IssuedCertificate> {
+                Ok(IssuedCertificate {
+                    id: r.try_get("id").map_err(db_err)?,
+                    org_id: r.try_get("org_id").map_err(db_err)?,
+                    app_id: r.try_get("app_id").map_err(db_err)?,
+                    client_id: ClientId::parse(r.try_get::<&str, _>("client_id").map_err(db_err)?).map_err(|_| corrupt("client id"))?,
+                    cert_type: CertificateType::parse(r.try_get("cert_type").map_err(db_err)?).map_err(|_| corrupt("certificate type"))?,
+                    serial: r.try_get("serial").map_err(db_err)?,
+                    issuer_id: r.try_get("issuer_id").map_err(db_err)?,
+                    subject: r.try_get("subject").map_err(db_err)?,
+                    sans: json_list(r.try_get("sans").map_err(db_err)?, |s| Ok(s.to_owned()), "subject alternative names")?,
+                    key_type: r.try_get("key_type").map_err(db_err)?,
+                    spki_sha256: r.try_get("spki_sha256").map_err(db_err)?,
+                    fingerprint: r.try_get("fingerprint").map_err(db_err)?,
+                    certificate_pem: r.try_get("certificate_pem").map_err(db_err)?,
+                    not_before: r.try_get("not_before").map_err(db_err)?,
+                    not_after: r.try_get("not_after").map_err(db_err)?,
+                    revoked_at: r.try_get("revoked_at").map_err(db_err)?,
+                    revocation_reason: r.try_get::<Option<&str>, _>("revocation_reason").map_err(db_err)?.map(revocation_reason).transpose()?,
+                    renewed_from: r.try_get("renewed_from").map_err(db_err)?,
+                    expiry_notified_at: r.try_get("expiry_notified_at").map_err(db_err)?,
+                    created_by: r.try_get("created_by").map_err(db_err)?,
+                    created_at: r.try_get("created_at").map_err(db_err)?,
+                })
+            }
+
+            fn crl_row(r: &$row) -> StoreResult<StoredCrl> {
+                Ok(StoredCrl {
+                    issuer_id: r.try_get("issuer_id").map_err(db_err)?,
+                    number: u64::try_from(r.try_get::<i64, _>("number").map_err(db_err)?).map_err(|_| corrupt("CRL number"))?,
+                    this_update: r.try_get("this_update").map_err(db_err)?,
+                    next_update: r.try_get("next_update").map_err(db_err)?,
+                    der: r.try_get("der").map_err(db_err)?,
+                })
+            }
+
             fn audit_row(r: &$row) -> StoreResult<AuditEvent> {
                 Ok(AuditEvent {
                     id: r.try_get("id").map_err(db_err)?,
@@ -357,10 +410,11 @@ macro_rules! sql_store {
 
             async fn create_organisation(&self, o: &Organisation, audit: &AuditEvent) -> StoreResult<()> {
                 let mut tx = self.pool.begin().await.map_err(db_err)?;
-                sqlx::query("INSERT INTO organisations (id, slug, name, created_at, updated_at) VALUES ($1, $2, $3, $4, $5)")
+                sqlx::query("INSERT INTO organisations (id, slug, name, allowed_domains, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6)")
                     .bind(&o.id)
                     .bind(o.slug.as_str())
                     .bind(&o.name)
+                    .bind(string_list(&o.allowed_domains)?)
                     .bind(o.created_at)
                     .bind(o.updated_at)
                     .execute(&mut *tx)
@@ -384,6 +438,24 @@ macro_rules! sql_store {
                 let (l, o) = limit(page);
                 let rows = sqlx::query("SELECT * FROM organisations ORDER BY slug LIMIT $1 OFFSET $2").bind(l).bind(o).fetch_all(&self.pool).await.map_err(db_err)?;
                 rows.iter().map(Self::org_row).collect()
+            }
+
+            async fn set_organisation_domains(&self, org_id: &str, domains: &[String], now: UnixTime, audit: &AuditEvent) -> StoreResult<bool> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                let n = sqlx::query("UPDATE organisations SET allowed_domains = $1, updated_at = $2 WHERE id = $3")
+                    .bind(string_list(domains)?)
+                    .bind(now)
+                    .bind(org_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?
+                    .rows_affected();
+                if n == 0 {
+                    return Ok(false);
+                }
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(true)
             }
 
             async fn create_service(&self, s: &Service, grants: &[RoleGrant], audit: &AuditEvent) -> StoreResult<()> {
@@ -477,7 +549,7 @@ macro_rules! sql_store {
 
             async fn create_application(&self, a: &Application, audit: &AuditEvent) -> StoreResult<()> {
                 let mut tx = self.pool.begin().await.map_err(db_err)?;
-                let q = sqlx::query("INSERT INTO applications (name, grant_types, scopes, roles, auth_method, redirect_uris, access_token_lifetime, signing_alg, enabled, secret_hash, previous_secret_hash, previous_secret_expires_at, updated_at, id, org_id, slug, client_id, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)");
+                let q = sqlx::query("INSERT INTO applications (name, grant_types, scopes, roles, auth_method, redirect_uris, access_token_lifetime, signing_alg, enabled, secret_hash, previous_secret_hash, previous_secret_expires_at, updated_at, jwks_uri, id, org_id, slug, client_id, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)");
                 Self::bind_app_settings(q, a)?
                     .bind(&a.id)
                     .bind(&a.org_id)
@@ -504,7 +576,7 @@ macro_rules! sql_store {
 
             async fn update_application(&self, a: &Application, expected_updated_at: UnixTime, audit: &AuditEvent) -> StoreResult<()> {
                 let mut tx = self.pool.begin().await.map_err(db_err)?;
-                let q = sqlx::query("UPDATE applications SET name = $1, grant_types = $2, scopes = $3, roles = $4, auth_method = $5, redirect_uris = $6, access_token_lifetime = $7, signing_alg = $8, enabled = $9, secret_hash = $10, previous_secret_hash = $11, previous_secret_expires_at = $12, updated_at = $13 WHERE id = $14 AND updated_at = $15");
+                let q = sqlx::query("UPDATE applications SET name = $1, grant_types = $2, scopes = $3, roles = $4, auth_method = $5, redirect_uris = $6, access_token_lifetime = $7, signing_alg = $8, enabled = $9, secret_hash = $10, previous_secret_hash = $11, previous_secret_expires_at = $12, updated_at = $13, jwks_uri = $14 WHERE id = $15 AND updated_at = $16");
                 let n = Self::bind_app_settings(q, a)?
                     .bind(&a.id)
                     .bind(expected_updated_at)
@@ -589,6 +661,30 @@ macro_rules! sql_store {
                     .await
                     .map_err(db_err)?;
                 rows.iter().map(Self::user_row).collect()
+            }
+
+            async fn users_with_role(&self, org_id: &str, role: &str, max: u32) -> StoreResult<Vec<User>> {
+                // Roles are a JSON array of strings: the role's own JSON form, quotes included,
+                // occurs in the text only as a whole element. SQLite's LIKE ignores ASCII case,
+                // so the decoded list is checked again.
+                let quoted = serde_json::to_string(role).map_err(|_| corrupt("role"))?;
+                let pattern = format!("%{}", prefix_pattern(&quoted));
+                let rows = sqlx::query("SELECT * FROM users WHERE org_id = $1 AND enabled = $2 AND roles LIKE $3 ESCAPE '\\' ORDER BY email LIMIT $4")
+                    .bind(org_id)
+                    .bind(true)
+                    .bind(pattern)
+                    .bind(i64::from(max))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_err)?;
+                let mut users = Vec::with_capacity(rows.len());
+                for r in &rows {
+                    let u = Self::user_row(r)?;
+                    if u.roles.iter().any(|x| x.as_str() == role) {
+                        users.push(u);
+                    }
+                }
+                Ok(users)
             }
 
             async fn update_user(&self, u: &User, expected_updated_at: UnixTime, end_sessions: bool, audit: &AuditEvent) -> StoreResult<()> {
@@ -1124,22 +1220,246 @@ macro_rules! sql_store {
             async fn insert_ca_certificates(&self, certs: &[CaCertificate], audit: &AuditEvent) -> StoreResult<()> {
                 let mut tx = self.pool.begin().await.map_err(db_err)?;
                 for c in certs {
-                    sqlx::query("INSERT INTO ca_certificates (id, kind, subject, certificate_pem, sealed_private_key, not_before, not_after, active, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
-                        .bind(&c.id)
-                        .bind(c.kind.as_str())
-                        .bind(&c.subject)
-                        .bind(&c.certificate_pem)
-                        .bind(&c.sealed_private_key)
-                        .bind(c.not_before)
-                        .bind(c.not_after)
-                        .bind(c.active)
-                        .bind(c.created_at)
+                    Self::insert_ca(&mut *tx, c, c.active).await?;
+                }
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)
+            }
+
+            async fn activate_ca_certificates(&self, certs: &[CaCertificate], audit: &AuditEvent) -> StoreResult<()> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                // Writes first: a SQLite transaction that read before writing could not wait for the lock.
+                let mut kinds: Vec<CaKind> = Vec::new();
+                for c in certs {
+                    if !kinds.contains(&c.kind) {
+                        kinds.push(c.kind);
+                    }
+                }
+                for kind in kinds {
+                    sqlx::query("UPDATE ca_certificates SET active = $1 WHERE kind = $2 AND active = $3")
+                        .bind(false)
+                        .bind(kind.as_str())
+                        .bind(true)
                         .execute(&mut *tx)
                         .await
                         .map_err(db_err)?;
                 }
+                for c in certs {
+                    Self::insert_ca(&mut *tx, c, true).await?;
+                }
                 Self::insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
+            }
+
+            async fn insert_certificate(&self, c: &IssuedCertificate, audit: &AuditEvent) -> StoreResult<()> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                sqlx::query(
+                    "INSERT INTO certificates (id, org_id, app_id, client_id, cert_type, serial, issuer_id, subject, sans, key_type, spki_sha256, fingerprint, \
+                     certificate_pem, not_before, not_after, revoked_at, revocation_reason, renewed_from, expiry_notified_at, created_by, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
+                )
+                .bind(&c.id)
+                .bind(&c.org_id)
+                .bind(&c.app_id)
+                .bind(c.client_id.as_str())
+                .bind(c.cert_type.as_str())
+                .bind(&c.serial)
+                .bind(&c.issuer_id)
+                .bind(&c.subject)
+                .bind(string_list(&c.sans)?)
+                .bind(&c.key_type)
+                .bind(&c.spki_sha256)
+                .bind(&c.fingerprint)
+                .bind(&c.certificate_pem)
+                .bind(c.not_before)
+                .bind(c.not_after)
+                .bind(c.revoked_at)
+                .bind(c.revocation_reason.map(RevocationReason::as_str))
+                .bind(&c.renewed_from)
+                .bind(c.expiry_notified_at)
+                .bind(&c.created_by)
+                .bind(c.created_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)
+            }
+
+            async fn certificate(&self, org_id: &str, id: &str) -> StoreResult<Option<IssuedCertificate>> {
+                let r = sqlx::query("SELECT * FROM certificates WHERE org_id = $1 AND id = $2").bind(org_id).bind(id).fetch_optional(&self.pool).await.map_err(db_err)?;
+                r.as_ref().map(Self::cert_row).transpose()
+            }
+
+            async fn certificate_by_fingerprint(&self, fingerprint: &str) -> StoreResult<Option<IssuedCertificate>> {
+                let r = sqlx::query("SELECT * FROM certificates WHERE fingerprint = $1").bind(fingerprint).fetch_optional(&self.pool).await.map_err(db_err)?;
+                r.as_ref().map(Self::cert_row).transpose()
+            }
+
+            async fn certificates(&self, org_id: &str, f: &CertificateFilter, page: Page) -> StoreResult<Vec<IssuedCertificate>> {
+                let (l, o) = limit(page);
+                let rows = sqlx::query(
+                    "SELECT * FROM certificates WHERE org_id = $1 \
+                     AND ($2 IS NULL OR app_id = $2) AND ($3 IS NULL OR cert_type = $3) AND ($4 IS NULL OR serial = $4) \
+                     AND ($5 IS NULL OR fingerprint = $5) AND ($6 IS NULL OR spki_sha256 = $6) AND ($7 IS NULL OR not_after < $7) \
+                     AND ($8 IS NULL \
+                          OR ($8 = 'active' AND revoked_at IS NULL AND not_after > $9) \
+                          OR ($8 = 'revoked' AND revoked_at IS NOT NULL) \
+                          OR ($8 = 'expired' AND revoked_at IS NULL AND not_after <= $9)) \
+                     ORDER BY created_at DESC, id DESC LIMIT $10 OFFSET $11",
+                )
+                .bind(org_id)
+                .bind(f.app_id.as_deref())
+                .bind(f.cert_type.map(CertificateType::as_str))
+                .bind(f.serial.as_deref())
+                .bind(f.fingerprint.as_deref())
+                .bind(f.spki_sha256.as_deref())
+                .bind(f.expires_before)
+                .bind(f.status.map(CertificateStatus::as_str))
+                .bind(f.now)
+                .bind(l)
+                .bind(o)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?;
+                rows.iter().map(Self::cert_row).collect()
+            }
+
+            async fn active_signing_certificates(&self, app_id: &str, now: UnixTime) -> StoreResult<Vec<IssuedCertificate>> {
+                let rows = sqlx::query(
+                    "SELECT * FROM certificates WHERE app_id = $1 AND cert_type = $2 AND revoked_at IS NULL AND not_after > $3 \
+                     ORDER BY created_at DESC, id DESC",
+                )
+                .bind(app_id)
+                .bind(CertificateType::Signing.as_str())
+                .bind(now)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?;
+                rows.iter().map(Self::cert_row).collect()
+            }
+
+            async fn revoke_certificate(&self, id: &str, reason: RevocationReason, at: UnixTime, mails: &[QueuedMail], audit: &AuditEvent) -> StoreResult<bool> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                // Conditional: of concurrent revocations exactly one changes the row.
+                let n = sqlx::query("UPDATE certificates SET revoked_at = $1, revocation_reason = $2 WHERE id = $3 AND revoked_at IS NULL")
+                    .bind(at)
+                    .bind(reason.as_str())
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?
+                    .rows_affected();
+                if n == 0 {
+                    return Ok(false);
+                }
+                for m in mails {
+                    Self::insert_mail(&mut *tx, m).await?;
+                }
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(true)
+            }
+
+            async fn revoked_certificates(&self, issuer_id: &str) -> StoreResult<Vec<RevokedEntry>> {
+                let rows = sqlx::query("SELECT serial, revoked_at, revocation_reason FROM certificates WHERE issuer_id = $1 AND revoked_at IS NOT NULL ORDER BY serial")
+                    .bind(issuer_id)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_err)?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(RevokedEntry {
+                            serial: r.try_get("serial").map_err(db_err)?,
+                            revoked_at: r.try_get::<Option<UnixTime>, _>("revoked_at").map_err(db_err)?.ok_or_else(|| corrupt("revocation time"))?,
+                            reason: revocation_reason(r.try_get::<Option<&str>, _>("revocation_reason").map_err(db_err)?.ok_or_else(|| corrupt("revocation reason"))?)?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn next_crl_number(&self, issuer_id: &str) -> StoreResult<u64> {
+                // One statement: an insert or an increment, atomic on both backends.
+                let r = sqlx::query(
+                    "INSERT INTO crl_numbers (issuer_id, last_number) VALUES ($1, 1) \
+                     ON CONFLICT (issuer_id) DO UPDATE SET last_number = crl_numbers.last_number + 1 RETURNING last_number",
+                )
+                .bind(issuer_id)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db_err)?;
+                u64::try_from(r.try_get::<i64, _>("last_number").map_err(db_err)?).map_err(|_| corrupt("CRL number"))
+            }
+
+            async fn save_crl(&self, c: &StoredCrl) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO crls (issuer_id, number, this_update, next_update, der) VALUES ($1, $2, $3, $4, $5) \
+                     ON CONFLICT (issuer_id) DO UPDATE SET number = excluded.number, this_update = excluded.this_update, \
+                     next_update = excluded.next_update, der = excluded.der WHERE crls.number < excluded.number",
+                )
+                .bind(&c.issuer_id)
+                .bind(to_bigint(c.number, "CRL number")?)
+                .bind(c.this_update)
+                .bind(c.next_update)
+                .bind(&c.der)
+                .execute(&self.pool)
+                .await
+                .map_err(db_err)?;
+                Ok(())
+            }
+
+            async fn crls(&self) -> StoreResult<Vec<StoredCrl>> {
+                let rows = sqlx::query("SELECT * FROM crls ORDER BY issuer_id").fetch_all(&self.pool).await.map_err(db_err)?;
+                rows.iter().map(Self::crl_row).collect()
+            }
+
+            async fn certificates_expiring(&self, now: UnixTime, before: UnixTime, max: u32) -> StoreResult<Vec<IssuedCertificate>> {
+                let rows = sqlx::query(
+                    "SELECT * FROM certificates WHERE revoked_at IS NULL AND expiry_notified_at IS NULL AND not_after > $1 AND not_after < $2 \
+                     ORDER BY not_after, id LIMIT $3",
+                )
+                .bind(now)
+                .bind(before)
+                .bind(i64::from(max))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?;
+                rows.iter().map(Self::cert_row).collect()
+            }
+
+            async fn mark_expiry_notified(&self, id: &str, now: UnixTime, mails: &[QueuedMail]) -> StoreResult<()> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                // Once: when two nodes warn about the same certificate, only the first queues mail.
+                let n = sqlx::query("UPDATE certificates SET expiry_notified_at = $1 WHERE id = $2 AND expiry_notified_at IS NULL")
+                    .bind(now)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?
+                    .rows_affected();
+                if n == 0 {
+                    return Ok(());
+                }
+                for m in mails {
+                    Self::insert_mail(&mut *tx, m).await?;
+                }
+                tx.commit().await.map_err(db_err)
+            }
+
+            async fn record_assertion_jti(&self, client_id: &str, jti: &str, expires_at: UnixTime) -> StoreResult<bool> {
+                let r = sqlx::query("INSERT INTO assertion_jtis (client_id, jti, expires_at) VALUES ($1, $2, $3) ON CONFLICT (client_id, jti) DO NOTHING")
+                    .bind(client_id)
+                    .bind(jti)
+                    .bind(expires_at)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db_err)?;
+                Ok(r.rows_affected() == 1)
+            }
+
+            async fn purge_assertion_jtis(&self, now: UnixTime) -> StoreResult<u64> {
+                let r = sqlx::query("DELETE FROM assertion_jtis WHERE expires_at < $1").bind(now).execute(&self.pool).await.map_err(db_err)?;
+                Ok(r.rows_affected())
             }
 
             async fn revoke_token(&self, t: &RevokedToken, audit: &AuditEvent) -> StoreResult<()> {
@@ -1205,7 +1525,7 @@ macro_rules! sql_store {
         }
 
         impl $store {
-            /// Binds, as `$1…$13`, the application columns that both INSERT and UPDATE write,
+            /// Binds, as `$1…$14`, the application columns that both INSERT and UPDATE write,
             /// in one order kept in one place.
             fn bind_app_settings<'q>(
                 q: sqlx::query::Query<'q, <$pool as PoolDb>::Db, <<$pool as PoolDb>::Db as sqlx::Database>::Arguments>,
@@ -1224,7 +1544,8 @@ macro_rules! sql_store {
                     .bind(a.secret_hash.as_ref().map(|h| h.0.to_vec()))
                     .bind(a.previous_secret_hash.as_ref().map(|h| h.0.to_vec()))
                     .bind(a.previous_secret_expires_at)
-                    .bind(a.updated_at))
+                    .bind(a.updated_at)
+                    .bind(&a.jwks_uri))
             }
 
             async fn insert_user_email<'c, E>(ex: E, e: &UserEmail) -> StoreResult<()>
@@ -1298,6 +1619,26 @@ macro_rules! sql_store {
                     .await
                     .map_err(db_err)?;
                 Ok(r.rows_affected())
+            }
+
+            async fn insert_ca<'c, E>(ex: E, c: &CaCertificate, active: bool) -> StoreResult<()>
+            where
+                E: sqlx::Executor<'c, Database = <$pool as PoolDb>::Db>,
+            {
+                sqlx::query("INSERT INTO ca_certificates (id, kind, subject, certificate_pem, sealed_private_key, not_before, not_after, active, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+                    .bind(&c.id)
+                    .bind(c.kind.as_str())
+                    .bind(&c.subject)
+                    .bind(&c.certificate_pem)
+                    .bind(&c.sealed_private_key)
+                    .bind(c.not_before)
+                    .bind(c.not_after)
+                    .bind(active)
+                    .bind(c.created_at)
+                    .execute(ex)
+                    .await
+                    .map_err(db_err)?;
+                Ok(())
             }
 
             async fn insert_key<'c, E>(ex: E, k: &StoredSigningKey) -> StoreResult<()>

@@ -4,6 +4,7 @@
 //! `#[tokio::test]`s, `sqlite::<case>` (a fresh file in a temp dir) and `postgres::<case>` (a
 //! fresh database on the server named by `PORTCULLIS_TEST_PG_URL`, dropped afterwards even
 //! when the case fails). The PostgreSQL tests never skip: an unreachable server is a failure.
+//! `upgrade::*` run a case the same way on a database first left at schema v2 with rows in it.
 
 // clippy.toml's *-in-tests allowances cover #[test] fns only, not this file's helpers.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
@@ -80,7 +81,34 @@ contract_tests!(
     mail_queue_due_failed_sent_and_counted,
     purges_remove_only_ended_rows,
     auth_api_mutations_roll_back_with_their_audit_row,
+    organisation_domains_are_replaced_and_audited,
+    certificates_insert_lookup_and_conflicts,
+    certificate_filters_status_and_paging,
+    certificate_revocation_happens_once_with_its_mail,
+    crl_numbers_increase_and_the_highest_crl_is_kept,
+    activating_ca_certificates_replaces_only_the_same_kind,
+    expiring_certificates_are_warned_about_once,
+    assertion_jtis_are_accepted_once_per_client,
+    users_with_role_match_whole_roles_of_enabled_users,
 );
+
+/// Databases left at schema v2 with rows in it, then opened (and so migrated) by the store.
+mod upgrade {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_v2_rows_survive_the_pki_migration() {
+        super::run_sqlite_from(
+            super::v2_rows_survive_the_pki_migration,
+            Some(super::schema_v2_with_rows(&super::V2_SQLITE)),
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_v2_rows_survive_the_pki_migration() {
+        super::run_pg_from(super::v2_rows_survive_the_pki_migration, Some(super::schema_v2_with_rows(&super::V2_PG)))
+            .await;
+    }
+}
 
 /// Where the case's database is, for the few checks the `Store` trait cannot make (see
 /// [`raw_mail`]).
@@ -118,8 +146,22 @@ where
     F: FnOnce(Arc<dyn Store>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    run_sqlite_from(case, None).await;
+}
+
+/// [`run_sqlite`] on a database file that `before` (SQL) prepared, e.g. an older schema.
+async fn run_sqlite_from<F, Fut>(case: F, before: Option<String>)
+where
+    F: FnOnce(Arc<dyn Store>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let dir = tempfile::tempdir().expect("create temp dir");
     let path = dir.path().join("p.db");
+    if let Some(sql) = before {
+        let mut c = SqliteConnection::connect(&format!("sqlite://{}?mode=rwc", path.display())).await.unwrap();
+        sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut c).await.expect("prepare the SQLite database");
+        c.close().await.unwrap();
+    }
     let store = SqliteStore::open(&path, NOW).await.expect("open SQLite store");
     let outcome = run_case(case, Arc::new(store.clone()), RawDb::Sqlite(path)).await;
     store.close().await;
@@ -180,6 +222,15 @@ where
     F: FnOnce(Arc<dyn Store>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    run_pg_from(case, None).await;
+}
+
+/// [`run_pg`] on a database that `before` (SQL) prepared, e.g. an older schema.
+async fn run_pg_from<F, Fut>(case: F, before: Option<String>)
+where
+    F: FnOnce(Arc<dyn Store>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let admin_url = pg_admin_url();
     let db = format!("portcullis_test_{}", uuid::Uuid::new_v4().simple());
     let mut admin = pg_admin_connection(&admin_url).await;
@@ -192,6 +243,14 @@ where
 
     let outcome: Result<Result<(), tokio::task::JoinError>, StoreError> = async {
         let url = with_database(&admin_url, &db);
+        if let Some(sql) = before {
+            let prepare = async {
+                let mut c = PgConnection::connect(&url).await?;
+                sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut c).await?;
+                c.close().await
+            };
+            prepare.await.map_err(|e| StoreError::Internal(format!("preparing the database: {e}")))?;
+        }
         let store = PgStore::connect(&url, NOW).await?;
         let outcome = run_case(case, Arc::new(store.clone()), RawDb::Pg(url)).await;
         store.close().await;
@@ -279,6 +338,7 @@ fn organisation(s: &str) -> Organisation {
         id: new_id(),
         slug: slug(s),
         name: format!("{s} Ltd — «ünïcode»"),
+        allowed_domains: vec![format!("{s}.example"), "api.example.org".into()],
         created_at: NOW,
         updated_at: NOW + 1,
     }
@@ -318,6 +378,7 @@ fn full_app(org: &Organisation, app: &str) -> Application {
         roles: vec![role("payments:admin")],
         auth_method: AuthMethod::ClientSecretBasic,
         redirect_uris: vec!["https://app.example/cb?x=\"q\"&y=1".into(), "http://127.0.0.1:8080/cb".into()],
+        jwks_uri: Some(format!("https://{app}.example/.well-known/jwks.json?v=\"1\"")),
         access_token_lifetime: 900,
         signing_alg: Algorithm::PS256,
         enabled: true,
@@ -336,6 +397,7 @@ fn minimal_app(org: &Organisation, app: &str) -> Application {
         roles: vec![],
         auth_method: AuthMethod::PrivateKeyJwt,
         redirect_uris: vec![],
+        jwks_uri: None,
         access_token_lifetime: 60,
         signing_alg: Algorithm::EdDSA,
         enabled: false,
@@ -771,6 +833,7 @@ async fn applications_round_trip_and_optimistic_update(s: Arc<dyn Store>) {
         roles: vec![],
         auth_method: AuthMethod::ClientSecretPost,
         redirect_uris: vec!["https://new.example/cb".into()],
+        jwks_uri: Some("https://new.example/jwks".into()),
         access_token_lifetime: 300,
         signing_alg: Algorithm::ES256,
         enabled: false,
@@ -787,6 +850,7 @@ async fn applications_round_trip_and_optimistic_update(s: Arc<dyn Store>) {
 
     // Clearing the optional fields is an update too.
     let cleared = Application {
+        jwks_uri: None,
         secret_hash: None,
         previous_secret_hash: None,
         previous_secret_expires_at: None,
@@ -2545,4 +2609,815 @@ async fn cancelled_verifications_are_consumed_for_one_user_and_purpose(s: Arc<dy
     assert_eq!(done(&a_email).await, None, "other purposes are untouched");
     assert_eq!(s.count_verification_attempt(&a1.id).await.unwrap(), None, "a cancelled code takes no more tries");
     assert_eq!(s.cancel_verifications(&ann.id, VerificationPurpose::PasswordReset, NOW + 6).await.unwrap(), 0);
+}
+
+// ------------------------------------------------------------------------- PKI: helpers --
+
+const DAY: i64 = 86_400;
+
+/// An issuing CA row certificates can name as their issuer.
+async fn seed_issuer(s: &dyn Store, id: &str) -> CaCertificate {
+    let ca = ca_cert(id, CaKind::Issuing, NOW - 100);
+    s.insert_ca_certificates(std::slice::from_ref(&ca), &audit(None, "ca.insert")).await.unwrap();
+    ca
+}
+
+async fn seed_app(s: &dyn Store, org: &Organisation, app: &str) -> Application {
+    let a = full_app(org, app);
+    s.create_application(&a, &audit(Some(&org.id), "application.create")).await.unwrap();
+    a
+}
+
+/// An active certificate of `app` with lowercase-hex `serial`; its fingerprint and SPKI hash
+/// are derived from the serial (distinct per serial).
+fn issued(
+    app: &Application,
+    issuer_id: &str,
+    serial: &str,
+    cert_type: CertificateType,
+    created_at: UnixTime,
+    not_after: UnixTime,
+) -> IssuedCertificate {
+    IssuedCertificate {
+        id: new_id(),
+        org_id: app.org_id.clone(),
+        app_id: app.id.clone(),
+        client_id: app.client_id.clone(),
+        cert_type,
+        serial: serial.to_owned(),
+        issuer_id: issuer_id.to_owned(),
+        subject: format!("CN={}, O=Acme «ü»", app.client_id.as_str()),
+        sans: vec![format!("DNS:{serial}.acme.example"), "URI:spiffe://acme/app?x=\"1\"".into()],
+        key_type: "EC P-256".into(),
+        spki_sha256: format!("{serial:5>64}"),
+        fingerprint: format!("{serial:f>64}"),
+        certificate_pem: format!("-----BEGIN CERTIFICATE-----\nMIIB{serial}\n-----END CERTIFICATE-----\n"),
+        not_before: created_at - 60,
+        not_after,
+        revoked_at: None,
+        revocation_reason: None,
+        renewed_from: None,
+        expiry_notified_at: None,
+        created_by: "admin@acme.example".into(),
+        created_at,
+    }
+}
+
+async fn add_cert(s: &dyn Store, c: &IssuedCertificate) {
+    s.insert_certificate(c, &audit(Some(&c.org_id), "certificate.issue")).await.unwrap();
+}
+
+fn at(now: UnixTime) -> CertificateFilter {
+    CertificateFilter { now, ..CertificateFilter::default() }
+}
+
+/// The filter's meaning, in Rust: what `certificates` must return, newest first.
+fn expected(certs: &[IssuedCertificate], org_id: &str, f: &CertificateFilter) -> Vec<IssuedCertificate> {
+    let mut out: Vec<IssuedCertificate> = certs
+        .iter()
+        .filter(|c| c.org_id == org_id)
+        .filter(|c| f.app_id.as_ref().is_none_or(|a| &c.app_id == a))
+        .filter(|c| f.cert_type.is_none_or(|t| c.cert_type == t))
+        .filter(|c| f.status.is_none_or(|st| c.status(f.now) == st))
+        .filter(|c| f.serial.as_ref().is_none_or(|x| &c.serial == x))
+        .filter(|c| f.fingerprint.as_ref().is_none_or(|x| &c.fingerprint == x))
+        .filter(|c| f.spki_sha256.as_ref().is_none_or(|x| &c.spki_sha256 == x))
+        .filter(|c| f.expires_before.is_none_or(|t| c.not_after < t))
+        .cloned()
+        .collect();
+    out.sort_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
+    out
+}
+
+fn serials(certs: &[IssuedCertificate]) -> Vec<&str> {
+    certs.iter().map(|c| c.serial.as_str()).collect()
+}
+
+/// Unsent mail addressed to `to`.
+async fn queued_to(s: &dyn Store, to: &str) -> Vec<QueuedMail> {
+    s.due_mail(i64::MAX, 500).await.unwrap().into_iter().filter(|m| m.to == to).collect()
+}
+
+// --------------------------------------------------------------------------- PKI: cases --
+
+async fn organisation_domains_are_replaced_and_audited(s: Arc<dyn Store>) {
+    let acme = seed_org(&*s, "acme").await;
+    let bare = Organisation { allowed_domains: vec![], ..organisation("bare") };
+    s.create_organisation(&bare, &audit(Some(&bare.id), "organisation.create")).await.unwrap();
+    assert_eq!(s.organisation("bare").await.unwrap().as_ref(), Some(&bare), "an empty list round-trips");
+    assert_eq!(
+        s.organisation("acme").await.unwrap().unwrap().allowed_domains,
+        ["acme.example", "api.example.org"],
+        "created with its domains, in order"
+    );
+
+    let domains: Vec<String> =
+        vec!["payments.acme.example".into(), "acme.example".into(), "xn--bcher-kva.example".into()];
+    let ev = audit(Some(&acme.id), "organisation.domains");
+    assert!(s.set_organisation_domains(&acme.id, &domains, NOW + 50, &ev).await.unwrap());
+    let want = Organisation { allowed_domains: domains.clone(), updated_at: NOW + 50, ..acme.clone() };
+    assert_eq!(s.organisation("acme").await.unwrap().as_ref(), Some(&want), "replaced, updated_at set");
+    assert_eq!(s.organisation_by_id(&acme.id).await.unwrap().as_ref(), Some(&want));
+    assert!(audited(&*s, &ev).await);
+    assert_eq!(s.organisation("bare").await.unwrap().as_ref(), Some(&bare), "other organisations untouched");
+
+    // Cleared.
+    assert!(
+        s.set_organisation_domains(&acme.id, &[], NOW + 60, &audit(Some(&acme.id), "organisation.domains"))
+            .await
+            .unwrap()
+    );
+    assert!(s.organisation("acme").await.unwrap().unwrap().allowed_domains.is_empty());
+
+    // Unknown organisation: false, no audit row.
+    let ghost_ev = audit(None, "organisation.domains");
+    assert!(!s.set_organisation_domains(&new_id(), &domains, NOW, &ghost_ev).await.unwrap());
+    assert!(!audited(&*s, &ghost_ev).await);
+
+    // Rolled back with its audit row.
+    let reused = AuditEvent { action: "organisation.domains".into(), ..ev.clone() };
+    assert_conflict(s.set_organisation_domains(&acme.id, &domains, NOW + 70, &reused).await, "audit id reused");
+    let now_stored = s.organisation("acme").await.unwrap().unwrap();
+    assert!(now_stored.allowed_domains.is_empty() && now_stored.updated_at == NOW + 60, "unchanged: {now_stored:?}");
+}
+
+async fn certificates_insert_lookup_and_conflicts(s: Arc<dyn Store>) {
+    let acme = seed_org(&*s, "acme").await;
+    let other = seed_org(&*s, "other").await;
+    seed_issuer(&*s, "ca-1").await;
+    let web = seed_app(&*s, &acme, "web").await;
+    let elsewhere = seed_app(&*s, &other, "web").await;
+    assert_eq!(s.application("acme$web").await.unwrap().unwrap().jwks_uri, web.jwks_uri, "jwks_uri round-trips");
+
+    let a = issued(&web, "ca-1", "0a01", CertificateType::Transport, NOW, NOW + 90 * DAY);
+    let ev = audit(Some(&acme.id), "certificate.issue");
+    s.insert_certificate(&a, &ev).await.unwrap();
+    assert!(audited(&*s, &ev).await, "audit row written with the certificate");
+    // Every optional field set, and revoked already: the whole record round-trips.
+    let b = IssuedCertificate {
+        revoked_at: Some(NOW + 5),
+        revocation_reason: Some(RevocationReason::CessationOfOperation),
+        renewed_from: Some(a.id.clone()),
+        expiry_notified_at: Some(NOW + 3),
+        sans: vec![],
+        ..issued(&web, "ca-1", "0a02", CertificateType::ServerTransport, NOW + 1, NOW + DAY)
+    };
+    add_cert(&*s, &b).await;
+    let c = issued(&elsewhere, "ca-1", "0a03", CertificateType::Signing, NOW + 2, NOW + DAY);
+    add_cert(&*s, &c).await;
+
+    assert_eq!(s.certificate(&acme.id, &a.id).await.unwrap().as_ref(), Some(&a));
+    assert_eq!(s.certificate(&acme.id, &b.id).await.unwrap().as_ref(), Some(&b), "every field round-trips");
+    assert_eq!(s.certificate(&other.id, &a.id).await.unwrap(), None, "by id is scoped to the organisation");
+    assert_eq!(s.certificate(&acme.id, &new_id()).await.unwrap(), None);
+    assert_eq!(s.certificate_by_fingerprint(&a.fingerprint).await.unwrap().as_ref(), Some(&a));
+    assert_eq!(s.certificate_by_fingerprint(&c.fingerprint).await.unwrap().as_ref(), Some(&c), "any organisation");
+    assert_eq!(s.certificate_by_fingerprint(&"0".repeat(64)).await.unwrap(), None);
+    assert_eq!(s.certificate_by_fingerprint(&a.fingerprint.to_uppercase()).await.unwrap(), None, "exact match");
+
+    // Duplicate serial (even in another organisation), id or fingerprint: Conflict, nothing written.
+    let before = audit_len(&*s).await;
+    let dup_serial = IssuedCertificate {
+        serial: a.serial.clone(),
+        ..issued(&elsewhere, "ca-1", "0b01", CertificateType::Transport, NOW, NOW + DAY)
+    };
+    assert_conflict(
+        s.insert_certificate(&dup_serial, &audit(Some(&other.id), "certificate.issue")).await,
+        "duplicate serial",
+    );
+    assert_eq!(s.certificate(&other.id, &dup_serial.id).await.unwrap(), None);
+    assert_eq!(s.certificate_by_fingerprint(&dup_serial.fingerprint).await.unwrap(), None);
+    let dup_id = IssuedCertificate {
+        id: a.id.clone(),
+        ..issued(&web, "ca-1", "0b02", CertificateType::Transport, NOW, NOW + DAY)
+    };
+    assert_conflict(s.insert_certificate(&dup_id, &audit(Some(&acme.id), "certificate.issue")).await, "duplicate id");
+    let dup_fp = IssuedCertificate {
+        fingerprint: a.fingerprint.clone(),
+        ..issued(&web, "ca-1", "0b03", CertificateType::Transport, NOW, NOW + DAY)
+    };
+    assert_conflict(
+        s.insert_certificate(&dup_fp, &audit(Some(&acme.id), "certificate.issue")).await,
+        "duplicate fingerprint",
+    );
+    assert_eq!(audit_len(&*s).await, before, "refused inserts wrote no audit row");
+    assert_eq!(s.certificate(&acme.id, &a.id).await.unwrap().as_ref(), Some(&a), "original untouched");
+    assert_eq!(serials(&s.certificates(&acme.id, &at(NOW), all()).await.unwrap()), ["0a02", "0a01"]);
+
+    // Rolled back with its audit row.
+    let d = issued(&web, "ca-1", "0a04", CertificateType::Signing, NOW + 3, NOW + DAY);
+    assert_conflict(
+        s.insert_certificate(&d, &AuditEvent { action: "certificate.issue".into(), ..ev.clone() }).await,
+        "audit id reused",
+    );
+    assert_eq!(s.certificate(&acme.id, &d.id).await.unwrap(), None, "no certificate without its audit row");
+    add_cert(&*s, &d).await;
+
+    // Deleting the application keeps its inventory.
+    assert!(s.delete_application("acme$web", &audit(Some(&acme.id), "application.delete")).await.unwrap());
+    assert_eq!(
+        s.certificate(&acme.id, &a.id).await.unwrap().as_ref(),
+        Some(&a),
+        "certificates outlive their application"
+    );
+    assert_eq!(s.certificate_by_fingerprint(&d.fingerprint).await.unwrap().as_ref(), Some(&d));
+    assert_eq!(s.active_signing_certificates(&web.id, NOW).await.unwrap(), vec![d.clone()]);
+}
+
+async fn certificate_filters_status_and_paging(s: Arc<dyn Store>) {
+    let acme = seed_org(&*s, "acme").await;
+    let other = seed_org(&*s, "other").await;
+    seed_issuer(&*s, "ca-1").await;
+    let web = seed_app(&*s, &acme, "web").await;
+    let batch = seed_app(&*s, &acme, "batch").await;
+    let elsewhere = seed_app(&*s, &other, "web").await;
+
+    use CertificateType::{ServerTransport, Signing, Transport};
+    let a = issued(&web, "ca-1", "01", Transport, NOW, NOW + 1000);
+    let b = issued(&web, "ca-1", "02", Signing, NOW + 1, NOW + 100);
+    let c = issued(&batch, "ca-1", "03", ServerTransport, NOW + 2, NOW - 1);
+    // Same created_at as c: the id breaks the tie.
+    let d = IssuedCertificate {
+        revoked_at: Some(NOW - 5),
+        revocation_reason: Some(RevocationReason::KeyCompromise),
+        ..issued(&batch, "ca-1", "04", Transport, NOW + 2, NOW + 5000)
+    };
+    // A renewal of b: same key.
+    let e = IssuedCertificate {
+        spki_sha256: b.spki_sha256.clone(),
+        renewed_from: Some(b.id.clone()),
+        ..issued(&web, "ca-1", "05", Signing, NOW + 3, NOW + 2000)
+    };
+    // Revoked after it expired.
+    let f = IssuedCertificate {
+        revoked_at: Some(NOW),
+        revocation_reason: Some(RevocationReason::Superseded),
+        ..issued(&web, "ca-1", "06", Signing, NOW - 10, NOW - 2)
+    };
+    let g = IssuedCertificate {
+        spki_sha256: b.spki_sha256.clone(),
+        ..issued(&elsewhere, "ca-1", "07", Signing, NOW + 4, NOW + 1000)
+    };
+    let certs = vec![a.clone(), b.clone(), c.clone(), d.clone(), e.clone(), f.clone(), g.clone()];
+    for x in &certs {
+        add_cert(&*s, x).await;
+    }
+
+    let mut cd = vec![c.clone(), d.clone()];
+    cd.sort_by(|x, y| y.id.cmp(&x.id));
+    let newest_first: Vec<IssuedCertificate> = [vec![e.clone()], cd, vec![b.clone(), a.clone(), f.clone()]].concat();
+    assert_eq!(
+        s.certificates(&acme.id, &at(NOW), all()).await.unwrap(),
+        newest_first,
+        "no criterion: all of the org's, newest first"
+    );
+    assert_eq!(s.certificates(&other.id, &at(NOW), all()).await.unwrap(), vec![g.clone()]);
+    assert!(s.certificates(&new_id(), &at(NOW), all()).await.unwrap().is_empty());
+
+    // Paging keeps the order.
+    assert_eq!(s.certificates(&acme.id, &at(NOW), page(2, 0)).await.unwrap(), newest_first[..2]);
+    assert_eq!(s.certificates(&acme.id, &at(NOW), page(2, 1)).await.unwrap(), newest_first[1..3]);
+    assert_eq!(s.certificates(&acme.id, &at(NOW), page(2, 4)).await.unwrap(), newest_first[4..]);
+    assert!(s.certificates(&acme.id, &at(NOW), page(2, 6)).await.unwrap().is_empty());
+
+    // Hand-checked criteria.
+    let q = |f: CertificateFilter| {
+        let s = s.clone();
+        let org = acme.id.clone();
+        async move { s.certificates(&org, &f, all()).await.unwrap() }
+    };
+    let status = |st: CertificateStatus, now: UnixTime| CertificateFilter { status: Some(st), ..at(now) };
+    assert_eq!(serials(&q(status(CertificateStatus::Active, NOW)).await), ["05", "02", "01"]);
+    assert_eq!(serials(&q(status(CertificateStatus::Revoked, NOW)).await), ["04", "06"], "expired ones too");
+    assert_eq!(serials(&q(status(CertificateStatus::Expired, NOW)).await), ["03"], "revoked is not expired");
+    // b expires at NOW + 100: not_after == now is expired.
+    assert_eq!(serials(&q(status(CertificateStatus::Active, NOW + 99)).await), ["05", "02", "01"]);
+    assert_eq!(serials(&q(status(CertificateStatus::Active, NOW + 100)).await), ["05", "01"]);
+    assert_eq!(serials(&q(status(CertificateStatus::Expired, NOW + 100)).await), ["03", "02"]);
+    assert_eq!(
+        serials(&q(CertificateFilter { app_id: Some(batch.id.clone()), ..at(NOW) }).await),
+        serials(&newest_first[1..3])
+    );
+    assert_eq!(
+        serials(&q(CertificateFilter { app_id: Some(elsewhere.id.clone()), ..at(NOW) }).await),
+        Vec::<&str>::new(),
+        "scoped by org"
+    );
+    assert_eq!(serials(&q(CertificateFilter { cert_type: Some(Signing), ..at(NOW) }).await), ["05", "02", "06"]);
+    assert_eq!(serials(&q(CertificateFilter { cert_type: Some(ServerTransport), ..at(NOW) }).await), ["03"]);
+    assert_eq!(serials(&q(CertificateFilter { serial: Some("04".into()), ..at(NOW) }).await), ["04"]);
+    assert!(q(CertificateFilter { serial: Some("07".into()), ..at(NOW) }).await.is_empty(), "another org's serial");
+    assert_eq!(serials(&q(CertificateFilter { fingerprint: Some(a.fingerprint.clone()), ..at(NOW) }).await), ["01"]);
+    assert_eq!(
+        serials(&q(CertificateFilter { spki_sha256: Some(b.spki_sha256.clone()), ..at(NOW) }).await),
+        ["05", "02"],
+        "renewals share the key"
+    );
+    assert_eq!(
+        serials(&q(CertificateFilter { expires_before: Some(NOW + 1000), ..at(NOW) }).await),
+        ["03", "02", "06"],
+        "strictly before"
+    );
+    assert_eq!(
+        serials(&q(CertificateFilter { expires_before: Some(NOW + 1001), ..at(NOW) }).await),
+        ["03", "02", "01", "06"]
+    );
+    assert_eq!(
+        serials(
+            &q(CertificateFilter {
+                app_id: Some(web.id.clone()),
+                cert_type: Some(Signing),
+                status: Some(CertificateStatus::Active),
+                expires_before: Some(NOW + 1500),
+                ..at(NOW)
+            })
+            .await
+        ),
+        ["02"],
+        "every criterion applies"
+    );
+
+    // And every combination of criteria against the Rust meaning of the filter.
+    let apps = [None, Some(web.id.clone()), Some(batch.id.clone())];
+    let types = [None, Some(Transport), Some(ServerTransport), Some(Signing)];
+    let statuses =
+        [None, Some(CertificateStatus::Active), Some(CertificateStatus::Revoked), Some(CertificateStatus::Expired)];
+    let befores = [None, Some(NOW + 100), Some(NOW + 2001)];
+    let spkis = [None, Some(b.spki_sha256.clone())];
+    for app in &apps {
+        for t in types {
+            for st in statuses {
+                for before in befores {
+                    for spki in &spkis {
+                        for now in [NOW, NOW + 100] {
+                            let f = CertificateFilter {
+                                app_id: app.clone(),
+                                cert_type: t,
+                                status: st,
+                                expires_before: before,
+                                spki_sha256: spki.clone(),
+                                ..at(now)
+                            };
+                            assert_eq!(
+                                s.certificates(&acme.id, &f, all()).await.unwrap(),
+                                expected(&certs, &acme.id, &f),
+                                "{f:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // The application's live signing certificates.
+    let mut live = vec![e.clone(), b.clone()];
+    live.sort_by(|x, y| (y.created_at, &y.id).cmp(&(x.created_at, &x.id)));
+    assert_eq!(s.active_signing_certificates(&web.id, NOW).await.unwrap(), live, "neither revoked (f) nor expired");
+    assert_eq!(
+        s.active_signing_certificates(&web.id, NOW + 100).await.unwrap(),
+        vec![e.clone()],
+        "b expired at not_after"
+    );
+    assert!(
+        s.active_signing_certificates(&batch.id, NOW).await.unwrap().is_empty(),
+        "transport certificates are not signing ones"
+    );
+    assert_eq!(s.active_signing_certificates(&elsewhere.id, NOW).await.unwrap(), vec![g]);
+}
+
+async fn certificate_revocation_happens_once_with_its_mail(s: Arc<dyn Store>) {
+    let acme = seed_org(&*s, "acme").await;
+    seed_issuer(&*s, "ca-1").await;
+    seed_issuer(&*s, "ca-2").await;
+    let web = seed_app(&*s, &acme, "web").await;
+    let a = issued(&web, "ca-1", "0c", CertificateType::Transport, NOW, NOW + DAY);
+    let b = issued(&web, "ca-1", "0a", CertificateType::Signing, NOW, NOW + DAY);
+    let expired = issued(&web, "ca-1", "0b", CertificateType::Transport, NOW - 100, NOW - 1);
+    let other_issuer = issued(&web, "ca-2", "01", CertificateType::Transport, NOW, NOW + DAY);
+    let live = issued(&web, "ca-1", "09", CertificateType::Transport, NOW, NOW + DAY);
+    for c in [&a, &b, &expired, &other_issuer, &live] {
+        add_cert(&*s, c).await;
+    }
+    assert!(s.revoked_certificates("ca-1").await.unwrap().is_empty());
+
+    // Rolled back with its audit row: not revoked, no mail.
+    let used = audit(Some(&acme.id), "used");
+    s.append_audit(&used).await.unwrap();
+    let r = s
+        .revoke_certificate(&a.id, RevocationReason::KeyCompromise, NOW + 1, &[mail("rollback@acme.example")], &used)
+        .await;
+    assert_conflict(r, "audit id reused");
+    assert_eq!(s.certificate(&acme.id, &a.id).await.unwrap().as_ref(), Some(&a), "still not revoked");
+    assert!(queued_to(&*s, "rollback@acme.example").await.is_empty(), "no mail without the revocation");
+
+    let mails = [mail("admin1@acme.example"), mail("admin2@acme.example")];
+    let ev = audit(Some(&acme.id), "certificate.revoke");
+    assert!(s.revoke_certificate(&a.id, RevocationReason::KeyCompromise, NOW + 10, &mails, &ev).await.unwrap());
+    let revoked_a = IssuedCertificate {
+        revoked_at: Some(NOW + 10),
+        revocation_reason: Some(RevocationReason::KeyCompromise),
+        ..a.clone()
+    };
+    assert_eq!(s.certificate(&acme.id, &a.id).await.unwrap().as_ref(), Some(&revoked_a));
+    assert!(audited(&*s, &ev).await);
+    assert_eq!(queued_to(&*s, "admin1@acme.example").await, vec![mails[0].clone()], "mail queued with the revocation");
+    assert_eq!(queued_to(&*s, "admin2@acme.example").await, vec![mails[1].clone()]);
+
+    // Again: false, nothing written (not the time, not the reason, no mail, no audit).
+    let again_ev = audit(Some(&acme.id), "certificate.revoke");
+    let again = s
+        .revoke_certificate(&a.id, RevocationReason::Superseded, NOW + 20, &[mail("admin1@acme.example")], &again_ev)
+        .await
+        .unwrap();
+    assert!(!again, "already revoked");
+    assert_eq!(s.certificate(&acme.id, &a.id).await.unwrap().as_ref(), Some(&revoked_a));
+    assert_eq!(queued_to(&*s, "admin1@acme.example").await.len(), 1, "no second mail");
+    assert!(!audited(&*s, &again_ev).await);
+    assert!(
+        !s.revoke_certificate(&new_id(), RevocationReason::Unspecified, NOW, &[], &audit(None, "x")).await.unwrap(),
+        "unknown id"
+    );
+
+    // Expired certificates can be revoked too; an empty mail list is fine.
+    assert!(
+        s.revoke_certificate(
+            &expired.id,
+            RevocationReason::AaCompromise,
+            NOW + 11,
+            &[],
+            &audit(Some(&acme.id), "certificate.revoke")
+        )
+        .await
+        .unwrap()
+    );
+    assert!(
+        s.revoke_certificate(
+            &other_issuer.id,
+            RevocationReason::CaCompromise,
+            NOW + 12,
+            &[],
+            &audit(Some(&acme.id), "certificate.revoke")
+        )
+        .await
+        .unwrap()
+    );
+
+    // Parallel revocations of one certificate: exactly one wins and queues its mail.
+    let results = futures_join_all((0..8).map(|i| {
+        let s = s.clone();
+        let id = b.id.clone();
+        let org = acme.id.clone();
+        async move {
+            s.revoke_certificate(
+                &id,
+                RevocationReason::PrivilegeWithdrawn,
+                NOW + 30 + i,
+                &[mail("race@acme.example")],
+                &audit(Some(&org), "certificate.revoke"),
+            )
+            .await
+            .unwrap()
+        }
+    }))
+    .await;
+    assert_eq!(results.iter().filter(|won| **won).count(), 1, "exactly one true: {results:?}");
+    assert_eq!(queued_to(&*s, "race@acme.example").await.len(), 1, "mail queued once");
+    let stored_b = s.certificate(&acme.id, &b.id).await.unwrap().unwrap();
+    assert_eq!(stored_b.revocation_reason, Some(RevocationReason::PrivilegeWithdrawn));
+    let won_at = stored_b.revoked_at.unwrap();
+
+    // CRL entries: the issuer's revoked certificates by serial.
+    assert_eq!(
+        s.revoked_certificates("ca-1").await.unwrap(),
+        vec![
+            RevokedEntry { serial: "0a".into(), revoked_at: won_at, reason: RevocationReason::PrivilegeWithdrawn },
+            RevokedEntry { serial: "0b".into(), revoked_at: NOW + 11, reason: RevocationReason::AaCompromise },
+            RevokedEntry { serial: "0c".into(), revoked_at: NOW + 10, reason: RevocationReason::KeyCompromise },
+        ]
+    );
+    assert_eq!(
+        s.revoked_certificates("ca-2").await.unwrap(),
+        vec![RevokedEntry { serial: "01".into(), revoked_at: NOW + 12, reason: RevocationReason::CaCompromise }]
+    );
+    assert!(s.revoked_certificates("ca-none").await.unwrap().is_empty());
+
+    // Every reason round-trips.
+    for (i, reason) in RevocationReason::ALL.into_iter().enumerate() {
+        let c = issued(&web, "ca-2", &format!("e{i}"), CertificateType::Transport, NOW, NOW + DAY);
+        add_cert(&*s, &c).await;
+        assert!(
+            s.revoke_certificate(&c.id, reason, NOW, &[], &audit(Some(&acme.id), "certificate.revoke")).await.unwrap()
+        );
+        assert_eq!(s.certificate(&acme.id, &c.id).await.unwrap().unwrap().revocation_reason, Some(reason));
+    }
+}
+
+async fn crl_numbers_increase_and_the_highest_crl_is_kept(s: Arc<dyn Store>) {
+    seed_issuer(&*s, "ca-1").await;
+    seed_issuer(&*s, "ca-2").await;
+    assert_eq!(s.next_crl_number("ca-1").await.unwrap(), 1, "numbers start at 1");
+    assert_eq!(s.next_crl_number("ca-1").await.unwrap(), 2);
+    assert_eq!(s.next_crl_number("ca-2").await.unwrap(), 1, "per issuer");
+    assert_eq!(s.next_crl_number("ca-1").await.unwrap(), 3);
+
+    // Twenty parallel takers get twenty distinct, consecutive numbers.
+    let mut taken = futures_join_all((0..20).map(|_| {
+        let s = s.clone();
+        async move { s.next_crl_number("ca-1").await.unwrap() }
+    }))
+    .await;
+    taken.sort_unstable();
+    assert_eq!(taken, (4..=23).collect::<Vec<u64>>());
+    assert_eq!(s.next_crl_number("ca-1").await.unwrap(), 24);
+    assert_eq!(s.next_crl_number("ca-2").await.unwrap(), 2);
+
+    assert!(s.crls().await.unwrap().is_empty());
+    let crl = |issuer: &str, number: u64, der: &[u8]| StoredCrl {
+        issuer_id: issuer.to_owned(),
+        number,
+        this_update: NOW + i64::try_from(number).unwrap(),
+        next_update: NOW + DAY,
+        der: der.to_vec(),
+    };
+    let five = crl("ca-1", 5, &[0x30, 0x00, 0xff, 0x05]);
+    s.save_crl(&five).await.unwrap();
+    assert_eq!(s.crls().await.unwrap(), vec![five.clone()]);
+    s.save_crl(&crl("ca-1", 3, &[0x30, 0x03])).await.unwrap();
+    assert_eq!(s.crls().await.unwrap(), vec![five.clone()], "a lower number does not replace a higher one");
+    s.save_crl(&crl("ca-1", 5, &[0x30, 0x55])).await.unwrap();
+    assert_eq!(s.crls().await.unwrap(), vec![five.clone()], "nor does the same number");
+    let seven = crl("ca-1", 7, &[0x30, 0x07, 0x00]);
+    s.save_crl(&seven).await.unwrap();
+    let other = crl("ca-2", 1, &[0x30, 0x01]);
+    s.save_crl(&other).await.unwrap();
+    assert_eq!(s.crls().await.unwrap(), vec![seven.clone(), other.clone()], "one per issuer, the highest");
+
+    // Racing saves: whatever the order, the highest number stays.
+    futures_join_all((8..20u64).rev().map(|n| {
+        let s = s.clone();
+        let c = crl("ca-1", n, &n.to_be_bytes());
+        async move { s.save_crl(&c).await.unwrap() }
+    }))
+    .await;
+    assert_eq!(s.crls().await.unwrap(), vec![crl("ca-1", 19, &19u64.to_be_bytes()), other]);
+}
+
+async fn activating_ca_certificates_replaces_only_the_same_kind(s: Arc<dyn Store>) {
+    let root1 = CaCertificate { active: true, ..ca_cert("root-1", CaKind::Root, NOW - 20) };
+    let issuing1 = ca_cert("issuing-1", CaKind::Issuing, NOW - 10);
+    s.insert_ca_certificates(&[root1.clone(), issuing1.clone()], &audit(None, "ca.insert")).await.unwrap();
+
+    // A new issuing CA (given inactive: activation makes it active).
+    let issuing2 = CaCertificate { active: false, ..ca_cert("issuing-2", CaKind::Issuing, NOW) };
+    let ev = audit(None, "ca.rotate");
+    s.activate_ca_certificates(std::slice::from_ref(&issuing2), &ev).await.unwrap();
+    let inactive = |c: &CaCertificate| CaCertificate { active: false, ..c.clone() };
+    let active = |c: &CaCertificate| CaCertificate { active: true, ..c.clone() };
+    assert_eq!(
+        s.ca_certificates().await.unwrap(),
+        vec![root1.clone(), inactive(&issuing1), active(&issuing2)],
+        "the old issuing CA stays, inactive; the root is untouched"
+    );
+    assert!(audited(&*s, &ev).await);
+
+    // Rolled back: a duplicate id in the batch leaves everything as it was.
+    let issuing3 = ca_cert("issuing-3", CaKind::Issuing, NOW + 1);
+    let dup = CaCertificate { subject: "CN=impostor".into(), ..root1.clone() };
+    assert_conflict(
+        s.activate_ca_certificates(&[issuing3.clone(), dup], &audit(None, "ca.import")).await,
+        "duplicate CA id",
+    );
+    assert_eq!(s.ca_certificates().await.unwrap(), vec![root1.clone(), inactive(&issuing1), active(&issuing2)]);
+    let reused = AuditEvent { action: "ca.import".into(), ..ev.clone() };
+    assert_conflict(s.activate_ca_certificates(std::slice::from_ref(&issuing3), &reused).await, "audit id reused");
+    assert_eq!(s.ca_certificates().await.unwrap(), vec![root1.clone(), inactive(&issuing1), active(&issuing2)]);
+
+    // An import of both kinds replaces both.
+    let root2 = ca_cert("root-2", CaKind::Root, NOW + 2);
+    s.activate_ca_certificates(&[root2.clone(), issuing3.clone()], &audit(None, "ca.import")).await.unwrap();
+    assert_eq!(
+        s.ca_certificates().await.unwrap(),
+        vec![inactive(&root1), inactive(&issuing1), inactive(&issuing2), active(&issuing3), active(&root2)],
+        "ordered by created_at"
+    );
+    // Certificates of an inactive issuer are still stored and listed on its CRL.
+    let acme = seed_org(&*s, "acme").await;
+    let web = seed_app(&*s, &acme, "web").await;
+    let c = issued(&web, "issuing-1", "aa", CertificateType::Transport, NOW, NOW + DAY);
+    add_cert(&*s, &c).await;
+    assert!(
+        s.revoke_certificate(
+            &c.id,
+            RevocationReason::Superseded,
+            NOW,
+            &[],
+            &audit(Some(&acme.id), "certificate.revoke")
+        )
+        .await
+        .unwrap()
+    );
+    assert_eq!(s.revoked_certificates("issuing-1").await.unwrap().len(), 1);
+}
+
+async fn expiring_certificates_are_warned_about_once(s: Arc<dyn Store>) {
+    let acme = seed_org(&*s, "acme").await;
+    let other = seed_org(&*s, "other").await;
+    seed_issuer(&*s, "ca-1").await;
+    let web = seed_app(&*s, &acme, "web").await;
+    let far = seed_app(&*s, &other, "far").await;
+    let before = NOW + 30 * DAY;
+    let soon = issued(&web, "ca-1", "01", CertificateType::Transport, NOW - DAY, NOW + 10 * DAY);
+    let sooner = issued(&far, "ca-1", "02", CertificateType::Signing, NOW - DAY, NOW + DAY);
+    let later = issued(&web, "ca-1", "03", CertificateType::Transport, NOW - DAY, NOW + 60 * DAY);
+    let at_cutoff = issued(&web, "ca-1", "04", CertificateType::Transport, NOW - DAY, before);
+    let expired = issued(&web, "ca-1", "05", CertificateType::Transport, NOW - DAY, NOW);
+    let revoked = IssuedCertificate {
+        revoked_at: Some(NOW - 1),
+        revocation_reason: Some(RevocationReason::Unspecified),
+        ..issued(&web, "ca-1", "06", CertificateType::Transport, NOW - DAY, NOW + 2 * DAY)
+    };
+    let warned = IssuedCertificate {
+        expiry_notified_at: Some(NOW - 5),
+        ..issued(&web, "ca-1", "07", CertificateType::Transport, NOW - DAY, NOW + 3 * DAY)
+    };
+    for c in [&soon, &sooner, &later, &at_cutoff, &expired, &revoked, &warned] {
+        add_cert(&*s, c).await;
+    }
+
+    assert_eq!(
+        s.certificates_expiring(NOW, before, 10).await.unwrap(),
+        vec![sooner.clone(), soon.clone()],
+        "active, not yet warned, not_after in (now, before), soonest first, every organisation"
+    );
+    assert_eq!(s.certificates_expiring(NOW, before, 1).await.unwrap(), vec![sooner.clone()], "at most max");
+    assert_eq!(
+        s.certificates_expiring(NOW, before + 1, 10).await.unwrap(),
+        vec![sooner.clone(), soon.clone(), at_cutoff.clone()]
+    );
+    assert_eq!(
+        s.certificates_expiring(NOW - 1, before, 10).await.unwrap(),
+        vec![expired.clone(), sooner.clone(), soon.clone()],
+        "not_after == now counts as expired"
+    );
+
+    let mails = [mail("admin@acme.example")];
+    s.mark_expiry_notified(&soon.id, NOW + 1, &mails).await.unwrap();
+    let stored = s.certificate(&acme.id, &soon.id).await.unwrap().unwrap();
+    assert_eq!(
+        stored,
+        IssuedCertificate { expiry_notified_at: Some(NOW + 1), ..soon.clone() },
+        "only the warning time changed"
+    );
+    assert_eq!(queued_to(&*s, "admin@acme.example").await, mails.to_vec(), "mail queued with the mark");
+    assert_eq!(s.certificates_expiring(NOW, before, 10).await.unwrap(), vec![sooner.clone()]);
+
+    // A second node marking the same certificate changes nothing and sends nothing.
+    s.mark_expiry_notified(&soon.id, NOW + 2, &[mail("admin@acme.example")]).await.unwrap();
+    assert_eq!(s.certificate(&acme.id, &soon.id).await.unwrap().unwrap().expiry_notified_at, Some(NOW + 1));
+    assert_eq!(queued_to(&*s, "admin@acme.example").await.len(), 1);
+    s.mark_expiry_notified(&new_id(), NOW, &[mail("ghost@acme.example")]).await.unwrap();
+    assert!(queued_to(&*s, "ghost@acme.example").await.is_empty(), "unknown id: nothing queued");
+
+    // Revoked after being listed: no longer expiring.
+    assert!(
+        s.revoke_certificate(
+            &sooner.id,
+            RevocationReason::Superseded,
+            NOW,
+            &[],
+            &audit(Some(&other.id), "certificate.revoke")
+        )
+        .await
+        .unwrap()
+    );
+    assert!(s.certificates_expiring(NOW, before, 10).await.unwrap().is_empty());
+}
+
+async fn assertion_jtis_are_accepted_once_per_client(s: Arc<dyn Store>) {
+    assert!(s.record_assertion_jti("acme$web", "jti-1", NOW + 60).await.unwrap(), "first use");
+    assert!(!s.record_assertion_jti("acme$web", "jti-1", NOW + 60).await.unwrap(), "replay");
+    assert!(!s.record_assertion_jti("acme$web", "jti-1", NOW + 600).await.unwrap(), "replay with another expiry");
+    assert!(s.record_assertion_jti("acme$api", "jti-1", NOW + 60).await.unwrap(), "same jti, other client");
+    assert!(s.record_assertion_jti("acme$web", "JTI-1", NOW + 60).await.unwrap(), "jti match is exact");
+    assert!(s.record_assertion_jti("acme$web", "jti-2", NOW - 10).await.unwrap());
+
+    // Parallel replays: exactly one is first.
+    let results = futures_join_all((0..10).map(|_| {
+        let s = s.clone();
+        async move { s.record_assertion_jti("acme$web", "jti-race", NOW + 60).await.unwrap() }
+    }))
+    .await;
+    assert_eq!(results.iter().filter(|first| **first).count(), 1, "{results:?}");
+
+    assert_eq!(s.purge_assertion_jtis(NOW).await.unwrap(), 1, "only jti-2 has expired");
+    assert!(!s.record_assertion_jti("acme$web", "jti-1", NOW + 60).await.unwrap(), "kept until it expires");
+    assert_eq!(s.purge_assertion_jtis(NOW + 60).await.unwrap(), 0, "expires_at == now is kept");
+    assert_eq!(s.purge_assertion_jtis(NOW + 61).await.unwrap(), 4);
+    assert!(s.record_assertion_jti("acme$web", "jti-1", NOW + 120).await.unwrap(), "purged: recorded afresh");
+}
+
+async fn users_with_role_match_whole_roles_of_enabled_users(s: Arc<dyn Store>) {
+    let acme = seed_org(&*s, "acme").await;
+    let other = seed_org(&*s, "other").await;
+    let with_roles = |org: &str, email: &str, roles: &[&str], enabled: bool| User {
+        roles: roles.iter().map(|r| role(r)).collect(),
+        enabled,
+        ..user(org, email)
+    };
+    let carol = with_roles(&acme.id, "carol@example.com", &["billing:viewer", "portcullis:admin"], true);
+    let ann = with_roles(&acme.id, "ann@example.com", &["portcullis:admin"], true);
+    let bob = with_roles(&acme.id, "bob@example.com", &["portcullis:admin"], false);
+    let dan = with_roles(&acme.id, "dan@example.com", &["portcullis:admin-x", "portcullis:adminx"], true);
+    let eve = with_roles(&acme.id, "eve@example.com", &["xportcullis:admin", "portcullis:viewer"], true);
+    let fay = with_roles(&acme.id, "fay@example.com", &[], true);
+    let oli = with_roles(&other.id, "oli@example.com", &["portcullis:admin"], true);
+    for u in [&carol, &ann, &bob, &dan, &eve, &fay, &oli] {
+        s.create_user(u, &audit(Some(&u.org_id), "user.create")).await.unwrap();
+    }
+
+    assert_eq!(
+        s.users_with_role(&acme.id, "portcullis:admin", 10).await.unwrap(),
+        vec![ann.clone(), carol.clone()],
+        "enabled holders of exactly that role, in this organisation, by email"
+    );
+    assert_eq!(s.users_with_role(&acme.id, "portcullis:admin", 1).await.unwrap(), vec![ann.clone()], "at most max");
+    assert_eq!(s.users_with_role(&other.id, "portcullis:admin", 10).await.unwrap(), vec![oli]);
+    assert_eq!(s.users_with_role(&acme.id, "billing:viewer", 10).await.unwrap(), vec![carol.clone()]);
+    assert_eq!(s.users_with_role(&acme.id, "portcullis:admin-x", 10).await.unwrap(), vec![dan.clone()]);
+    for near in [
+        "portcullis:admi",
+        "ortcullis:admin",
+        "portcullis",
+        "admin",
+        "portcullis:_dmin",
+        "portcullis:%",
+        "%",
+        "_",
+        "",
+        "PORTCULLIS:ADMIN",
+        "\"portcullis:admin\"",
+    ] {
+        assert!(s.users_with_role(&acme.id, near, 10).await.unwrap().is_empty(), "{near:?} matches no whole role");
+    }
+    assert!(s.users_with_role(&new_id(), "portcullis:admin", 10).await.unwrap().is_empty());
+}
+
+// ----------------------------------------------------------------------- PKI: migration --
+
+const V2_SQLITE: [(i64, &str, &str); 2] = [
+    (1, "0001_initial", include_str!("../migrations/sqlite/0001_initial.sql")),
+    (2, "0002_auth_api", include_str!("../migrations/sqlite/0002_auth_api.sql")),
+];
+const V2_PG: [(i64, &str, &str); 2] = [
+    (1, "0001_initial", include_str!("../migrations/postgres/0001_initial.sql")),
+    (2, "0002_auth_api", include_str!("../migrations/postgres/0002_auth_api.sql")),
+];
+
+/// Schema v2 recorded as the store's runner records it, plus an organisation, an application
+/// and a user written the way v2 wrote them.
+fn schema_v2_with_rows(migrations: &[(i64, &str, &str)]) -> String {
+    let mut sql = String::from(
+        "CREATE TABLE IF NOT EXISTS portcullis_migrations (\n    version BIGINT PRIMARY KEY, name TEXT NOT NULL, checksum TEXT NOT NULL, applied_at BIGINT NOT NULL);\n",
+    );
+    for (version, name, text) in migrations {
+        sql.push_str(text);
+        sql.push_str(&format!(
+            "\nINSERT INTO portcullis_migrations (version, name, checksum, applied_at) VALUES ({version}, '{name}', '{}', 1);\n",
+            portcullis_store::checksum(text)
+        ));
+    }
+    sql.push_str(
+        "INSERT INTO organisations (id, slug, name, created_at, updated_at) VALUES ('org-1', 'acme', 'Acme', 1, 2);
+         INSERT INTO applications (id, org_id, slug, client_id, name, grant_types, scopes, roles, auth_method, redirect_uris,
+             access_token_lifetime, signing_alg, enabled, created_at, updated_at)
+         VALUES ('app-1', 'org-1', 'web', 'acme$web', 'Web', '[\"client_credentials\"]', '[]', '[]', 'private_key_jwt', '[]',
+             900, 'ES256', TRUE, 1, 2);
+         INSERT INTO users (id, org_id, email, name, password_hash, roles, enabled, created_at, updated_at)
+         VALUES ('user-1', 'org-1', 'ann@example.com', NULL, NULL, '[\"portcullis:admin\"]', TRUE, 1, 2);",
+    );
+    sql
+}
+
+async fn v2_rows_survive_the_pki_migration(s: Arc<dyn Store>) {
+    let acme = s.organisation("acme").await.unwrap().expect("the v2 organisation");
+    assert!(acme.allowed_domains.is_empty(), "existing organisations allow no domains yet");
+    let app = s.application("acme$web").await.unwrap().expect("the v2 application");
+    assert_eq!((app.jwks_uri, app.auth_method), (None, AuthMethod::PrivateKeyJwt));
+    assert_eq!(s.users_with_role("org-1", "portcullis:admin", 10).await.unwrap().len(), 1);
+
+    // The new tables work alongside the old rows.
+    let domains = vec!["acme.example".to_owned()];
+    assert!(
+        s.set_organisation_domains("org-1", &domains, NOW, &audit(Some("org-1"), "organisation.domains"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.organisation("acme").await.unwrap().unwrap().allowed_domains, domains);
+    seed_issuer(&*s, "ca-1").await;
+    let app = s.application("acme$web").await.unwrap().unwrap();
+    add_cert(&*s, &issued(&app, "ca-1", "01", CertificateType::Signing, NOW, NOW + DAY)).await;
+    assert_eq!(s.active_signing_certificates("app-1", NOW).await.unwrap().len(), 1);
+    assert_eq!(s.next_crl_number("ca-1").await.unwrap(), 1);
+    assert!(s.record_assertion_jti("acme$web", "j", NOW).await.unwrap());
 }

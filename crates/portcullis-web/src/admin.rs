@@ -81,8 +81,10 @@ impl PageQuery {
     }
 }
 
-fn org_json(o: &Organisation) -> serde_json::Value {
-    serde_json::json!({ "id": o.id, "slug": o.slug, "name": o.name, "created_at": o.created_at })
+pub(crate) fn org_json(o: &Organisation) -> serde_json::Value {
+    serde_json::json!({
+        "id": o.id, "slug": o.slug, "name": o.name, "allowed_domains": o.allowed_domains, "created_at": o.created_at,
+    })
 }
 
 fn service_json(s: &Service) -> serde_json::Value {

@@ -8,6 +8,8 @@ pub mod auth;
 pub mod body;
 pub mod error;
 pub mod oauth;
+pub mod pki;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -60,7 +62,21 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/password-reset", post(au::request_password_reset))
         .route("/api/v1/password-reset/confirm", post(au::confirm_password_reset))
         .route("/api/v1/organisations", post(a::create_organisation).get(a::organisations))
-        .route(org, get(a::organisation))
+        .route(org, get(a::organisation).patch(pki::update_organisation))
+        .route("/api/v1/pki/certificate-types", get(pki::certificate_types))
+        .route(&format!("{org}/applications/{{app}}/csr-template"), get(pki::csr_template))
+        .route(&format!("{org}/certificates"), post(pki::issue).get(pki::list))
+        .route(&format!("{org}/certificates/{{id}}"), get(pki::get_one))
+        .route(&format!("{org}/certificates/{{id}}/pem"), get(pki::pem))
+        .route(&format!("{org}/certificates/{{id}}/chain"), get(pki::chain))
+        .route(&format!("{org}/certificates/{{id}}/revoke"), post(pki::revoke))
+        .route(&format!("{org}/certificates/{{id}}/renew"), post(pki::renew))
+        .route("/pki/ca.pem", get(pki::ca_pem))
+        .route("/pki/crl", get(pki::crl))
+        .route("/pki/crl.pem", get(pki::crl_pem))
+        .route("/pki/crl/{issuer}", get(pki::crl_of))
+        .route("/pki/renew", post(pki::renew_over_mtls))
+        .route("/applications/{client_id}/jwks.json", get(pki::application_jwks))
         .route(&format!("{org}/services"), post(a::create_service).get(a::services))
         .route(&format!("{org}/services/{{svc}}"), get(a::service).delete(a::delete_service))
         .route(&format!("{org}/roles"), get(a::roles))

@@ -10,12 +10,16 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use portcullis_core::OAuthError;
-use portcullis_core::usecases::{ClientAuth, RequestContext, TokenParams};
+use portcullis_core::usecases::{ClientAuth, JWT_BEARER_ASSERTION, RequestContext, TokenParams};
+
+use crate::tls::PeerCertificate;
 use secrecy::SecretString;
 
 use crate::AppState;
 use crate::body::{Form, oauth_form};
 use crate::error::OAuthApiError;
+
+const AUTH_METHODS: [&str; 4] = ["client_secret_basic", "client_secret_post", "private_key_jwt", "tls_client_auth"];
 
 pub async fn discovery(State(s): State<AppState>) -> Response {
     let iss = s.core.issuer();
@@ -28,9 +32,11 @@ pub async fn discovery(State(s): State<AppState>) -> Response {
         "revocation_endpoint": format!("{iss}/oauth2/revoke"),
         "grant_types_supported": ["client_credentials"],
         "response_types_supported": [],
-        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
-        "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
-        "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "token_endpoint_auth_methods_supported": AUTH_METHODS,
+        "token_endpoint_auth_signing_alg_values_supported": portcullis_core::crypto::jwk::ASSERTION_ALGORITHMS,
+        "introspection_endpoint_auth_methods_supported": AUTH_METHODS,
+        "revocation_endpoint_auth_methods_supported": AUTH_METHODS,
+        "tls_client_certificate_bound_access_tokens": true,
         "access_token_signing_alg_values_supported": algs,
         "scopes_supported": portcullis_core::ids::STANDARD_SCOPES,
     });
@@ -66,8 +72,14 @@ fn basic_part(s: &str) -> String {
     form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned()).unwrap_or_default()
 }
 
-/// Works out how the client authenticated, refusing ambiguity (RFC 6749 §2.3).
-fn client_auth(headers: &HeaderMap, form: &mut Form) -> Result<ClientAuth, OAuthApiError> {
+/// Works out how the client authenticated, refusing ambiguity (RFC 6749 §2.3): HTTP Basic,
+/// `client_secret` in the form, a `client_assertion` (RFC 7523), or — when none of those is
+/// present — the TLS client certificate with the form's `client_id` (RFC 8705).
+fn client_auth(
+    headers: &HeaderMap,
+    form: &mut Form,
+    peer: Option<&PeerCertificate>,
+) -> Result<ClientAuth, OAuthApiError> {
     let basic = match headers.get(header::AUTHORIZATION) {
         None => None,
         Some(v) => {
@@ -89,6 +101,28 @@ fn client_auth(headers: &HeaderMap, form: &mut Form) -> Result<ClientAuth, OAuth
     };
     let form_id = form.take("client_id");
     let form_secret = form.take("client_secret");
+    let assertion_type = form.take("client_assertion_type");
+    let assertion = form.take("client_assertion");
+    if assertion.is_some() || assertion_type.is_some() {
+        if basic.is_some() || form_secret.is_some() {
+            return Err(OAuthError::invalid_request("use exactly one client authentication method").into());
+        }
+        if assertion_type.as_deref() != Some(JWT_BEARER_ASSERTION) {
+            return Err(
+                OAuthError::invalid_request(format!("client_assertion_type must be {JWT_BEARER_ASSERTION}")).into()
+            );
+        }
+        let Some(assertion) = assertion else {
+            return Err(OAuthError::invalid_request("client_assertion is required with client_assertion_type").into());
+        };
+        return Ok(ClientAuth::assertion(form_id, assertion)?);
+    }
+    if basic.is_none()
+        && form_secret.is_none()
+        && let (Some(id), Some(cert)) = (&form_id, peer)
+    {
+        return Ok(ClientAuth::Certificate { client_id: id.clone(), certificate: cert.0.to_vec() });
+    }
     match (basic, form_secret) {
         (Some(_), Some(_)) => Err(OAuthError::invalid_request("use exactly one client authentication method").into()),
         (Some((id, secret)), None) => {
@@ -112,7 +146,7 @@ fn client_auth(headers: &HeaderMap, form: &mut Form) -> Result<ClientAuth, OAuth
 fn with_challenge(auth: &ClientAuth, e: OAuthError) -> OAuthApiError {
     match auth {
         ClientAuth::Basic { .. } => OAuthApiError::with_basic_challenge(e),
-        ClientAuth::Post { .. } => e.into(),
+        ClientAuth::Post { .. } | ClientAuth::Assertion { .. } | ClientAuth::Certificate { .. } => e.into(),
     }
 }
 
@@ -126,15 +160,17 @@ fn no_store(mut r: Response) -> Response {
 pub async fn token(
     State(s): State<AppState>,
     ctx: axum::Extension<RequestContext>,
+    peer: Option<axum::Extension<PeerCertificate>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, OAuthApiError> {
     let mut form = oauth_form(&headers, body).await?;
-    let auth = client_auth(&headers, &mut form)?;
+    let auth = client_auth(&headers, &mut form, peer.as_ref().map(|p| &p.0))?;
     let params = TokenParams {
         grant_type: form.take("grant_type").unwrap_or_default(),
         scope: form.take("scope"),
         resource: form.take("resource"),
+        client_certificate: peer.as_ref().map(|p| p.0.0.to_vec()),
     };
     let resp = s.core.token(&auth, &params, &ctx).await.map_err(|e| with_challenge(&auth, e))?;
     metrics::counter!("portcullis_tokens_issued_total", "grant" => "client_credentials").increment(1);
@@ -146,11 +182,12 @@ pub async fn token(
 async fn authenticated_token_request(
     s: &AppState,
     ctx: &RequestContext,
+    peer: Option<&PeerCertificate>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(std::sync::Arc<portcullis_core::usecases::ClientEntry>, String), OAuthApiError> {
     let mut form = oauth_form(headers, body).await?;
-    let auth = client_auth(headers, &mut form)?;
+    let auth = client_auth(headers, &mut form, peer)?;
     let caller = s.core.authenticate_client(&auth, ctx).await.map_err(|e| with_challenge(&auth, e))?;
     // `token_type_hint` is only a hint (RFC 7009 §2.1): every token type is searched anyway.
     let token = form.take("token").ok_or_else(|| OAuthError::invalid_request("token is required"))?;
@@ -160,10 +197,11 @@ async fn authenticated_token_request(
 pub async fn introspect(
     State(s): State<AppState>,
     ctx: axum::Extension<RequestContext>,
+    peer: Option<axum::Extension<PeerCertificate>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, OAuthApiError> {
-    let (caller, token) = authenticated_token_request(&s, &ctx, &headers, body).await?;
+    let (caller, token) = authenticated_token_request(&s, &ctx, peer.as_ref().map(|p| &p.0), &headers, body).await?;
     let result = s.core.introspect(&caller, &token).await?;
     Ok(no_store(Json(result).into_response()))
 }
@@ -171,10 +209,11 @@ pub async fn introspect(
 pub async fn revoke(
     State(s): State<AppState>,
     ctx: axum::Extension<RequestContext>,
+    peer: Option<axum::Extension<PeerCertificate>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, OAuthApiError> {
-    let (caller, token) = authenticated_token_request(&s, &ctx, &headers, body).await?;
+    let (caller, token) = authenticated_token_request(&s, &ctx, peer.as_ref().map(|p| &p.0), &headers, body).await?;
     s.core.revoke(&caller, &token, &ctx).await?;
     Ok(no_store(StatusCode::OK.into_response()))
 }

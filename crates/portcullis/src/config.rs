@@ -11,12 +11,22 @@ use anyhow::{Context, bail};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use portcullis_core::crypto::signing::Algorithm;
-use portcullis_core::settings::AuthSettings;
+use portcullis_core::settings::{AuthSettings, CaSettings};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
-/// Environment variables read directly (not config keys).
-const DIRECT_ENV: [&str; 5] = ["master_key", "admin_password", "admin_client_secret", "smtp_password", "config"];
+/// Environment variables read directly (not config keys); the last four are `portcullis cert`'s.
+const DIRECT_ENV: [&str; 9] = [
+    "master_key",
+    "admin_password",
+    "admin_client_secret",
+    "smtp_password",
+    "config",
+    "url",
+    "token",
+    "api_key",
+    "api_secret",
+];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,6 +43,10 @@ pub struct Config {
     pub tokens: TokenConfig,
     pub clients: ClientConfig,
     pub auth: AuthSettings,
+    pub ca: CaSettings,
+    /// The optional TLS listener (mTLS, `tls_client_auth`, renewal over mTLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
     /// Real mail delivery; without it mail goes to `data_dir/outbox/`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub smtp: Option<crate::mail::SmtpConfig>,
@@ -56,6 +70,32 @@ fn validate_auth(a: &AuthSettings) -> anyhow::Result<()> {
     within("password_queue_wait_ms", i64::try_from(a.password_queue_wait_ms).unwrap_or(i64::MAX), 0, 60_000)?;
     within("api_key_max_lifetime", a.api_key_max_lifetime, 3600, 10 * 365 * 86_400)?;
     Ok(())
+}
+
+/// `[tls]`: a second listener speaking HTTPS with optional client certificates.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// `ADDR:PORT`; port 0 picks a free one (logged as `listening on https://…`).
+    pub listen: String,
+    /// `off`, `optional` (default) or `required`.
+    #[serde(default = "default_client_certificates")]
+    pub client_certificates: String,
+    /// PEM server certificate chain and PKCS#8 key; without them a server certificate is
+    /// issued by our own CA at start for `server_names`.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    #[serde(default = "default_server_names")]
+    pub server_names: Vec<String>,
+}
+
+fn default_client_certificates() -> String {
+    "optional".into()
+}
+fn default_server_names() -> Vec<String> {
+    vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -112,6 +152,8 @@ impl Default for Config {
             },
             clients: ClientConfig { secret_rotation_grace: 86_400, cache_ttl: 30, auth_failures_per_minute: 30 },
             auth: AuthSettings::default(),
+            ca: CaSettings::default(),
+            tls: None,
             smtp: None,
             bootstrap: BootstrapConfig { admin_email: "admin@portcullis.local".into() },
         }
@@ -211,6 +253,19 @@ fn validate(mut raw: Config) -> anyhow::Result<Settings> {
         bail!("clients: secret_rotation_grace must be 0 to 2592000 and cache_ttl 0 to 3600 seconds");
     }
     validate_auth(&raw.auth)?;
+    raw.ca.validate().map_err(|e| anyhow::anyhow!(e))?;
+    if let Some(tls) = &raw.tls {
+        tls.listen.parse::<SocketAddr>().with_context(|| format!("tls.listen {:?}: expected ADDR:PORT", tls.listen))?;
+        if !["off", "optional", "required"].contains(&tls.client_certificates.as_str()) {
+            bail!("tls.client_certificates {:?}: expected off, optional or required", tls.client_certificates);
+        }
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            bail!("tls: cert_file and key_file go together");
+        }
+        if tls.cert_file.is_none() && tls.server_names.is_empty() {
+            bail!("tls.server_names must name at least one host when no cert_file is given");
+        }
+    }
     if let Some(smtp) = &raw.smtp {
         smtp.validate().context("smtp")?;
     }

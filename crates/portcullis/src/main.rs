@@ -3,6 +3,7 @@
 //! router. The only place that reads the environment, the config file or the wall clock
 //! through the system adapter.
 
+mod cert_cli;
 mod config;
 mod mail;
 
@@ -69,9 +70,39 @@ enum Command {
     /// Token signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// The certificate authority (run directly against the database).
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Administrative tasks run directly against the database.
     #[command(subcommand)]
     Admin(Box<AdminCommand>),
+    /// Certificates from a running server over HTTP (`--url`, PORTCULLIS_TOKEN or
+    /// PORTCULLIS_API_KEY + PORTCULLIS_API_SECRET): request (the key is made here and never
+    /// leaves this machine), list, revoke, renew.
+    Cert(cert_cli::CertCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Print the CA hierarchy (JSON): root, issuing CAs, which one issues, CRL numbers.
+    Show,
+    /// Create a new issuing CA under the root; the old one stops issuing, and what it issued
+    /// stays valid until it expires (running servers pick it up at their next CA reload, or
+    /// restart them).
+    Rotate,
+    /// Import an existing CA: a self-signed root (a new issuing CA is created under it) or an
+    /// issuing CA with `--chain` naming its issuer's certificate.
+    Import {
+        /// PEM certificate of the CA.
+        #[arg(long)]
+        cert: PathBuf,
+        /// PEM PKCS#8 private key of the CA (`openssl pkcs8 -topk8 -nocrypt`).
+        #[arg(long)]
+        key: PathBuf,
+        /// PEM certificate of the CA's issuer (for an issuing CA).
+        #[arg(long)]
+        chain: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -173,6 +204,10 @@ struct AppArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // `cert` is an HTTP client of a running server: no server configuration, no database.
+    if let Command::Cert(c) = cli.command {
+        return cert_cli::main(c);
+    }
     let flags = FlagOverrides {
         listen: cli.listen.clone(),
         issuer: cli.issuer.clone(),
@@ -366,8 +401,13 @@ async fn wire(s: &Settings, issuer: String, lock: bool) -> anyhow::Result<Wired>
     core.auth_failures_per_minute = s.raw.clients.auth_failures_per_minute.max(1);
     core.bootstrap_admin_email = s.raw.bootstrap.admin_email.clone();
     core.auth = s.raw.auth.clone();
+    core.ca = s.raw.ca.clone();
     let mailer = mail::build(s.raw.smtp.as_ref(), secret_env("SMTP_PASSWORD")?, &s.data_dir.join("outbox"))?;
-    let core = Arc::new(Portcullis::new(store, clock, vault, core).with_mailer(mailer));
+    let core = Arc::new(
+        Portcullis::new(store, clock, vault, core)
+            .with_mailer(mailer)
+            .with_jwks_fetcher(Arc::new(HttpJwksFetcher::new()?)),
+    );
     let report = core
         .bootstrap(BootstrapSecrets {
             admin_password: secret_env("ADMIN_PASSWORD")?,
@@ -380,6 +420,39 @@ async fn wire(s: &Settings, issuer: String, lock: bool) -> anyhow::Result<Wired>
     }
     print_generated(&report);
     Ok(Wired { core, _lock: lock })
+}
+
+/// Fetches clients' registered `jwks_uri`s: 5 s timeout, 64 KiB at most, no redirects.
+struct HttpJwksFetcher(reqwest::Client);
+
+impl HttpJwksFetcher {
+    fn new() -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .context("building the JWKS HTTP client")?;
+        Ok(Self(client))
+    }
+}
+
+#[async_trait::async_trait]
+impl portcullis_core::usecases::JwksFetcher for HttpJwksFetcher {
+    async fn fetch(&self, url: &str) -> Result<serde_json::Value, String> {
+        const MAX: usize = 64 * 1024;
+        let mut resp = self.0.get(url).send().await.map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("HTTP {}", resp.status()));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+            body.extend_from_slice(&chunk);
+            if body.len() > MAX {
+                return Err("JWKS larger than 64 KiB".into());
+            }
+        }
+        serde_json::from_slice(&body).map_err(|e| format!("not JSON: {e}"))
+    }
 }
 
 /// The one place generated bootstrap secrets are shown: standard output, once, never the log.
@@ -433,10 +506,33 @@ async fn run(cmd: Command, s: Settings) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Ca(c) => {
+            let w = wire(&s, default_issuer(&s, s.listen), false).await?;
+            match c {
+                CaCommand::Show => {}
+                CaCommand::Rotate => {
+                    let new = w.core.rotate_issuing_ca("cli").await?;
+                    eprintln!("new issuing CA {} ({})", new.id, new.subject);
+                }
+                CaCommand::Import { cert, key, chain } => {
+                    let read =
+                        |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+                    let key_pem = zeroize::Zeroizing::new(read(&key)?);
+                    let chain = chain.as_ref().map(read).transpose()?;
+                    let imported = w.core.import_ca("cli", &read(&cert)?, &key_pem, chain.as_deref()).await?;
+                    for c in imported {
+                        eprintln!("imported {} CA {} ({})", c.kind.as_str(), c.id, c.subject);
+                    }
+                }
+            }
+            println!("{}", serde_json::to_string_pretty(&w.core.ca_summary())?);
+            Ok(())
+        }
         Command::Admin(a) => {
             let w = wire(&s, default_issuer(&s, s.listen), false).await?;
             admin(&w.core, *a).await
         }
+        Command::Cert(c) => cert_cli::run(c).await,
     }
 }
 
@@ -484,6 +580,7 @@ async fn admin(core: &Portcullis, cmd: AdminCommand) -> anyhow::Result<()> {
                 access_token_lifetime: a.lifetime,
                 access_token_signing_alg: a.alg,
                 enabled: None,
+                jwks_uri: None,
             };
             let c = core.create_application(&who, &ctx, &a.org, req).await?;
             let mut v = serde_json::to_value(ApplicationView::new(&c.app, &a.org))?;
@@ -514,6 +611,20 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
     spawn_maintenance(w.core.clone(), metrics.clone(), Duration::from_secs(s.raw.tokens.key_check_interval));
     spawn_mail_delivery(w.core.clone());
     let app = portcullis_web::router(portcullis_web::AppState { core: w.core.clone(), metrics: Some(metrics) });
+    // One shutdown signal for both listeners.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let tls_task = match &s.raw.tls {
+        Some(tls) => Some(start_tls_listener(tls, w.core.clone(), app.clone(), stopped(stop_rx.clone())).await?),
+        None => None,
+    };
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let shutdown = stopped(stop_rx);
     tracing::info!(issuer = %w.core.issuer(), "listening on http://{bound}");
     // Responses are written whole; never hold them back for Nagle.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
@@ -523,8 +634,46 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown)
         .await
         .context("serving")?;
+    if let Some(t) = tls_task {
+        let _ = t.await;
+    }
     tracing::info!("shut down cleanly");
     Ok(())
+}
+
+/// Binds the `[tls]` listener and serves `app` on it until `stop`.
+async fn start_tls_listener(
+    tls: &config::TlsConfig,
+    core: Arc<Portcullis>,
+    app: axum::Router,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use portcullis_web::tls::ClientCertMode;
+    let mode = match tls.client_certificates.as_str() {
+        "off" => ClientCertMode::Off,
+        "required" => ClientCertMode::Required,
+        _ => ClientCertMode::Optional,
+    };
+    let (chain, key) = match (&tls.cert_file, &tls.key_file) {
+        (Some(c), Some(k)) => {
+            let chain = portcullis_core::pki::pem_certificates(
+                &std::fs::read_to_string(c).with_context(|| format!("reading tls.cert_file {}", c.display()))?,
+            )?;
+            let key = portcullis_core::pki::pem_decode(
+                &std::fs::read_to_string(k).with_context(|| format!("reading tls.key_file {}", k.display()))?,
+                &["PRIVATE KEY"],
+                "tls.key_file (PKCS#8)",
+            )?;
+            (chain, key)
+        }
+        _ => core.issue_listener_certificate(&tls.server_names, 90)?,
+    };
+    let config = portcullis_web::tls::server_config(core, chain, key, mode).context("TLS configuration")?;
+    let addr: SocketAddr = tls.listen.parse()?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding tls.listen {addr}"))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(client_certificates = %tls.client_certificates, "listening on https://{bound}");
+    Ok(tokio::spawn(portcullis_web::tls::serve(listener, config, app, stop)))
 }
 
 /// Background upkeep: the key schedule (and picking up keys rotated elsewhere), purging
@@ -545,6 +694,12 @@ fn spawn_maintenance(core: Arc<Portcullis>, metrics: metrics_exporter_prometheus
             }
             if let Err(e) = core.purge_ended_credentials().await {
                 tracing::warn!(error = %e, "purging ended sessions and codes failed");
+            }
+            if let Err(e) = core.load_ca().await {
+                tracing::error!(error = %e, "CA and CRL refresh failed");
+            }
+            if let Err(e) = core.send_expiry_notices().await {
+                tracing::warn!(error = %e, "certificate expiry notices failed");
             }
             metrics.run_upkeep();
         }

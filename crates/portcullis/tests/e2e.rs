@@ -22,8 +22,8 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use support::{
-    ADMIN_ID, Client, Cred, EXIT_TIMEOUT, PAYMENTS_AUD, Resp, START_TIMEOUT, Server, Stream, access_token, admin_token,
-    create_acme_payments, drain, http, portcullis_command, random_hex, send, token_request, wait_deadline,
+    ADMIN_ID, Client, Cred, EXIT_TIMEOUT, PAYMENTS_AUD, PgDb, Resp, START_TIMEOUT, Server, Stream, access_token,
+    admin_token, create_acme_payments, drain, http, portcullis_command, send, token_request, wait_deadline,
 };
 
 const ORACLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/e2e/oauth_client.py");
@@ -219,63 +219,6 @@ fn kid_of(verified: &Value) -> String {
 // ------------------------------------------------------------------------------ postgres --
 
 /// The admin URL with its database name replaced.
-fn with_db_name(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
-    let host_part = match base[scheme_end..].find('/') {
-        Some(i) => &base[..scheme_end + i],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{host_part}/{db}?{q}"),
-        None => format!("{host_part}/{db}"),
-    }
-}
-
-fn psql(url: &str, sql: &str) -> Result<(), String> {
-    let out = Command::new("psql")
-        .arg(url)
-        .args(["-w", "-v", "ON_ERROR_STOP=1", "-Atq", "-c", sql])
-        .env("PGCONNECT_TIMEOUT", "10")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run psql ({e}): install the PostgreSQL client"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("psql {sql:?} on {url} failed: {}", String::from_utf8_lossy(&out.stderr)))
-    }
-}
-
-/// A throwaway database, dropped (forcibly) on drop.
-struct PgDb {
-    admin_url: String,
-    name: String,
-}
-
-impl PgDb {
-    fn create(admin_url: &str) -> PgDb {
-        let name = format!("portcullis_e2e_{}", random_hex(16));
-        psql(admin_url, &format!("CREATE DATABASE {name}"))
-            .unwrap_or_else(|e| panic!("PostgreSQL at {admin_url} (PORTCULLIS_TEST_PG_URL) is required: {e}"));
-        PgDb { admin_url: admin_url.to_owned(), name }
-    }
-    fn url(&self) -> String {
-        with_db_name(&self.admin_url, &self.name)
-    }
-}
-
-impl Drop for PgDb {
-    fn drop(&mut self) {
-        if let Err(e) = psql(&self.admin_url, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)) {
-            eprintln!("could not drop test database {}: {e}", self.name);
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------- tests --
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -750,7 +693,7 @@ async fn key_rotation_keeps_old_tokens_valid() {
 async fn postgres_backend_end_to_end() {
     let admin_url = std::env::var("PORTCULLIS_TEST_PG_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_owned());
     // Declared before the servers: dropped (forcibly) after they are gone.
-    let db = PgDb::create(&admin_url);
+    let db = PgDb::create(&admin_url, "portcullis_e2e");
     let db_url = db.url();
     let dir = tempfile::tempdir().unwrap();
 

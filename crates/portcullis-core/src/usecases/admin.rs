@@ -57,6 +57,9 @@ pub struct NewApplication {
     pub access_token_signing_alg: Option<String>,
     #[serde(default)]
     pub enabled: Option<bool>,
+    /// For `private_key_jwt`: a JWKS URL used besides the application's signing certificates.
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -128,6 +131,10 @@ pub struct ApplicationView {
     pub roles: Vec<String>,
     pub token_endpoint_auth_method: &'static str,
     pub redirect_uris: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwks_uri: Option<String>,
+    /// The application's JWKS built from its signing certificates (`private_key_jwt`).
+    pub certificate_jwks_uri: String,
     pub access_token_lifetime: i64,
     pub access_token_signing_alg: &'static str,
     pub enabled: bool,
@@ -148,6 +155,8 @@ impl ApplicationView {
             roles: app.roles.iter().map(ToString::to_string).collect(),
             token_endpoint_auth_method: app.auth_method.as_str(),
             redirect_uris: app.redirect_uris.clone(),
+            jwks_uri: app.jwks_uri.clone(),
+            certificate_jwks_uri: format!("/applications/{}/jwks.json", app.client_id),
             access_token_lifetime: app.access_token_lifetime,
             access_token_signing_alg: app.signing_alg.as_str(),
             enabled: app.enabled,
@@ -240,6 +249,23 @@ fn check_redirect_uri(u: &str) -> Result<String> {
     Ok(u.to_owned())
 }
 
+/// A registered JWKS URL: https, or http only to a loopback host (development).
+fn check_jwks_uri(u: &str) -> Result<String> {
+    let loopback = ["http://127.0.0.1", "http://[::1]", "http://localhost"]
+        .iter()
+        .any(|p| u.strip_prefix(p).is_some_and(|rest| rest.starts_with([':', '/'])));
+    let ok = (u.starts_with("https://") || loopback)
+        && u.len() <= 2048
+        && !u.contains(['#', '@'])
+        && !u.chars().any(|c| c.is_whitespace() || c.is_control());
+    if !ok {
+        return Err(Error::invalid(
+            "jwks_uri must be an https URL without fragment or credentials (http only to 127.0.0.1, [::1] or localhost)",
+        ));
+    }
+    Ok(u.to_owned())
+}
+
 impl Portcullis {
     // ---- organisations ------------------------------------------------------------------
 
@@ -252,7 +278,14 @@ impl Portcullis {
         who.ensure_platform_admin()?;
         let slug = Slug::parse(&req.slug)?;
         let now = self.now();
-        let org = Organisation { id: new_id(), slug, name: check_name(&req.name)?, created_at: now, updated_at: now };
+        let org = Organisation {
+            id: new_id(),
+            slug,
+            name: check_name(&req.name)?,
+            allowed_domains: Vec::new(),
+            created_at: now,
+            updated_at: now,
+        };
         let ev = self.audit(
             ctx,
             &who.subject,
@@ -562,12 +595,18 @@ impl Portcullis {
         }
         let auth_method =
             AuthMethod::parse(req.token_endpoint_auth_method.as_deref().unwrap_or("client_secret_basic"))?;
-        if !auth_method.uses_secret() {
-            return Err(Error::invalid(format!(
-                "token_endpoint_auth_method {} is not available yet: use client_secret_basic or client_secret_post",
-                auth_method.as_str()
-            )));
+        if auth_method == AuthMethod::None {
+            return Err(Error::invalid(
+                "token_endpoint_auth_method none (public clients) is not available yet: use client_secret_basic, client_secret_post, private_key_jwt or tls_client_auth",
+            ));
         }
+        let jwks_uri = match req.jwks_uri.as_deref() {
+            None => None,
+            Some(_) if auth_method != AuthMethod::PrivateKeyJwt => {
+                return Err(Error::invalid("jwks_uri is only for token_endpoint_auth_method private_key_jwt"));
+            }
+            Some(u) => Some(check_jwks_uri(u)?),
+        };
         let scopes = dedup(parse_all(&req.scopes, crate::ids::ScopeName::parse)?);
         let roles = dedup(parse_all(&req.roles, RoleName::parse)?);
         self.check_grantable(who, &org, &roles, &scopes).await?;
@@ -575,7 +614,7 @@ impl Portcullis {
         let lifetime =
             self.check_lifetime(req.access_token_lifetime.unwrap_or(self.settings.default_access_token_lifetime))?;
         let signing_alg = self.check_alg(req.access_token_signing_alg.as_deref().unwrap_or("ES256"))?;
-        let secret = generate_secret()?;
+        let secret = if auth_method.uses_secret() { Some(generate_secret()?) } else { None };
         let now = self.now();
         let app = Application {
             id: new_id(),
@@ -588,10 +627,11 @@ impl Portcullis {
             roles,
             auth_method,
             redirect_uris,
+            jwks_uri,
             access_token_lifetime: lifetime,
             signing_alg,
             enabled: req.enabled.unwrap_or(true),
-            secret_hash: Some(SecretHash::of(self.vault.as_ref(), secret.expose_secret())),
+            secret_hash: secret.as_ref().map(|s| SecretHash::of(self.vault.as_ref(), s.expose_secret())),
             previous_secret_hash: None,
             previous_secret_expires_at: None,
             created_at: now,
@@ -610,7 +650,7 @@ impl Portcullis {
             .await
             .map_err(|e| conflict(e, "application", app.client_id.as_str()))?;
         self.forget_client(app.client_id.as_str());
-        Ok(CreatedApplication { app, client_secret: Some(secret) })
+        Ok(CreatedApplication { app, client_secret: secret })
     }
 
     async fn app_in_org(&self, org: &Organisation, app_slug: &str) -> Result<Application> {
@@ -756,6 +796,9 @@ impl Portcullis {
             app.client_id.as_str(),
             serde_json::json!({}),
         );
+        // Its certificates go on the CRL first (reason cessationOfOperation): anything that
+        // trusts our chain must stop accepting them, not only Portcullis.
+        self.revoke_application_certificates(&who.subject, ctx, &org, &app).await?;
         self.store.delete_application(app.client_id.as_str(), &ev).await?;
         self.forget_client(app.client_id.as_str());
         Ok(())

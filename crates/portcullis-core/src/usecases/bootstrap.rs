@@ -63,6 +63,7 @@ impl Portcullis {
                     id: new_id(),
                     slug: Slug::parse(PLATFORM_ORG)?,
                     name: "Portcullis".into(),
+                    allowed_domains: Vec::new(),
                     created_at: now,
                     updated_at: now,
                 };
@@ -82,6 +83,7 @@ impl Portcullis {
         self.bootstrap_admin_user(&org, secrets.admin_password, &mut report).await?;
         self.bootstrap_admin_app(&org, secrets.admin_client_secret, &mut report).await?;
         self.reload_keys().await?;
+        self.load_ca().await?;
         Ok(report)
     }
 
@@ -197,6 +199,7 @@ impl Portcullis {
             roles: vec![RoleName::parse(ROLE_PLATFORM_ADMIN)?],
             auth_method: AuthMethod::ClientSecretBasic,
             redirect_uris: vec![],
+            jwks_uri: None,
             access_token_lifetime: self.settings.default_access_token_lifetime,
             signing_alg: Algorithm::ES256,
             enabled: true,

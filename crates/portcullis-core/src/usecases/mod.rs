@@ -7,6 +7,7 @@ mod auth;
 mod bootstrap;
 mod keys;
 mod oauth;
+mod pki;
 mod users;
 
 use std::collections::HashMap;
@@ -16,12 +17,14 @@ pub use admin::*;
 pub use auth::*;
 pub use bootstrap::*;
 pub use oauth::*;
+pub use pki::*;
 pub use users::*;
 
 use crate::clock::{Clock, UnixTime};
 use crate::crypto::keyring::KeyRing;
 use crate::crypto::vault::KeyVault;
 use crate::error::{Error, Result};
+use crate::ids::Email;
 use crate::ids::{RoleName, ScopeName, Slug, new_id};
 use crate::model::{Application, AuditEvent, Organisation, Service};
 use crate::settings::CoreSettings;
@@ -135,6 +138,8 @@ pub struct Portcullis {
     /// The platform's own service, built once (its audience is the issuer).
     pub(crate) platform: Service,
     pub(crate) auth: auth::AuthState,
+    pub(crate) ca: pki::CaState,
+    pub(crate) remote_jwks: oauth::RemoteJwks,
 }
 
 impl std::fmt::Debug for Portcullis {
@@ -158,12 +163,20 @@ impl Portcullis {
             auth_failures,
             platform,
             auth: auth::AuthState::new(&settings_auth),
+            ca: pki::CaState::default(),
+            remote_jwks: oauth::RemoteJwks::default(),
         }
     }
 
     /// Where mail goes (default: kept in memory, for tests).
     pub fn with_mailer(mut self, mailer: Arc<dyn crate::mail::Mailer>) -> Self {
         self.auth.mailer = mailer;
+        self
+    }
+
+    /// How registered `jwks_uri`s are fetched (without one, only signing certificates count).
+    pub fn with_jwks_fetcher(mut self, fetcher: Arc<dyn JwksFetcher>) -> Self {
+        self.remote_jwks.fetcher = Some(fetcher);
         self
     }
 
@@ -282,9 +295,13 @@ impl Portcullis {
         }
     }
 
-    /// Drops revocations of tokens that can no longer be accepted (past `exp` plus skew).
+    /// Drops revocations of tokens that can no longer be accepted (past `exp` plus skew), and
+    /// the `jti`s of client assertions past theirs (a replay of one would fail on `exp`).
     pub async fn purge_expired_revocations(&self) -> Result<u64> {
-        Ok(self.store.purge_expired_revocations(self.now() - crate::tokens::SKEW_SECS - 60).await?)
+        let now = self.now();
+        let tokens = self.store.purge_expired_revocations(now - crate::tokens::SKEW_SECS - 60).await?;
+        let assertions = self.store.purge_assertion_jtis(now).await?;
+        Ok(tokens + assertions)
     }
 
     pub(crate) async fn organisation_or_404(&self, slug: &str) -> Result<Organisation> {

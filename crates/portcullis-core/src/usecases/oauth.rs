@@ -16,10 +16,30 @@ use crate::tokens::{
     ACCESS_TOKEN_TYP, AccessClaims, AccessClaimsRef, AudienceRef, TokenError, new_jti, verify_access_token,
 };
 
+/// `client_assertion_type` of RFC 7523 client authentication.
+pub const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
 /// How the client authenticated at the endpoint, as parsed by the HTTP layer.
 pub enum ClientAuth {
-    Basic { client_id: String, secret: SecretString },
-    Post { client_id: String, secret: SecretString },
+    Basic {
+        client_id: String,
+        secret: SecretString,
+    },
+    Post {
+        client_id: String,
+        secret: SecretString,
+    },
+    /// `private_key_jwt` (RFC 7523). `client_id` is the form's, or else the assertion's
+    /// (unverified) `sub`, used only to find the keys and to count failures.
+    Assertion {
+        client_id: String,
+        assertion: String,
+    },
+    /// `tls_client_auth` (RFC 8705): the client certificate the TLS layer verified (DER).
+    Certificate {
+        client_id: String,
+        certificate: Vec<u8>,
+    },
 }
 
 impl std::fmt::Debug for ClientAuth {
@@ -27,34 +47,100 @@ impl std::fmt::Debug for ClientAuth {
         match self {
             Self::Basic { client_id, .. } => write!(f, "Basic({client_id:?}, ..)"),
             Self::Post { client_id, .. } => write!(f, "Post({client_id:?}, ..)"),
+            Self::Assertion { client_id, .. } => write!(f, "Assertion({client_id:?}, ..)"),
+            Self::Certificate { client_id, .. } => write!(f, "Certificate({client_id:?}, ..)"),
         }
     }
 }
 
 impl ClientAuth {
+    /// A `private_key_jwt` authentication. The form's `client_id`, when given, must be the
+    /// assertion's `sub`.
+    pub fn assertion(form_client_id: Option<String>, assertion: String) -> Result<Self, OAuthError> {
+        let sub = jws::parse(&assertion)
+            .ok()
+            .and_then(|p| serde_json::from_slice::<serde_json::Value>(&p.payload).ok())
+            .and_then(|v| v.get("sub").and_then(|s| s.as_str()).map(str::to_owned));
+        let client_id = match (form_client_id, sub) {
+            (Some(f), Some(s)) if f != s => {
+                return Err(OAuthError::invalid_client("client_id does not match the assertion's sub"));
+            }
+            (Some(f), _) => f,
+            (None, Some(s)) => s,
+            (None, None) => return Err(OAuthError::invalid_client("client_assertion is malformed")),
+        };
+        Ok(Self::Assertion { client_id, assertion })
+    }
+
     pub fn client_id(&self) -> &str {
         match self {
-            Self::Basic { client_id, .. } | Self::Post { client_id, .. } => client_id,
+            Self::Basic { client_id, .. }
+            | Self::Post { client_id, .. }
+            | Self::Assertion { client_id, .. }
+            | Self::Certificate { client_id, .. } => client_id,
         }
     }
     fn method(&self) -> AuthMethod {
         match self {
             Self::Basic { .. } => AuthMethod::ClientSecretBasic,
             Self::Post { .. } => AuthMethod::ClientSecretPost,
+            Self::Assertion { .. } => AuthMethod::PrivateKeyJwt,
+            Self::Certificate { .. } => AuthMethod::TlsClientAuth,
         }
     }
-    fn secret(&self) -> &SecretString {
+    /// `cnf.x5t#S256` for tokens obtained with this authentication (RFC 8705 §3).
+    fn certificate_thumbprint(&self) -> Option<String> {
         match self {
-            Self::Basic { secret, .. } | Self::Post { secret, .. } => secret,
+            Self::Certificate { certificate, .. } => {
+                Some(crate::pki::x5t_s256(&crate::pki::hex(&crate::pki::sha256(certificate))))
+            }
+            _ => None,
         }
     }
 }
+
+/// The claims of a client assertion (RFC 7523 §3). Unknown claims are ignored; duplicates
+/// and wrong types are refused.
+#[derive(Debug, serde::Deserialize)]
+struct AssertionClaims {
+    iss: String,
+    sub: String,
+    aud: crate::tokens::Audience,
+    exp: i64,
+    jti: String,
+    iat: Option<i64>,
+    nbf: Option<i64>,
+}
+
+/// Fetches a registered `jwks_uri` (the binary's HTTP client; tests use a fake).
+#[async_trait::async_trait]
+pub trait JwksFetcher: Send + Sync {
+    async fn fetch(&self, url: &str) -> std::result::Result<serde_json::Value, String>;
+}
+
+/// When a JWKS was fetched, and its usable keys.
+type FetchedKeys = (UnixTime, Arc<Vec<crate::crypto::jwk::ClientKey>>);
+
+/// Keys fetched from `jwks_uri`s, by URL, with when they were fetched.
+#[derive(Default)]
+pub(crate) struct RemoteJwks {
+    pub(crate) fetcher: Option<Arc<dyn JwksFetcher>>,
+    cache: tokio::sync::Mutex<HashMap<String, FetchedKeys>>,
+}
+
+/// A fetched JWKS is used this long before it is fetched again …
+const REMOTE_JWKS_TTL: i64 = 300;
+/// … or, when an assertion names a `kid` it lacks, after this long.
+const REMOTE_JWKS_REFETCH: i64 = 10;
 
 #[derive(Debug, Default)]
 pub struct TokenParams {
     pub grant_type: String,
     pub scope: Option<String>,
     pub resource: Option<String>,
+    /// The verified TLS client certificate (DER) of the request, if any: the token is bound
+    /// to it (`cnf.x5t#S256`, RFC 8705 §3) whatever the client authentication method.
+    pub client_certificate: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -86,9 +172,16 @@ impl Portcullis {
         ctx: &RequestContext,
     ) -> Result<Arc<ClientEntry>, OAuthError> {
         let now = self.now();
-        let entry = match self.check_client_secret(auth).await? {
+        let checked = match auth {
+            ClientAuth::Basic { .. } | ClientAuth::Post { .. } => self.check_client_secret(auth).await?,
+            ClientAuth::Assertion { client_id, assertion } => self.check_client_assertion(client_id, assertion).await?,
+            ClientAuth::Certificate { client_id, certificate } => {
+                self.check_client_certificate(client_id, certificate).await?
+            }
+        };
+        let entry = match checked {
             Ok(entry) => entry,
-            Err(reason) => return Err(self.client_authentication_failed(auth, ctx, now, reason).await),
+            Err(reason) => return Err(self.client_authentication_failed(auth, ctx, now, &reason).await),
         };
         let app = &entry.app;
         if app.auth_method != auth.method() {
@@ -114,22 +207,188 @@ impl Portcullis {
 
     /// Looks the client up (cache first) and compares the secret's keyed hash in constant
     /// time. `Ok(Err(reason))` is a failed authentication; `Err` a storage failure.
-    async fn check_client_secret(&self, auth: &ClientAuth) -> Result<Result<Arc<ClientEntry>, &'static str>, Error> {
-        let presented = SecretHash::of(self.vault.as_ref(), auth.secret().expose_secret());
-        if !plausible_secret(auth.secret()) {
-            return Ok(Err("malformed secret"));
+    async fn check_client_secret(&self, auth: &ClientAuth) -> Result<Result<Arc<ClientEntry>, String>, Error> {
+        let (ClientAuth::Basic { secret, .. } | ClientAuth::Post { secret, .. }) = auth else {
+            return Ok(Err("no secret".into()));
+        };
+        let presented = SecretHash::of(self.vault.as_ref(), secret.expose_secret());
+        if !plausible_secret(secret) {
+            return Ok(Err("malformed secret".into()));
         }
         if !ClientId::is_valid(auth.client_id()) {
-            return Ok(Err("malformed client id"));
+            return Ok(Err("malformed client id".into()));
         }
         let Some(entry) = self.client(auth.client_id()).await? else {
-            return Ok(Err("unknown client"));
+            return Ok(Err("unknown client".into()));
         };
         let app = &entry.app;
         let current = app.secret_hash.as_ref().is_some_and(|h| h.matches(&presented));
         let previous = app.previous_secret_hash.as_ref().is_some_and(|h| h.matches(&presented))
             && app.previous_secret_expires_at.is_some_and(|t| t > self.now());
-        if current | previous { Ok(Ok(entry)) } else { Ok(Err("wrong secret")) }
+        if current | previous { Ok(Ok(entry)) } else { Ok(Err("wrong secret".into())) }
+    }
+
+    /// `private_key_jwt` (RFC 7523 §3, RFC 8725): the assertion must be signed with an allowed
+    /// asymmetric algorithm by a key of the client — an active signing certificate, or its
+    /// registered `jwks_uri` — with `iss` = `sub` = client id, `aud` = issuer or token
+    /// endpoint, a short `exp`, and a `jti` never seen before (recorded in the store, so a
+    /// replay fails after a restart and on every node).
+    async fn check_client_assertion(
+        &self,
+        client_id: &str,
+        assertion: &str,
+    ) -> Result<Result<Arc<ClientEntry>, String>, Error> {
+        use crate::crypto::jwk::ASSERTION_ALGORITHMS;
+        if !ClientId::is_valid(client_id) {
+            return Ok(Err("malformed client id".into()));
+        }
+        let parsed = match jws::parse(assertion) {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(format!("client assertion refused: {e}"))),
+        };
+        let alg = parsed.header.alg.as_str();
+        if !ASSERTION_ALGORITHMS.contains(&alg) {
+            return Ok(Err(format!(
+                "client assertion algorithm {:?} is not accepted (allowed: {})",
+                alg.chars().take(16).collect::<String>(),
+                ASSERTION_ALGORITHMS.join(", ")
+            )));
+        }
+        if let Some(typ) = parsed.header.typ.as_deref()
+            && !["JWT", "client-authentication+jwt"].iter().any(|t| t.eq_ignore_ascii_case(typ))
+        {
+            return Ok(Err("client assertion has an unexpected typ".into()));
+        }
+        let Ok(claims) = serde_json::from_slice::<AssertionClaims>(&parsed.payload) else {
+            return Ok(Err("client assertion claims are malformed (iss, sub, aud, exp and jti are required)".into()));
+        };
+        if claims.iss != client_id || claims.sub != client_id {
+            return Ok(Err("client assertion iss and sub must both be the client id".into()));
+        }
+        let token_endpoint = format!("{}/oauth2/token", self.settings.issuer);
+        if !claims.aud.contains(&self.settings.issuer) && !claims.aud.contains(&token_endpoint) {
+            return Ok(Err("client assertion aud must be the issuer or the token endpoint".into()));
+        }
+        let now = self.now();
+        let skew = crate::tokens::SKEW_SECS;
+        if claims.exp + skew <= now {
+            return Ok(Err("client assertion has expired".into()));
+        }
+        if claims.exp - now > self.settings.ca.assertion_max_lifetime + skew {
+            return Ok(Err(format!(
+                "client assertion lives too long: exp may be at most {} seconds ahead",
+                self.settings.ca.assertion_max_lifetime
+            )));
+        }
+        if claims.nbf.is_some_and(|t| t > now + skew) || claims.iat.is_some_and(|t| t > now + skew) {
+            return Ok(Err("client assertion is not valid yet".into()));
+        }
+        if claims.jti.is_empty() || claims.jti.len() > 256 {
+            return Ok(Err("client assertion jti must be 1 to 256 characters".into()));
+        }
+        let Some(entry) = self.client(client_id).await? else {
+            return Ok(Err("unknown client".into()));
+        };
+        if entry.app.auth_method != AuthMethod::PrivateKeyJwt {
+            // Checked again by the caller; refusing here spares the key lookups.
+            return Ok(Ok(entry));
+        }
+        let kid = parsed.header.kid.as_deref();
+        let sig_ok = |keys: &[crate::crypto::jwk::ClientKey]| {
+            keys.iter()
+                .filter(|k| kid.is_none_or(|want| k.kid.as_deref() == Some(want)))
+                .filter(|k| k.material.allows(alg))
+                .take(10)
+                .any(|k| k.material.verify(alg, parsed.signing_input.as_bytes(), &parsed.signature))
+        };
+        let cert_keys: Vec<crate::crypto::jwk::ClientKey> = self
+            .signing_certificate_jwks(&entry.app.id)
+            .await?
+            .iter()
+            .filter_map(crate::crypto::jwk::ClientKey::from_jwk)
+            .collect();
+        let mut verified = sig_ok(&cert_keys);
+        if !verified && let Some(url) = &entry.app.jwks_uri {
+            verified = sig_ok(&self.remote_jwks(url, kid).await);
+        }
+        if !verified {
+            return Ok(Err(
+                "client assertion is not signed by a key of the client (unknown kid, wrong key, or a revoked or expired certificate)"
+                    .into(),
+            ));
+        }
+        if !self.store.record_assertion_jti(client_id, &claims.jti, claims.exp + skew).await? {
+            return Ok(Err("client assertion was already used (jti replay)".into()));
+        }
+        Ok(Ok(entry))
+    }
+
+    /// The keys at a registered `jwks_uri`: cached for five minutes, fetched again sooner
+    /// (at most every ten seconds) when an assertion names a `kid` they lack. A failed fetch
+    /// keeps the last good set.
+    async fn remote_jwks(&self, url: &str, kid: Option<&str>) -> Arc<Vec<crate::crypto::jwk::ClientKey>> {
+        let Some(fetcher) = self.remote_jwks.fetcher.clone() else {
+            return Arc::default();
+        };
+        let now = self.now();
+        let mut cache = self.remote_jwks.cache.lock().await;
+        let cached = cache.get(url).cloned();
+        let fresh = cached.as_ref().is_some_and(|(at, keys)| {
+            let knows_kid = kid.is_none_or(|k| keys.iter().any(|key| key.kid.as_deref() == Some(k)));
+            now - at < REMOTE_JWKS_REFETCH || (now - at < REMOTE_JWKS_TTL && knows_kid)
+        });
+        if fresh && let Some((_, keys)) = cached {
+            return keys;
+        }
+        match fetcher.fetch(url).await {
+            Ok(doc) => {
+                let keys: Vec<crate::crypto::jwk::ClientKey> = doc
+                    .get("keys")
+                    .and_then(|k| k.as_array())
+                    .map(|a| a.iter().take(100).filter_map(crate::crypto::jwk::ClientKey::from_jwk).collect())
+                    .unwrap_or_default();
+                let keys = Arc::new(keys);
+                if cache.len() > 10_000 {
+                    cache.clear();
+                }
+                cache.insert(url.to_owned(), (now, keys.clone()));
+                keys
+            }
+            Err(e) => {
+                tracing::warn!(url, error = %e, "fetching a client's jwks_uri failed; keeping the last good keys");
+                // Do not hammer a failing endpoint: the failure counts as a fetch.
+                let keys = cached.map(|(_, k)| k).unwrap_or_default();
+                cache.insert(url.to_owned(), (now, keys.clone()));
+                keys
+            }
+        }
+    }
+
+    /// `tls_client_auth` (RFC 8705 §2.1): the certificate (verified by the TLS layer against
+    /// our CA and CRL) must be an active `transport` certificate of this very application.
+    async fn check_client_certificate(
+        &self,
+        client_id: &str,
+        certificate: &[u8],
+    ) -> Result<Result<Arc<ClientEntry>, String>, Error> {
+        if !ClientId::is_valid(client_id) {
+            return Ok(Err("malformed client id".into()));
+        }
+        let cert = match self.presented_certificate(certificate).await {
+            Ok(c) => c,
+            Err(Error::Unauthenticated(reason)) => return Ok(Err(reason)),
+            Err(e) => return Err(e),
+        };
+        if cert.cert_type != crate::model::CertificateType::Transport || cert.client_id.as_str() != client_id {
+            return Ok(Err("the client certificate is not a transport certificate of this client".into()));
+        }
+        let Some(entry) = self.client(client_id).await? else {
+            return Ok(Err("unknown client".into()));
+        };
+        if entry.app.id != cert.app_id {
+            return Ok(Err("the client certificate was issued to an earlier application of that name".into()));
+        }
+        Ok(Ok(entry))
     }
 
     /// A failed client authentication: counted per client id and per IP. Within the limit it
@@ -187,10 +446,21 @@ impl Portcullis {
                 "this client may not use grant_type client_credentials",
             ));
         }
-        self.issue_client_token(&entry, params).await
+        let cnf = auth.certificate_thumbprint().or_else(|| {
+            params
+                .client_certificate
+                .as_deref()
+                .map(|der| crate::pki::x5t_s256(&crate::pki::hex(&crate::pki::sha256(der))))
+        });
+        self.issue_client_token(&entry, params, cnf).await
     }
 
-    async fn issue_client_token(&self, entry: &ClientEntry, params: &TokenParams) -> Result<TokenResponse, OAuthError> {
+    async fn issue_client_token(
+        &self,
+        entry: &ClientEntry,
+        params: &TokenParams,
+        cnf_x5t: Option<String>,
+    ) -> Result<TokenResponse, OAuthError> {
         let app = &entry.app;
         let services = self.org_services(&app.org_id).await?;
         let platform = &self.platform;
@@ -294,6 +564,7 @@ impl Portcullis {
             scope: &scope,
             roles: &roles,
             org: entry.org.slug.as_str(),
+            cnf: cnf_x5t.as_deref().map(|x5t| crate::tokens::CnfRef { x5t_s256: x5t }),
         };
         let keys = self.keys.current();
         let Some(signer) = keys.signer(app.signing_alg) else {

@@ -1,10 +1,11 @@
-//! What the end-to-end test binaries (`e2e.rs`, `auth_e2e.rs`) share: the process harness that
-//! runs the real `portcullis` binary (a clean `PORTCULLIS_*` environment with known admin
-//! secrets, pipes drained on threads, waiting for a line or an exit with a deadline, a `serve`
-//! on a free port that is stopped with SIGTERM or killed on drop), the HTTP client side (every
-//! response checked: never a 5xx, every refusal with `x-error` and `x-error-id`; credentials;
-//! client-credentials tokens) and the organisation `acme` with its service `payments` that
-//! both binaries' tests start from. What one binary alone needs stays in that file.
+//! What the end-to-end test binaries (`e2e.rs`, `auth_e2e.rs`, `pki_e2e.rs`, `cert_cli_e2e.rs`)
+//! share: the process harness that runs the real `portcullis` binary (a clean `PORTCULLIS_*`
+//! environment with known admin secrets, pipes drained on threads, waiting for a line or an exit
+//! with a deadline, a `serve` on a free port that is stopped with SIGTERM or killed on drop), the
+//! HTTP client side (every response checked: never a 5xx, every refusal with `x-error` and
+//! `x-error-id`; credentials; client-credentials tokens), throwaway PostgreSQL databases, and the
+//! organisation `acme` with its service `payments` that the tests start from. What one binary
+//! alone needs stays in that file.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -416,4 +417,58 @@ pub async fn create_acme_payments(c: &Client, admin: &str) -> Resp {
         .await;
     svc.expect(201);
     svc
+}
+
+// ---- PostgreSQL ------------------------------------------------------------------------
+
+pub fn with_db_name(url: &str, db: &str) -> String {
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let host_part = base[scheme_end..].find('/').map_or(base, |i| &base[..scheme_end + i]);
+    match query {
+        Some(q) => format!("{host_part}/{db}?{q}"),
+        None => format!("{host_part}/{db}"),
+    }
+}
+
+pub fn psql(url: &str, sql: &str) -> Result<(), String> {
+    let out = Command::new("psql")
+        .arg(url)
+        .args(["-w", "-v", "ON_ERROR_STOP=1", "-Atq", "-c", sql])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run psql ({e}): install the PostgreSQL client"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("psql {sql:?} on {url} failed: {}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+/// A throwaway database, dropped (forcibly) on drop.
+pub struct PgDb {
+    admin_url: String,
+    name: String,
+}
+
+impl PgDb {
+    /// A fresh database `<prefix>_<random>` on the server of `admin_url`.
+    pub fn create(admin_url: &str, prefix: &str) -> PgDb {
+        let name = format!("{prefix}_{}", random_hex(12));
+        psql(admin_url, &format!("CREATE DATABASE {name}"))
+            .unwrap_or_else(|e| panic!("PostgreSQL at {admin_url} (PORTCULLIS_TEST_PG_URL) is required: {e}"));
+        PgDb { admin_url: admin_url.to_owned(), name }
+    }
+    pub fn url(&self) -> String {
+        with_db_name(&self.admin_url, &self.name)
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        if let Err(e) = psql(&self.admin_url, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)) {
+            eprintln!("could not drop test database {}: {e}", self.name);
+        }
+    }
 }
