@@ -61,14 +61,14 @@ ensure_cmd() { # ensure_cmd COMMAND DEBIAN_PACKAGE
 
 ensure_python_deps() {
     ensure_cmd python3 python3
-    if python3 -c 'import authlib, jwt, requests, aiosmtpd' >/dev/null 2>&1; then
+    if python3 -c 'import authlib, joserfc, jwt, requests, aiosmtpd' >/dev/null 2>&1; then
         info "python deps present"
         return
     fi
     if ! python3 -m pip --version >/dev/null 2>&1; then
         apt_install python3-pip
     fi
-    local pkgs=(authlib 'pyjwt[crypto]' requests aiosmtpd)
+    local pkgs=(authlib joserfc 'pyjwt[crypto]' requests aiosmtpd)
     info "pip install ${pkgs[*]}"
     if ! python3 -m pip install --quiet "${pkgs[@]}" </dev/null; then
         # Debian's system python is "externally managed" (PEP 668).

@@ -33,25 +33,8 @@ from authlib.integrations.requests_client import OAuth2Session
 from authlib.oauth2.rfc7523 import PrivateKeyJWT, private_key_jwt_sign
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
-
-class Failure(Exception):
-    def __init__(self, error, detail=None, status=None):
-        super().__init__(error)
-        self.error = error
-        self.detail = detail
-        self.status = status
-
-    def to_json(self):
-        out = {"error": self.error, "detail": self.detail}
-        if self.status is not None:
-            out["status"] = self.status
-        return out
-
-
-def emit(obj, code=0):
-    sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
-    sys.stdout.flush()
-    sys.exit(code)
+# The sibling client's reporting and discovery (the script's directory is on sys.path).
+from oauth_client import Failure, discover, emit
 
 
 def b64url(data):
@@ -73,14 +56,9 @@ def load_key(path, alg):
     return RSAKey.import_key(pem)
 
 
-def discover(issuer, timeout):
-    url = issuer.rstrip("/") + "/.well-known/openid-configuration"
-    resp = requests.get(url, timeout=timeout)
-    if resp.status_code != 200:
-        raise Failure("discovery_failed", resp.text[:2000], resp.status_code)
-    doc = resp.json()
-    if doc.get("issuer") != issuer:
-        raise Failure("issuer_mismatch", f"{doc.get('issuer')!r} != {issuer!r}")
+def discover_pkjwt(issuer, timeout):
+    """The discovery document, which must advertise private_key_jwt."""
+    doc = discover(issuer, timeout)
     methods = doc.get("token_endpoint_auth_methods_supported") or []
     if "private_key_jwt" not in methods:
         raise Failure("discovery_failed", f"private_key_jwt not among {methods!r}")
@@ -102,7 +80,7 @@ def assertion_claims(args, now):
 
 
 def cmd_token(args):
-    doc = discover(args.issuer, args.timeout)
+    doc = discover_pkjwt(args.issuer, args.timeout)
     token_endpoint = doc["token_endpoint"]
     key = load_key(args.key, args.alg)
     now = int(time.time())

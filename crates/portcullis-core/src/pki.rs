@@ -158,10 +158,30 @@ pub fn parse_csr_der(der: &[u8]) -> Result<Csr> {
         Error::invalid("csr signature does not verify (the request was altered or not signed by its key)")
     })?;
 
-    let mut subject = Vec::new();
-    for attr in info.subject.iter_attributes() {
+    let subject = subject_attributes(&info.subject, "csr")?;
+    let (mut dns_names, mut other_names, mut asks_ca) = (Vec::new(), Vec::new(), false);
+    if let Some(exts) = csr.requested_extensions() {
+        for ext in exts {
+            match ext {
+                ParsedExtension::SubjectAlternativeName(san) => {
+                    split_names(&san.general_names, &mut dns_names, &mut other_names);
+                }
+                ParsedExtension::BasicConstraints(bc) => asks_ca |= bc.ca,
+                // Everything else a CSR may ask for is ignored: extensions come from the profile.
+                _ => {}
+            }
+        }
+    }
+    Ok(Csr { spki_der: info.subject_pki.raw.to_vec(), key, subject, dns_names, other_names, asks_ca })
+}
+
+/// A subject's attributes in order, as `(short name, value)`; unknown types by registry name
+/// or dotted OID. `what` names the input in errors.
+fn subject_attributes(name: &x509_parser::x509::X509Name<'_>, what: &str) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for attr in name.iter_attributes() {
         let oid = attr.attr_type();
-        let name = match oid.to_id_string().as_str() {
+        let short = match oid.to_id_string().as_str() {
             "2.5.4.3" => "CN".to_owned(),
             "2.5.4.10" => "O".to_owned(),
             "2.5.4.11" => "OU".to_owned(),
@@ -172,31 +192,44 @@ pub fn parse_csr_der(der: &[u8]) -> Result<Csr> {
                 .map_or_else(|_| other.to_owned(), str::to_owned),
         };
         let value =
-            attr.as_str().map_err(|_| Error::invalid(format!("csr subject attribute {name} is not a string")))?;
-        subject.push((name, value.to_owned()));
+            attr.as_str().map_err(|_| Error::invalid(format!("{what} subject attribute {short} is not a string")))?;
+        out.push((short, value.to_owned()));
     }
-    let (mut dns_names, mut other_names, mut asks_ca) = (Vec::new(), Vec::new(), false);
-    if let Some(exts) = csr.requested_extensions() {
-        for ext in exts {
-            match ext {
-                ParsedExtension::SubjectAlternativeName(san) => {
-                    for name in &san.general_names {
-                        match name {
-                            GeneralName::DNSName(d) => dns_names.push((*d).to_owned()),
-                            GeneralName::URI(u) => other_names.push(format!("URI:{u}")),
-                            GeneralName::RFC822Name(e) => other_names.push(format!("email:{e}")),
-                            GeneralName::IPAddress(_) => other_names.push("IP address".into()),
-                            _ => other_names.push("another name type".into()),
-                        }
-                    }
-                }
-                ParsedExtension::BasicConstraints(bc) => asks_ca |= bc.ca,
-                // Everything else a CSR may ask for is ignored: extensions come from the profile.
-                _ => {}
-            }
+    Ok(out)
+}
+
+/// Sorts SANs into DNS names and the rest (described for error messages).
+fn split_names(names: &[GeneralName<'_>], dns: &mut Vec<String>, other: &mut Vec<String>) {
+    for name in names {
+        match name {
+            GeneralName::DNSName(d) => dns.push((*d).to_owned()),
+            GeneralName::URI(u) => other.push(format!("URI:{u}")),
+            GeneralName::RFC822Name(e) => other.push(format!("email:{e}")),
+            GeneralName::IPAddress(_) => other.push("IP address".into()),
+            _ => other.push("another name type".into()),
         }
     }
-    Ok(Csr { spki_der: info.subject_pki.raw.to_vec(), key, subject, dns_names, other_names, asks_ca })
+}
+
+/// What renewing a certificate with its own key asks for: its key, subject and DNS names (its
+/// other SANs are ours, and the profile adds them again).
+pub fn csr_from_certificate(der: &[u8]) -> Result<Csr> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|_| Error::invalid("the certificate is malformed"))?;
+    let key = ClientKeyMaterial::from_parsed(cert.public_key())
+        .ok_or_else(|| Error::invalid("the certificate's key type is not accepted"))?;
+    let (mut dns_names, mut ours) = (Vec::new(), Vec::new());
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        split_names(&san.value.general_names, &mut dns_names, &mut ours);
+    }
+    Ok(Csr {
+        spki_der: cert.public_key().raw.to_vec(),
+        key,
+        subject: subject_attributes(cert.subject(), "certificate")?,
+        dns_names,
+        other_names: vec![],
+        asks_ca: false,
+    })
 }
 
 fn key_policy(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<ClientKeyMaterial> {
@@ -305,6 +338,11 @@ pub fn sha256(data: &[u8]) -> Vec<u8> {
     aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref().to_vec()
 }
 
+/// A certificate's fingerprint as the inventory keys it: lowercase hex SHA-256 of the DER.
+pub fn fingerprint(der: &[u8]) -> String {
+    hex(&sha256(der))
+}
+
 /// `x5t#S256` from a lowercase hex fingerprint.
 pub fn x5t_s256(fingerprint_hex: &str) -> String {
     B64URL.encode(unhex(fingerprint_hex).unwrap_or_default())
@@ -371,7 +409,7 @@ pub fn issue(csr: &Csr, spec: &IssueSpec, serial: &[u8], issuer: &Issuer<'_, Key
     Ok(Signed {
         pem: pem_encode("CERTIFICATE", &der),
         serial: hex(serial),
-        fingerprint: hex(&sha256(&der)),
+        fingerprint: fingerprint(&der),
         spki_sha256: hex(&sha256(&csr.spki_der)),
         subject: format!("CN={}, O={}", spec.client_id, spec.org_slug),
         sans,

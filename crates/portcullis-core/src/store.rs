@@ -274,6 +274,9 @@ pub trait Store: Send + Sync + 'static {
     /// Keeps `crl` unless a CRL with a higher number is already stored.
     async fn save_crl(&self, crl: &StoredCrl) -> StoreResult<()>;
     async fn crls(&self) -> StoreResult<Vec<StoredCrl>>;
+    /// `(issuer_id, number)` of every stored CRL, without the (possibly large) DER: enough for a
+    /// node to see whether another one signed a newer CRL.
+    async fn crl_numbers(&self) -> StoreResult<Vec<(String, u64)>>;
     /// Active certificates whose `not_after` is before `before` and that were not yet warned
     /// about, soonest first.
     async fn certificates_expiring(

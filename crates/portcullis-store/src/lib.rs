@@ -1413,6 +1413,19 @@ macro_rules! sql_store {
                 rows.iter().map(Self::crl_row).collect()
             }
 
+            async fn crl_numbers(&self) -> StoreResult<Vec<(String, u64)>> {
+                let rows = sqlx::query("SELECT issuer_id, number FROM crls ORDER BY issuer_id")
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_err)?;
+                rows.iter()
+                    .map(|r| {
+                        let n = r.try_get::<i64, _>("number").map_err(db_err)?;
+                        Ok((r.try_get("issuer_id").map_err(db_err)?, u64::try_from(n).map_err(|_| corrupt("CRL number"))?))
+                    })
+                    .collect()
+            }
+
             async fn certificates_expiring(&self, now: UnixTime, before: UnixTime, max: u32) -> StoreResult<Vec<IssuedCertificate>> {
                 let rows = sqlx::query(
                     "SELECT * FROM certificates WHERE revoked_at IS NULL AND expiry_notified_at IS NULL AND not_after > $1 AND not_after < $2 \

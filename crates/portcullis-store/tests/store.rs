@@ -3152,6 +3152,7 @@ async fn crl_numbers_increase_and_the_highest_crl_is_kept(s: Arc<dyn Store>) {
     let other = crl("ca-2", 1, &[0x30, 0x01]);
     s.save_crl(&other).await.unwrap();
     assert_eq!(s.crls().await.unwrap(), vec![seven.clone(), other.clone()], "one per issuer, the highest");
+    assert_eq!(s.crl_numbers().await.unwrap(), vec![("ca-1".to_owned(), 7), ("ca-2".to_owned(), 1)]);
 
     // Racing saves: whatever the order, the highest number stays.
     futures_join_all((8..20u64).rev().map(|n| {

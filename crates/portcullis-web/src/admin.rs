@@ -14,7 +14,7 @@ use secrecy::ExposeSecret;
 use serde::Deserialize;
 
 use crate::AppState;
-use crate::body::json_body;
+use crate::body::{json_body, optional_json_body};
 use crate::error::ApiError;
 
 /// The authenticated caller of an admin endpoint.
@@ -260,11 +260,7 @@ pub async fn rotate_secret(
     body: Body,
 ) -> Result<Response, ApiError> {
     // An empty body means "default grace period".
-    let req: SecretRotation = if headers.contains_key(header::CONTENT_TYPE) {
-        json_body(&headers, body).await?
-    } else {
-        SecretRotation::default()
-    };
+    let req: SecretRotation = optional_json_body(&headers, body).await?;
     let (a, secret) = s.core.rotate_client_secret(&who, &ctx, &org, &app, req).await?;
     let mut v = app_json(&a, &org);
     if let Some(obj) = v.as_object_mut() {

@@ -98,6 +98,12 @@ pub async fn json_body<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> 
     serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {}", json_error(&e))))
 }
 
+/// A JSON body that may be left out: no `Content-Type` means "all defaults" (e.g. a revocation
+/// without a reason); with one, the body is read as [`json_body`] reads it.
+pub async fn optional_json_body<T: DeserializeOwned + Default>(headers: &HeaderMap, body: Body) -> Result<T, ApiError> {
+    if headers.contains_key(header::CONTENT_TYPE) { json_body(headers, body).await } else { Ok(T::default()) }
+}
+
 /// serde's message, minus any value it quotes: "invalid type: string \"hunter2\", expected …"
 /// would put a password sent in the wrong place into `x-error` and the log.
 fn json_error(e: &serde_json::Error) -> String {

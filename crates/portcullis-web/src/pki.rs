@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use crate::AppState;
 use crate::admin::Admin;
-use crate::body::json_body;
+use crate::body::{json_body, optional_json_body};
 use crate::error::ApiError;
 use crate::tls::PeerCertificate;
 
@@ -129,8 +129,7 @@ pub async fn revoke(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let req: Revoke =
-        if headers.contains_key(header::CONTENT_TYPE) { json_body(&headers, body).await? } else { Revoke::default() };
+    let req: Revoke = optional_json_body(&headers, body).await?;
     let v = s.core.revoke_certificate(&who, &ctx, &org, &id, req.reason.as_deref().unwrap_or("unspecified")).await?;
     Ok(Json(serde_json::to_value(v).map_err(portcullis_core::Error::internal)?))
 }
@@ -175,11 +174,7 @@ pub async fn renew_over_mtls(
             invalid_token: false,
         });
     };
-    let req: SelfRenew = if headers.contains_key(header::CONTENT_TYPE) {
-        json_body(&headers, body).await?
-    } else {
-        SelfRenew::default()
-    };
+    let req: SelfRenew = optional_json_body(&headers, body).await?;
     let ctx = ctx.map(|c| c.0).unwrap_or_default();
     let issued = s.core.renew_by_certificate(&ctx, &peer.0, req.csr.as_deref()).await?;
     Ok((StatusCode::CREATED, Json(issued)).into_response())

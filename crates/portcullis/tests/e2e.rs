@@ -149,44 +149,15 @@ async fn setup_acme(api: &Api) -> String {
 
 // --------------------------------------------------------------------------------- python --
 
-/// Runs the independent OAuth client: `py(&["token", "--issuer", url, ...])`. Every option
-/// takes a value and is passed as `--name=value` (a generated secret may start with `-`). A
-/// missing python3 or module fails the test.
+/// Runs the independent OAuth client: `py(&["token", "--issuer", url, ...])` (see
+/// [`support::python`]).
 fn py(args: &[&str]) -> (bool, Value) {
-    let mut argv: Vec<String> = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        if a.starts_with("--") && !a.contains('=') {
-            argv.push(format!("{a}={}", it.next().unwrap()));
-        } else {
-            argv.push((*a).to_owned());
-        }
-    }
-    let out = Command::new("python3")
-        .arg(ORACLE)
-        .args(&argv)
-        .env("NO_PROXY", "*")
-        .env("no_proxy", "*")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run python3 ({e}); scripts/test.sh installs python3, authlib, pyjwt, requests")
-        });
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!(
-            "oauth_client.py {args:?} printed no JSON object ({e}); are authlib, pyjwt[crypto] and requests installed?\nstdout: {stdout}\nstderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.success(), v)
+    support::python(ORACLE, args)
 }
 
 #[track_caller]
 fn py_ok(args: &[&str]) -> Value {
-    let (ok, v) = py(args);
-    assert!(ok, "oauth_client.py {args:?} failed: {v}");
-    v
+    support::python_ok(ORACLE, args)
 }
 
 /// `token` via authlib; returns the access token and the raw token response.

@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 
 use support::{
     Client, Cred, EXIT_TIMEOUT, PAYMENTS_AUD, PgDb, Resp, Server, admin_token, create_acme_payments, drain, http,
-    portcullis_command, random_hex, send, wait_deadline,
+    portcullis_command, python, python_ok, random_hex, send, wait_deadline,
 };
 
 const PKJWT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/e2e/pkjwt_client.py");
@@ -488,42 +488,6 @@ fn assert_handshake_revoked(dir: &Path, https: &str, c: &Issued, client_id: &str
 }
 
 // ---------------------------------------------------------------------------- python --
-
-/// Runs a Python helper; every option is passed as `--name=value` (values may start with `-`).
-fn python(script: &str, args: &[&str]) -> (bool, Value) {
-    let mut argv: Vec<String> = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        if a.starts_with("--") && !a.contains('=') {
-            argv.push(format!("{a}={}", it.next().unwrap()));
-        } else {
-            argv.push((*a).to_owned());
-        }
-    }
-    let out = Command::new("python3")
-        .arg(script)
-        .args(&argv)
-        .env("NO_PROXY", "*")
-        .env("no_proxy", "*")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run python3 ({e}); scripts/test.sh installs python3, authlib, pyjwt"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!(
-            "{script} {args:?} printed no JSON object ({e}); are authlib, pyjwt[crypto] and requests installed?\nstdout: {stdout}\nstderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.success(), v)
-}
-
-#[track_caller]
-fn python_ok(script: &str, args: &[&str]) -> Value {
-    let (ok, v) = python(script, args);
-    assert!(ok, "{script} {args:?} failed: {v}");
-    v
-}
 
 /// A client assertion signed (or forged) by pkjwt_client.py `sign`.
 #[track_caller]

@@ -88,12 +88,10 @@ impl ClientAuth {
             Self::Certificate { .. } => AuthMethod::TlsClientAuth,
         }
     }
-    /// `cnf.x5t#S256` for tokens obtained with this authentication (RFC 8705 §3).
-    fn certificate_thumbprint(&self) -> Option<String> {
+    /// The client certificate this authentication presented, if any.
+    fn certificate(&self) -> Option<&[u8]> {
         match self {
-            Self::Certificate { certificate, .. } => {
-                Some(crate::pki::x5t_s256(&crate::pki::hex(&crate::pki::sha256(certificate))))
-            }
+            Self::Certificate { certificate, .. } => Some(certificate),
             _ => None,
         }
     }
@@ -446,12 +444,9 @@ impl Portcullis {
                 "this client may not use grant_type client_credentials",
             ));
         }
-        let cnf = auth.certificate_thumbprint().or_else(|| {
-            params
-                .client_certificate
-                .as_deref()
-                .map(|der| crate::pki::x5t_s256(&crate::pki::hex(&crate::pki::sha256(der))))
-        });
+        // RFC 8705 §3: bound to the request's TLS client certificate, whatever the method.
+        let bound = params.client_certificate.as_deref().or_else(|| auth.certificate());
+        let cnf = bound.map(|der| crate::pki::x5t_s256(&crate::pki::fingerprint(der)));
         self.issue_client_token(&entry, params, cnf).await
     }
 

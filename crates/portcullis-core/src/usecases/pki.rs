@@ -188,16 +188,26 @@ impl Portcullis {
     pub async fn load_ca(&self) -> Result<()> {
         let now = self.now();
         let records = self.store.ca_certificates().await?;
+        // (id, active) of what should be loaded, against what is: equal means nothing was
+        // rotated, imported or expired since the last load.
         let current = self.ca_set();
-        let same = |r: &CaCertificate| match r.kind {
-            CaKind::Root => !r.active || current.root.as_ref().is_some_and(|(c, _)| c.id == r.id),
-            CaKind::Issuing => {
-                (r.not_after <= now && current.issuing_by_id(&r.id).is_none())
-                    || current.issuing_by_id(&r.id).is_some_and(|c| c.record.active == r.active && r.not_after > now)
-            }
-        };
-        if current.version > 0 && records.iter().all(same) {
-            // Nothing rotated or imported: only pick up new CRLs.
+        let mut wanted: Vec<(&str, bool)> = records
+            .iter()
+            .filter(|r| match r.kind {
+                CaKind::Root => r.active,
+                CaKind::Issuing => r.not_after > now,
+            })
+            .map(|r| (r.id.as_str(), r.active))
+            .collect();
+        let mut loaded: Vec<(&str, bool)> = current
+            .root
+            .iter()
+            .map(|(r, _)| (r.id.as_str(), true))
+            .chain(current.issuing.iter().map(|c| (c.record.id.as_str(), c.record.active)))
+            .collect();
+        wanted.sort_unstable();
+        loaded.sort_unstable();
+        if current.version > 0 && wanted == loaded {
             return self.refresh_crls().await;
         }
         let mut root = None;
@@ -228,14 +238,16 @@ impl Portcullis {
     /// Picks up CRLs other nodes signed, and re-signs any CRL that is missing or past half of
     /// its lifetime (so `nextUpdate` never passes). Run by the maintenance loop.
     pub async fn refresh_crls(&self) -> Result<()> {
-        let stored = self.store.crls().await?;
+        // Numbers first: the DER (megabytes for a large CRL) is read only when another node
+        // signed a newer one.
         let set = self.ca_set();
-        let newer: Vec<StoredCrl> = stored
-            .into_iter()
-            .filter(|c| set.crls.get(&c.issuer_id).is_none_or(|mine| mine.number < c.number))
-            .collect();
-        for crl in newer {
-            self.install_crl(crl);
+        let newer = |issuer: &str, number: u64| set.crls.get(issuer).is_none_or(|mine| mine.number < number);
+        if self.store.crl_numbers().await?.iter().any(|(issuer, n)| newer(issuer, *n)) {
+            for crl in self.store.crls().await? {
+                if newer(&crl.issuer_id, crl.number) {
+                    self.install_crl(crl);
+                }
+            }
         }
         let set = self.ca_set();
         let now = self.now();
@@ -765,7 +777,7 @@ impl Portcullis {
             .ok_or_else(|| Error::Forbidden("the certificate's organisation is gone".into()))?;
         let csr = match csr {
             Some(pem) => pki::parse_csr(pem)?,
-            None => csr_from_certificate(presented_der)?,
+            None => pki::csr_from_certificate(presented_der)?,
         };
         let actor = format!("certificate:{}", old.serial);
         let cert = self.sign_and_record(&actor, ctx, &org, &app, old.cert_type, &csr, None, Some(&old.id)).await?;
@@ -775,7 +787,7 @@ impl Portcullis {
     /// The inventory record of a certificate presented over TLS: it must be ours, neither
     /// revoked nor expired.
     pub async fn presented_certificate(&self, der: &[u8]) -> Result<IssuedCertificate> {
-        let fp = pki::hex(&pki::sha256(der));
+        let fp = pki::fingerprint(der);
         let cert = self
             .store
             .certificate_by_fingerprint(&fp)
@@ -1017,37 +1029,4 @@ fn valid_hostname(d: &str) -> bool {
                 && !l.ends_with('-')
                 && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         })
-}
-
-/// A CSR-equivalent for renewing with the same key: the certificate's own key and subject.
-fn csr_from_certificate(der: &[u8]) -> Result<Csr> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|_| Error::invalid("the presented certificate is malformed"))?;
-    let key = crate::crypto::jwk::ClientKeyMaterial::from_parsed(cert.public_key())
-        .ok_or_else(|| Error::invalid("the presented certificate's key type is not accepted"))?;
-    let mut subject = Vec::new();
-    for a in cert.subject().iter_attributes() {
-        let name = match a.attr_type().to_id_string().as_str() {
-            "2.5.4.3" => "CN",
-            "2.5.4.10" => "O",
-            _ => "other",
-        };
-        subject.push((name.to_owned(), a.as_str().unwrap_or_default().to_owned()));
-    }
-    let dns_names = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|s| {
-            s.value
-                .general_names
-                .iter()
-                .filter_map(|g| match g {
-                    x509_parser::extensions::GeneralName::DNSName(d) => Some((*d).to_owned()),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    Ok(Csr { spki_der: cert.public_key().raw.to_vec(), key, subject, dns_names, other_names: vec![], asks_ca: false })
 }

@@ -3,7 +3,8 @@
 //! environment with known admin secrets, pipes drained on threads, waiting for a line or an exit
 //! with a deadline, a `serve` on a free port that is stopped with SIGTERM or killed on drop), the
 //! HTTP client side (every response checked: never a 5xx, every refusal with `x-error` and
-//! `x-error-id`; credentials; client-credentials tokens), throwaway PostgreSQL databases, and the
+//! `x-error-id`; credentials; client-credentials tokens), throwaway PostgreSQL databases, the
+//! runner of the Python helpers (`tests/e2e/*.py`), and the
 //! organisation `acme` with its service `payments` that the tests start from. What one binary
 //! alone needs stays in that file.
 
@@ -471,4 +472,42 @@ impl Drop for PgDb {
             eprintln!("could not drop test database {}: {e}", self.name);
         }
     }
+}
+
+// ---- Python helpers ----------------------------------------------------------------------
+
+/// Runs a Python helper; every option is passed as `--name=value` (values may start with `-`).
+pub fn python(script: &str, args: &[&str]) -> (bool, Value) {
+    let mut argv: Vec<String> = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a.starts_with("--") && !a.contains('=') {
+            argv.push(format!("{a}={}", it.next().unwrap()));
+        } else {
+            argv.push((*a).to_owned());
+        }
+    }
+    let out = Command::new("python3")
+        .arg(script)
+        .args(&argv)
+        .env("NO_PROXY", "*")
+        .env("no_proxy", "*")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run python3 ({e}); scripts/test.sh installs python3, authlib, pyjwt"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "{script} {args:?} printed no JSON object ({e}); are authlib, pyjwt[crypto] and requests installed?\nstdout: {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.success(), v)
+}
+
+#[track_caller]
+pub fn python_ok(script: &str, args: &[&str]) -> Value {
+    let (ok, v) = python(script, args);
+    assert!(ok, "{script} {args:?} failed: {v}");
+    v
 }
