@@ -5,7 +5,7 @@ use std::fmt;
 
 /// Opaque storage failure: the core never sees sqlx. `Unavailable` and `Internal` carry a
 /// description for the log only; it is never shown to a client.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("conflict: {0}")]
     Conflict(String),

@@ -21,6 +21,7 @@ use portcullis_core::store::{KeyRotation, Store, StoreResult};
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use tokio::sync::{mpsc, oneshot};
 
 pub use migrate::checksum;
 
@@ -1252,38 +1253,7 @@ macro_rules! sql_store {
             }
 
             async fn insert_certificate(&self, c: &IssuedCertificate, audit: &AuditEvent) -> StoreResult<()> {
-                let mut tx = self.pool.begin().await.map_err(db_err)?;
-                sqlx::query(
-                    "INSERT INTO certificates (id, org_id, app_id, client_id, cert_type, serial, issuer_id, subject, sans, key_type, spki_sha256, fingerprint, \
-                     certificate_pem, not_before, not_after, revoked_at, revocation_reason, renewed_from, expiry_notified_at, created_by, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
-                )
-                .bind(&c.id)
-                .bind(&c.org_id)
-                .bind(&c.app_id)
-                .bind(c.client_id.as_str())
-                .bind(c.cert_type.as_str())
-                .bind(&c.serial)
-                .bind(&c.issuer_id)
-                .bind(&c.subject)
-                .bind(string_list(&c.sans)?)
-                .bind(&c.key_type)
-                .bind(&c.spki_sha256)
-                .bind(&c.fingerprint)
-                .bind(&c.certificate_pem)
-                .bind(c.not_before)
-                .bind(c.not_after)
-                .bind(c.revoked_at)
-                .bind(c.revocation_reason.map(RevocationReason::as_str))
-                .bind(&c.renewed_from)
-                .bind(c.expiry_notified_at)
-                .bind(&c.created_by)
-                .bind(c.created_at)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
-                Self::insert_audit(&mut *tx, audit).await?;
-                tx.commit().await.map_err(db_err)
+                self.store_certificate(c, audit).await
             }
 
             async fn certificate(&self, org_id: &str, id: &str) -> StoreResult<Option<IssuedCertificate>> {
@@ -1654,6 +1624,40 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            /// The inventory row and its audit row, on `conn` (a transaction or savepoint).
+            async fn insert_certificate_rows(conn: &mut <<$pool as PoolDb>::Db as sqlx::Database>::Connection, c: &IssuedCertificate, audit: &AuditEvent) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO certificates (id, org_id, app_id, client_id, cert_type, serial, issuer_id, subject, sans, key_type, spki_sha256, fingerprint, \
+                     certificate_pem, not_before, not_after, revoked_at, revocation_reason, renewed_from, expiry_notified_at, created_by, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
+                )
+                .bind(&c.id)
+                .bind(&c.org_id)
+                .bind(&c.app_id)
+                .bind(c.client_id.as_str())
+                .bind(c.cert_type.as_str())
+                .bind(&c.serial)
+                .bind(&c.issuer_id)
+                .bind(&c.subject)
+                .bind(string_list(&c.sans)?)
+                .bind(&c.key_type)
+                .bind(&c.spki_sha256)
+                .bind(&c.fingerprint)
+                .bind(&c.certificate_pem)
+                .bind(c.not_before)
+                .bind(c.not_after)
+                .bind(c.revoked_at)
+                .bind(c.revocation_reason.map(RevocationReason::as_str))
+                .bind(&c.renewed_from)
+                .bind(c.expiry_notified_at)
+                .bind(&c.created_by)
+                .bind(c.created_at)
+                .execute(&mut *conn)
+                .await
+                .map_err(db_err)?;
+                Self::insert_audit(&mut *conn, audit).await
+            }
+
             async fn insert_key<'c, E>(ex: E, k: &StoredSigningKey) -> StoreResult<()>
             where
                 E: sqlx::Executor<'c, Database = <$pool as PoolDb>::Db>,
@@ -1686,11 +1690,64 @@ impl PoolDb for PgPool {
     type Db = sqlx::Postgres;
 }
 
-/// Embedded SQLite: WAL, foreign keys on, a busy timeout, and a single writer connection
-/// pool (readers share the WAL).
+/// Embedded SQLite: WAL with `synchronous=FULL`, foreign keys on, a busy timeout, and a small
+/// pool (readers share the WAL; SQLite admits one writer at a time).
+///
+/// Certificate issuance goes through a group commit ([`certificate_writer`]): every commit is
+/// an fsync, which would cap issuance at the disk's commit rate.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    certificates: mpsc::Sender<PendingCertificate>,
+}
+
+/// A certificate waiting for the group commit, and where to send its outcome.
+type PendingCertificate = (IssuedCertificate, AuditEvent, oneshot::Sender<StoreResult<()>>);
+
+/// The most certificates one group commit takes.
+const CERTIFICATE_BATCH: usize = 128;
+
+/// Group commit for certificate issuance on SQLite. It takes every insert queued while the
+/// previous commit was being flushed (up to [`CERTIFICATE_BATCH`]) and writes them in one
+/// transaction, each in its own savepoint, so a conflict (a duplicate serial, say) undoes and
+/// fails only that insert. Each caller is answered only after the shared commit is durable;
+/// if the commit fails, every caller in the batch gets the error and nothing of it is stored.
+/// The task ends when the last [`SqliteStore`] clone is dropped.
+async fn certificate_writer(pool: SqlitePool, mut queue: mpsc::Receiver<PendingCertificate>) {
+    let mut batch = Vec::with_capacity(CERTIFICATE_BATCH);
+    while queue.recv_many(&mut batch, CERTIFICATE_BATCH).await > 0 {
+        match commit_certificates(&pool, &batch).await {
+            Ok(outcomes) => {
+                for ((_, _, reply), outcome) in batch.drain(..).zip(outcomes) {
+                    // A caller that went away still has its certificate stored: nothing to undo.
+                    let _ = reply.send(outcome);
+                }
+            }
+            Err(e) => {
+                for (_, _, reply) in batch.drain(..) {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// One transaction for the batch; the outer error is a failure of the whole transaction.
+async fn commit_certificates(pool: &SqlitePool, batch: &[PendingCertificate]) -> StoreResult<Vec<StoreResult<()>>> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for (cert, audit, _) in batch {
+        let mut savepoint = sqlx::Acquire::begin(&mut *tx).await.map_err(db_err)?;
+        let outcome = SqliteStore::insert_certificate_rows(&mut savepoint, cert, audit).await;
+        if outcome.is_ok() {
+            savepoint.commit().await.map_err(db_err)?;
+        } else {
+            savepoint.rollback().await.map_err(db_err)?;
+        }
+        outcomes.push(outcome);
+    }
+    tx.commit().await.map_err(db_err)?;
+    Ok(outcomes)
 }
 
 impl SqliteStore {
@@ -1723,9 +1780,19 @@ impl SqliteStore {
             .connect_with(opts)
             .await
             .map_err(db_err)?;
-        let store = Self { pool };
+        let (certificates, queue) = mpsc::channel(4 * CERTIFICATE_BATCH);
+        tokio::spawn(certificate_writer(pool.clone(), queue));
+        let store = Self { pool, certificates };
         store.run_migrations(None, migrate::SQLITE, now).await?;
         Ok(store)
+    }
+
+    /// Queues the certificate for the next group commit and waits for its outcome.
+    async fn store_certificate(&self, c: &IssuedCertificate, audit: &AuditEvent) -> StoreResult<()> {
+        let stopped = || StoreError::Unavailable("the certificate writer has stopped".into());
+        let (reply, outcome) = oneshot::channel();
+        self.certificates.send((c.clone(), audit.clone(), reply)).await.map_err(|_| stopped())?;
+        outcome.await.map_err(|_| stopped())?
     }
 
     /// `PRAGMA integrity_check`; `ok` when the file is sound.
@@ -1760,6 +1827,13 @@ impl PgStore {
         let store = Self { pool };
         store.run_migrations(Some("SELECT pg_advisory_xact_lock(7261426469)"), migrate::POSTGRES, now).await?;
         Ok(store)
+    }
+
+    /// PostgreSQL flushes the WAL of concurrent commits together itself: one transaction each.
+    async fn store_certificate(&self, c: &IssuedCertificate, audit: &AuditEvent) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        Self::insert_certificate_rows(&mut tx, c, audit).await?;
+        tx.commit().await.map_err(db_err)
     }
 
     pub async fn close(&self) {

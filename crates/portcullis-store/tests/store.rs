@@ -83,6 +83,7 @@ contract_tests!(
     auth_api_mutations_roll_back_with_their_audit_row,
     organisation_domains_are_replaced_and_audited,
     certificates_insert_lookup_and_conflicts,
+    concurrent_certificate_inserts_fail_only_their_own,
     certificate_filters_status_and_paging,
     certificate_revocation_happens_once_with_its_mail,
     crl_numbers_increase_and_the_highest_crl_is_kept,
@@ -2822,6 +2823,65 @@ async fn certificates_insert_lookup_and_conflicts(s: Arc<dyn Store>) {
     );
     assert_eq!(s.certificate_by_fingerprint(&d.fingerprint).await.unwrap().as_ref(), Some(&d));
     assert_eq!(s.active_signing_certificates(&web.id, NOW).await.unwrap(), vec![d.clone()]);
+}
+
+/// Many issuances at once (SQLite commits them in groups): a conflicting insert fails alone,
+/// with its audit row, and every other one is stored with its audit row.
+async fn concurrent_certificate_inserts_fail_only_their_own(s: Arc<dyn Store>) {
+    let acme = seed_org(&*s, "acme").await;
+    seed_issuer(&*s, "ca-1").await;
+    let web = seed_app(&*s, &acme, "web").await;
+    let before = audit_len(&*s).await;
+    // 60 certificates; every tenth reuses the serial of the one before it, and number 25 reuses
+    // the audit id of number 24.
+    let mut certs = Vec::new();
+    let mut events: Vec<AuditEvent> = Vec::new();
+    for i in 0..60u32 {
+        let serial = if i % 10 == 9 { format!("1c{:02x}", i - 1) } else { format!("1c{i:02x}") };
+        let mut c = issued(&web, "ca-1", &serial, CertificateType::Transport, NOW + i64::from(i), NOW + DAY);
+        c.fingerprint = format!("{i:f>64}");
+        c.spki_sha256 = format!("{i:5>64}");
+        let ev = if i == 25 {
+            AuditEvent { action: "certificate.issue".into(), ..events[24].clone() }
+        } else {
+            audit(Some(&acme.id), "certificate.issue")
+        };
+        certs.push(c);
+        events.push(ev);
+    }
+    let outcomes = futures_join_all(certs.iter().cloned().zip(events.iter().cloned()).map(|(c, ev)| {
+        let s = s.clone();
+        async move { s.insert_certificate(&c, &ev).await }
+    }))
+    .await;
+
+    let mut stored = 0;
+    for pair in (0..60).step_by(10).map(|i| i + 8) {
+        let (first, second) = (&outcomes[pair], &outcomes[pair + 1]);
+        assert!(
+            first.is_ok() != second.is_ok(),
+            "exactly one of the two with serial {} is stored: {first:?} {second:?}",
+            certs[pair].serial
+        );
+        let loser = if first.is_ok() { pair + 1 } else { pair };
+        assert!(is_conflict(&outcomes[loser]), "{:?}", outcomes[loser]);
+        assert_eq!(s.certificate(&acme.id, &certs[loser].id).await.unwrap(), None);
+        assert!(!audited(&*s, &events[loser]).await, "the refused insert left no audit row");
+    }
+    let (first, second) = (&outcomes[24], &outcomes[25]);
+    assert!(first.is_ok() != second.is_ok(), "one audit id, one insert: {first:?} {second:?}");
+    for (i, outcome) in outcomes.iter().enumerate() {
+        if outcome.is_ok() {
+            stored += 1;
+            assert_eq!(s.certificate(&acme.id, &certs[i].id).await.unwrap().as_ref(), Some(&certs[i]));
+            assert!(audited(&*s, &events[i]).await, "certificate {i} has its audit row");
+        } else {
+            assert!(i % 10 >= 8 || i == 24 || i == 25, "certificate {i} conflicts with nothing, yet: {outcome:?}");
+        }
+    }
+    assert_eq!(stored, 60 - 6 - 1, "six serial clashes and one audit clash refused");
+    assert_eq!(audit_len(&*s).await, before + stored);
+    assert_eq!(s.certificates(&acme.id, &at(NOW), all()).await.unwrap().len(), stored);
 }
 
 async fn certificate_filters_status_and_paging(s: Arc<dyn Store>) {
