@@ -79,6 +79,31 @@ ensure_python_deps() {
     python3 -c 'import authlib, jwt, requests, aiosmtpd' || die "python deps still not importable after install"
 }
 
+# The OpenID Connect end-to-end tests drive Portcullis with npm `openid-client` (v6, pinned by
+# crates/portcullis/tests/e2e/package-lock.json) from crates/portcullis/tests/e2e/oidc_rp.mjs.
+ensure_node_deps() {
+    local dir=crates/portcullis/tests/e2e
+    ensure_cmd node nodejs
+    ensure_cmd npm npm
+    local major
+    major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+    [[ "$major" -ge 20 ]] || info "WARNING: Node.js $(node --version 2>/dev/null) is older than 20; openid-client v6 needs 20+"
+    if (cd "$dir" && node -e 'import("openid-client").then(() => process.exit(0), () => process.exit(1))') \
+        >/dev/null 2>&1; then
+        info "node deps present"
+        return
+    fi
+    if [[ -f "$dir/package-lock.json" ]]; then
+        info "npm ci in $dir"
+        npm ci --no-audit --no-fund --prefix "$dir" </dev/null || die "npm ci in $dir failed"
+    else
+        info "npm install in $dir"
+        npm install --no-audit --no-fund --prefix "$dir" </dev/null || die "npm install in $dir failed"
+    fi
+    (cd "$dir" && node -e 'import("openid-client").then(() => process.exit(0), () => process.exit(1))') \
+        || die "openid-client still not importable after npm install"
+}
+
 ensure_cargo() {
     if ! command -v cargo >/dev/null 2>&1 && [[ -f "${CARGO_HOME:-$HOME/.cargo}/env" ]]; then
         # shellcheck disable=SC1091
@@ -243,6 +268,7 @@ main() {
     ensure_cmd openssl openssl
     ensure_cmd psql postgresql-client   # the PostgreSQL e2e test creates its database with psql
     ensure_python_deps
+    ensure_node_deps
 
     section "PostgreSQL"
     ensure_postgres

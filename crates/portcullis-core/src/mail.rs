@@ -98,6 +98,12 @@ pub enum Message<'a> {
         failures: u32,
     },
     PasswordChanged,
+    /// An invitation (or self-registration) link: set a password, verify the address.
+    Invitation {
+        link: &'a str,
+        org_name: &'a str,
+        days: i64,
+    },
     /// Sent to the previous primary address.
     PrimaryEmailChanged {
         new: &'a str,
@@ -141,6 +147,7 @@ impl Message<'_> {
             Self::PasswordResetCode { .. } => "password_reset_code",
             Self::AccountLocked { .. } => "account_locked",
             Self::PasswordChanged => "password_changed",
+            Self::Invitation { .. } => "invitation",
             Self::PrimaryEmailChanged { .. } => "primary_email_changed",
             Self::CertificateExpiring { .. } => "certificate_expiring",
             Self::CertificateRevoked { .. } => "certificate_revoked",
@@ -153,7 +160,8 @@ impl Message<'_> {
             Self::LoginCode { code, .. }
             | Self::ApiKeyCode { code, .. }
             | Self::EmailCode { code, .. }
-            | Self::PasswordResetCode { code, .. } => Some(code),
+            | Self::PasswordResetCode { code, .. }
+            | Self::Invitation { link: code, .. } => Some(code),
             Self::AccountLocked { .. }
             | Self::PasswordChanged
             | Self::PrimaryEmailChanged { .. }
@@ -197,6 +205,12 @@ impl Message<'_> {
                 format!(
                     "The code expires in {minutes} minutes and works once. If you did not ask for a reset, ignore this message: your password is unchanged."
                 ),
+            ),
+            Self::Invitation { link, org_name, days } => (
+                format!("You are invited to {org_name} on Portcullis"),
+                format!("You have an account at {org_name}. Open this link to set your password (it also confirms this address):"),
+                Some(link),
+                format!("The link works once and expires in {days} days. If you did not expect this, ignore this message."),
             ),
             Self::AccountLocked { until, failures } => (
                 "Your Portcullis account is locked for a while".to_owned(),

@@ -16,6 +16,8 @@ pub struct Organisation {
     pub name: String,
     /// DNS names (and their subdomains) its `server-transport` certificates may carry.
     pub allowed_domains: Vec<String>,
+    /// People may sign themselves up on `/register` (off by default).
+    pub self_registration: bool,
     pub created_at: UnixTime,
     pub updated_at: UnixTime,
 }
@@ -125,6 +127,16 @@ pub struct Application {
     pub jwks_uri: Option<String>,
     pub access_token_lifetime: i64,
     pub signing_alg: Algorithm,
+    /// The ID token's algorithm (`id_token_signed_response_alg`).
+    pub id_token_signing_alg: Algorithm,
+    /// Trusted by the organisation: its users are not asked for consent.
+    pub first_party: bool,
+    /// Where RP-initiated logout may send the browser afterwards (exact match).
+    pub post_logout_redirect_uris: Vec<String>,
+    /// Back-channel logout endpoint (OIDC Back-Channel Logout 1.0).
+    pub backchannel_logout_uri: Option<String>,
+    /// Refresh tokens for the authorization code grant even without `offline_access`.
+    pub always_issue_refresh_token: bool,
     pub enabled: bool,
     pub secret_hash: Option<SecretHash>,
     pub previous_secret_hash: Option<SecretHash>,
@@ -263,6 +275,8 @@ pub enum VerificationPurpose {
     ApiKey,
     Email,
     PasswordReset,
+    /// An invitation link (admin invite or self-registration): set a password, verify the address.
+    Invite,
 }
 
 impl VerificationPurpose {
@@ -272,6 +286,7 @@ impl VerificationPurpose {
             Self::ApiKey => "api_key",
             Self::Email => "email",
             Self::PasswordReset => "password_reset",
+            Self::Invite => "invite",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
@@ -280,6 +295,7 @@ impl VerificationPurpose {
             "api_key" => Some(Self::ApiKey),
             "email" => Some(Self::Email),
             "password_reset" => Some(Self::PasswordReset),
+            "invite" => Some(Self::Invite),
             _ => None,
         }
     }
@@ -337,6 +353,13 @@ pub enum VerificationEffect {
         user_id: String,
         password_hash: String,
     },
+    /// An accepted invitation: the password is set, the address (`email_id`) verified, the
+    /// lockout lifted.
+    AcceptInvite {
+        user_id: String,
+        email_id: String,
+        password_hash: String,
+    },
 }
 
 impl std::fmt::Debug for VerificationEffect {
@@ -346,6 +369,7 @@ impl std::fmt::Debug for VerificationEffect {
             Self::ActivateApiKey { key_id } => write!(f, "ActivateApiKey({key_id})"),
             Self::VerifyEmail { email_id } => write!(f, "VerifyEmail({email_id})"),
             Self::ResetPassword { user_id, .. } => write!(f, "ResetPassword({user_id})"),
+            Self::AcceptInvite { user_id, email_id, .. } => write!(f, "AcceptInvite({user_id}, {email_id})"),
         }
     }
 }
@@ -732,4 +756,153 @@ pub struct StoredCrl {
     pub this_update: UnixTime,
     pub next_update: UnixTime,
     pub der: Vec<u8>,
+}
+
+// ---- OpenID Connect (people signing in to applications) ----------------------------------
+
+/// An authorization code (RFC 6749 §4.1) as stored: only its keyed hash. Single use; what its
+/// redemption issued is recorded so a replay can revoke it (RFC 6749 §4.1.2).
+#[derive(Clone, PartialEq, Eq)]
+pub struct AuthorizationCode {
+    pub code_hash: SecretHash,
+    pub client_id: String,
+    pub org_id: String,
+    pub user_id: String,
+    /// The SSO session (login session) it was issued in: the ID token's `sid`.
+    pub session_id: String,
+    pub redirect_uri: String,
+    /// Granted scopes, space-separated.
+    pub scope: String,
+    pub nonce: Option<String>,
+    /// PKCE S256 challenge (RFC 7636), if the request carried one.
+    pub code_challenge: Option<String>,
+    pub auth_time: UnixTime,
+    pub amr: Vec<String>,
+    pub created_at: UnixTime,
+    pub expires_at: UnixTime,
+    pub consumed_at: Option<UnixTime>,
+    /// The access token its redemption issued (`jti`, and when it expires) …
+    pub issued_jti: Option<String>,
+    pub issued_jti_expires_at: Option<UnixTime>,
+    /// … and the refresh-token family, if any.
+    pub issued_family: Option<String>,
+}
+
+impl std::fmt::Debug for AuthorizationCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthorizationCode")
+            .field("client_id", &self.client_id)
+            .field("user_id", &self.user_id)
+            .field("session_id", &self.session_id)
+            .field("expires_at", &self.expires_at)
+            .field("consumed_at", &self.consumed_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What redeeming a code issued: recorded on the code in the redemption's transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodeIssue {
+    pub jti: String,
+    pub jti_expires_at: UnixTime,
+    /// The first refresh token of a new family, if one was issued.
+    pub refresh: Option<RefreshToken>,
+}
+
+/// A refresh token as stored: only its keyed hash. Single use: each use marks it used and
+/// inserts its successor in the same family; using a used one revokes the whole family.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RefreshToken {
+    pub id: String,
+    pub token_hash: SecretHash,
+    pub family_id: String,
+    pub client_id: String,
+    pub org_id: String,
+    pub user_id: String,
+    /// The SSO session it was issued in; ending that session revokes it.
+    pub session_id: String,
+    pub scope: String,
+    pub auth_time: UnixTime,
+    pub amr: Vec<String>,
+    pub created_at: UnixTime,
+    pub expires_at: UnixTime,
+    pub used_at: Option<UnixTime>,
+    pub revoked_at: Option<UnixTime>,
+}
+
+impl std::fmt::Debug for RefreshToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RefreshToken")
+            .field("id", &self.id)
+            .field("family_id", &self.family_id)
+            .field("client_id", &self.client_id)
+            .field("user_id", &self.user_id)
+            .field("expires_at", &self.expires_at)
+            .field("used_at", &self.used_at)
+            .field("revoked_at", &self.revoked_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A user's consent to an application for a set of scopes (remembered until revoked).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Consent {
+    pub user_id: String,
+    pub client_id: String,
+    pub org_id: String,
+    /// Sorted, deduplicated.
+    pub scopes: Vec<String>,
+    pub granted_at: UnixTime,
+}
+
+/// A back-channel logout token waiting to be POSTed to an application, retried with backoff.
+#[derive(Clone, PartialEq, Eq)]
+pub struct LogoutDelivery {
+    pub id: String,
+    pub client_id: String,
+    pub uri: String,
+    /// The signed logout token (a JWT).
+    pub logout_token: String,
+    pub attempts: u32,
+    pub next_attempt_at: UnixTime,
+    pub created_at: UnixTime,
+    pub delivered_at: Option<UnixTime>,
+    /// Set when it was given up after the last retry.
+    pub failed_at: Option<UnixTime>,
+}
+
+impl std::fmt::Debug for LogoutDelivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogoutDelivery")
+            .field("id", &self.id)
+            .field("client_id", &self.client_id)
+            .field("uri", &self.uri)
+            .field("attempts", &self.attempts)
+            .field("next_attempt_at", &self.next_attempt_at)
+            .field("delivered_at", &self.delivered_at)
+            .field("failed_at", &self.failed_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A user's TOTP second factor (RFC 6238): the secret sealed, the last accepted time step
+/// (a code is never accepted twice).
+#[derive(Clone, PartialEq, Eq)]
+pub struct UserTotp {
+    pub user_id: String,
+    pub sealed_secret: Vec<u8>,
+    /// `None` while enrolment waits for the first code.
+    pub confirmed_at: Option<UnixTime>,
+    pub last_step: Option<i64>,
+    pub created_at: UnixTime,
+}
+
+impl std::fmt::Debug for UserTotp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserTotp")
+            .field("user_id", &self.user_id)
+            .field("confirmed_at", &self.confirmed_at)
+            .field("last_step", &self.last_step)
+            .finish_non_exhaustive()
+    }
 }

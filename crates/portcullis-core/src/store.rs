@@ -119,7 +119,8 @@ pub trait Store: Send + Sync + 'static {
         lock_until: UnixTime,
         audit: &AuditEvent,
     ) -> StoreResult<Option<(u32, Option<UnixTime>)>>;
-    /// Deletes the user with its addresses, sessions, API keys and pending verifications.
+    /// Deletes the user with its addresses, sessions, API keys, pending verifications, and
+    /// its authorization codes, refresh tokens, consents and TOTP enrolment.
     async fn delete_user(&self, org_id: &str, id: &str, audit: &AuditEvent) -> StoreResult<bool>;
 
     async fn user_emails(&self, user_id: &str) -> StoreResult<Vec<UserEmail>>;
@@ -143,11 +144,13 @@ pub trait Store: Send + Sync + 'static {
     /// Removes an address that is not the primary one.
     async fn remove_user_email(&self, user_id: &str, email_id: &str, audit: &AuditEvent) -> StoreResult<bool>;
 
+    /// The pending session, its verification and (unless the second factor is an
+    /// authenticator app) the mail carrying the code.
     async fn create_session(
         &self,
         session: &Session,
         verification: &Verification,
-        mail: &QueuedMail,
+        mail: Option<&QueuedMail>,
         audit: &AuditEvent,
     ) -> StoreResult<()>;
     async fn session(&self, id: &str) -> StoreResult<Option<Session>>;
@@ -304,4 +307,117 @@ pub trait Store: Send + Sync + 'static {
     /// An organisation's events matching every given criterion, newest first.
     async fn search_audit_events(&self, org_id: &str, filter: &AuditFilter, page: Page)
     -> StoreResult<Vec<AuditEvent>>;
+
+    // ---- OpenID Connect ----------------------------------------------------------------
+
+    /// Sets whether people may sign themselves up; `false` if there is no such organisation.
+    async fn set_organisation_self_registration(
+        &self,
+        org_id: &str,
+        enabled: bool,
+        now: UnixTime,
+        audit: &AuditEvent,
+    ) -> StoreResult<bool>;
+
+    /// Creates a user (no password yet), its primary address row, the invitation verification
+    /// and the mail carrying the link, in one transaction. `Conflict` if the organisation
+    /// already has the address.
+    async fn create_invited_user(
+        &self,
+        user: &User,
+        email: &UserEmail,
+        verification: &Verification,
+        mail: &QueuedMail,
+        audit: &AuditEvent,
+    ) -> StoreResult<()>;
+
+    async fn insert_authorization_code(&self, code: &AuthorizationCode, audit: &AuditEvent) -> StoreResult<()>;
+    async fn authorization_code(&self, code_hash: &SecretHash) -> StoreResult<Option<AuthorizationCode>>;
+    /// Marks the code consumed — only if it was not — records what was issued, inserts the
+    /// first refresh token if any, and records that the code's session signed in to its
+    /// client; one transaction. `false` (nothing written) when it was already consumed.
+    async fn redeem_authorization_code(
+        &self,
+        code_hash: &SecretHash,
+        now: UnixTime,
+        issue: &CodeIssue,
+        audit: &AuditEvent,
+    ) -> StoreResult<bool>;
+    /// A replayed code: puts the access token its redemption issued on the revocation list
+    /// and revokes its refresh-token family; one transaction. Returns whether anything was
+    /// revoked (nothing when it was never redeemed or already revoked).
+    async fn revoke_code_grant(&self, code_hash: &SecretHash, now: UnixTime, audit: &AuditEvent) -> StoreResult<bool>;
+
+    async fn refresh_token_by_hash(&self, token_hash: &SecretHash) -> StoreResult<Option<RefreshToken>>;
+    /// Marks `old_id` used — only if it is unused and not revoked — and inserts `new`; one
+    /// transaction. `false` (nothing written) when it was used or revoked already.
+    async fn rotate_refresh_token(
+        &self,
+        old_id: &str,
+        now: UnixTime,
+        new: &RefreshToken,
+        audit: &AuditEvent,
+    ) -> StoreResult<bool>;
+    /// Revokes every unrevoked token of the family; returns how many.
+    async fn revoke_refresh_family(&self, family_id: &str, now: UnixTime, audit: &AuditEvent) -> StoreResult<u64>;
+
+    /// Ends an SSO session: revokes the session and every refresh token issued in it, and
+    /// queues the back-channel logout deliveries; one transaction. `false` when the session
+    /// was neither active nor pending (then nothing is written).
+    async fn end_sso_session(
+        &self,
+        session_id: &str,
+        now: UnixTime,
+        deliveries: &[LogoutDelivery],
+        audit: &AuditEvent,
+    ) -> StoreResult<bool>;
+    /// The client ids the session signed in to (codes redeemed in it), oldest first.
+    async fn session_clients(&self, session_id: &str) -> StoreResult<Vec<String>>;
+
+    async fn consent(&self, user_id: &str, client_id: &str) -> StoreResult<Option<Consent>>;
+    /// Inserts or replaces the user's consent to the client.
+    async fn save_consent(&self, consent: &Consent, audit: &AuditEvent) -> StoreResult<()>;
+    /// Newest first.
+    async fn user_consents(&self, user_id: &str) -> StoreResult<Vec<Consent>>;
+    /// Forgets the consent and revokes the refresh tokens the user holds for that client.
+    async fn revoke_consent(
+        &self,
+        user_id: &str,
+        client_id: &str,
+        now: UnixTime,
+        audit: &AuditEvent,
+    ) -> StoreResult<bool>;
+
+    /// Deliveries not yet delivered nor given up whose `next_attempt_at` has come, oldest first.
+    async fn due_logout_deliveries(&self, now: UnixTime, max: u32) -> StoreResult<Vec<LogoutDelivery>>;
+    /// Marks it delivered and erases the logout token (it is not needed any more).
+    async fn logout_delivered(&self, id: &str, now: UnixTime) -> StoreResult<()>;
+    /// Counts a failed attempt; `next_attempt_at` `None` gives up (sets `failed_at`).
+    async fn logout_delivery_failed(
+        &self,
+        id: &str,
+        attempts: u32,
+        next_attempt_at: Option<UnixTime>,
+        now: UnixTime,
+    ) -> StoreResult<()>;
+
+    async fn user_totp(&self, user_id: &str) -> StoreResult<Option<UserTotp>>;
+    /// Inserts or replaces the user's (unconfirmed) TOTP enrolment.
+    async fn save_user_totp(&self, totp: &UserTotp, audit: &AuditEvent) -> StoreResult<()>;
+    /// Accepts time step `step` once: sets `last_step` (and `confirmed_at` when `confirm`)
+    /// only if no step ≥ `step` was accepted before. `false` (nothing written) otherwise.
+    async fn use_totp_step(
+        &self,
+        user_id: &str,
+        step: i64,
+        confirm: bool,
+        now: UnixTime,
+        audit: &AuditEvent,
+    ) -> StoreResult<bool>;
+    /// Removes the user's second factor (an admin reset); `false` if there was none.
+    async fn delete_user_totp(&self, user_id: &str, audit: &AuditEvent) -> StoreResult<bool>;
+
+    /// Deletes codes expired before `before`, refresh tokens expired before `before`, and
+    /// logout deliveries delivered or given up before `before`. Returns how many rows.
+    async fn purge_oidc(&self, before: UnixTime) -> StoreResult<u64>;
 }

@@ -119,6 +119,7 @@ macro_rules! sql_store {
                     slug: Slug::parse(r.try_get::<&str, _>("slug").map_err(db_err)?).map_err(|_| corrupt("slug"))?,
                     name: r.try_get("name").map_err(db_err)?,
                     allowed_domains: json_list(r.try_get("allowed_domains").map_err(db_err)?, |s| Ok(s.to_owned()), "allowed domains")?,
+                    self_registration: r.try_get("self_registration").map_err(db_err)?,
                     created_at: r.try_get("created_at").map_err(db_err)?,
                     updated_at: r.try_get("updated_at").map_err(db_err)?,
                 })
@@ -154,6 +155,11 @@ macro_rules! sql_store {
                     jwks_uri: r.try_get("jwks_uri").map_err(db_err)?,
                     access_token_lifetime: r.try_get("access_token_lifetime").map_err(db_err)?,
                     signing_alg: Algorithm::parse(r.try_get("signing_alg").map_err(db_err)?).map_err(|_| corrupt("algorithm"))?,
+                    id_token_signing_alg: Algorithm::parse(r.try_get("id_token_signing_alg").map_err(db_err)?).map_err(|_| corrupt("algorithm"))?,
+                    first_party: r.try_get("first_party").map_err(db_err)?,
+                    post_logout_redirect_uris: json_list(r.try_get("post_logout_redirect_uris").map_err(db_err)?, |s| Ok(s.to_owned()), "post-logout redirect uris")?,
+                    backchannel_logout_uri: r.try_get("backchannel_logout_uri").map_err(db_err)?,
+                    always_issue_refresh_token: r.try_get("always_issue_refresh_token").map_err(db_err)?,
                     enabled: r.try_get("enabled").map_err(db_err)?,
                     secret_hash: hash_from(r.try_get("secret_hash").map_err(db_err)?)?,
                     previous_secret_hash: hash_from(r.try_get("previous_secret_hash").map_err(db_err)?)?,
@@ -316,6 +322,81 @@ macro_rules! sql_store {
                 })
             }
 
+            fn code_row(r: &$row) -> StoreResult<AuthorizationCode> {
+                Ok(AuthorizationCode {
+                    code_hash: required_hash(r.try_get("code_hash").map_err(db_err)?)?,
+                    client_id: r.try_get("client_id").map_err(db_err)?,
+                    org_id: r.try_get("org_id").map_err(db_err)?,
+                    user_id: r.try_get("user_id").map_err(db_err)?,
+                    session_id: r.try_get("session_id").map_err(db_err)?,
+                    redirect_uri: r.try_get("redirect_uri").map_err(db_err)?,
+                    scope: r.try_get("scope").map_err(db_err)?,
+                    nonce: r.try_get("nonce").map_err(db_err)?,
+                    code_challenge: r.try_get("code_challenge").map_err(db_err)?,
+                    auth_time: r.try_get("auth_time").map_err(db_err)?,
+                    amr: json_list(r.try_get("amr").map_err(db_err)?, |s| Ok(s.to_owned()), "amr")?,
+                    created_at: r.try_get("created_at").map_err(db_err)?,
+                    expires_at: r.try_get("expires_at").map_err(db_err)?,
+                    consumed_at: r.try_get("consumed_at").map_err(db_err)?,
+                    issued_jti: r.try_get("issued_jti").map_err(db_err)?,
+                    issued_jti_expires_at: r.try_get("issued_jti_expires_at").map_err(db_err)?,
+                    issued_family: r.try_get("issued_family").map_err(db_err)?,
+                })
+            }
+
+            fn refresh_row(r: &$row) -> StoreResult<RefreshToken> {
+                Ok(RefreshToken {
+                    id: r.try_get("id").map_err(db_err)?,
+                    token_hash: required_hash(r.try_get("token_hash").map_err(db_err)?)?,
+                    family_id: r.try_get("family_id").map_err(db_err)?,
+                    client_id: r.try_get("client_id").map_err(db_err)?,
+                    org_id: r.try_get("org_id").map_err(db_err)?,
+                    user_id: r.try_get("user_id").map_err(db_err)?,
+                    session_id: r.try_get("session_id").map_err(db_err)?,
+                    scope: r.try_get("scope").map_err(db_err)?,
+                    auth_time: r.try_get("auth_time").map_err(db_err)?,
+                    amr: json_list(r.try_get("amr").map_err(db_err)?, |s| Ok(s.to_owned()), "amr")?,
+                    created_at: r.try_get("created_at").map_err(db_err)?,
+                    expires_at: r.try_get("expires_at").map_err(db_err)?,
+                    used_at: r.try_get("used_at").map_err(db_err)?,
+                    revoked_at: r.try_get("revoked_at").map_err(db_err)?,
+                })
+            }
+
+            fn consent_row(r: &$row) -> StoreResult<Consent> {
+                Ok(Consent {
+                    user_id: r.try_get("user_id").map_err(db_err)?,
+                    client_id: r.try_get("client_id").map_err(db_err)?,
+                    org_id: r.try_get("org_id").map_err(db_err)?,
+                    scopes: json_list(r.try_get("scopes").map_err(db_err)?, |s| Ok(s.to_owned()), "consented scopes")?,
+                    granted_at: r.try_get("granted_at").map_err(db_err)?,
+                })
+            }
+
+            fn logout_row(r: &$row) -> StoreResult<LogoutDelivery> {
+                Ok(LogoutDelivery {
+                    id: r.try_get("id").map_err(db_err)?,
+                    client_id: r.try_get("client_id").map_err(db_err)?,
+                    uri: r.try_get("uri").map_err(db_err)?,
+                    logout_token: r.try_get("logout_token").map_err(db_err)?,
+                    attempts: counter(r.try_get("attempts").map_err(db_err)?, "logout delivery attempts")?,
+                    next_attempt_at: r.try_get("next_attempt_at").map_err(db_err)?,
+                    created_at: r.try_get("created_at").map_err(db_err)?,
+                    delivered_at: r.try_get("delivered_at").map_err(db_err)?,
+                    failed_at: r.try_get("failed_at").map_err(db_err)?,
+                })
+            }
+
+            fn totp_row(r: &$row) -> StoreResult<UserTotp> {
+                Ok(UserTotp {
+                    user_id: r.try_get("user_id").map_err(db_err)?,
+                    sealed_secret: r.try_get("sealed_secret").map_err(db_err)?,
+                    confirmed_at: r.try_get("confirmed_at").map_err(db_err)?,
+                    last_step: r.try_get("last_step").map_err(db_err)?,
+                    created_at: r.try_get("created_at").map_err(db_err)?,
+                })
+            }
+
             fn audit_row(r: &$row) -> StoreResult<AuditEvent> {
                 Ok(AuditEvent {
                     id: r.try_get("id").map_err(db_err)?,
@@ -411,11 +492,12 @@ macro_rules! sql_store {
 
             async fn create_organisation(&self, o: &Organisation, audit: &AuditEvent) -> StoreResult<()> {
                 let mut tx = self.pool.begin().await.map_err(db_err)?;
-                sqlx::query("INSERT INTO organisations (id, slug, name, allowed_domains, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6)")
+                sqlx::query("INSERT INTO organisations (id, slug, name, allowed_domains, self_registration, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7)")
                     .bind(&o.id)
                     .bind(o.slug.as_str())
                     .bind(&o.name)
                     .bind(string_list(&o.allowed_domains)?)
+                    .bind(o.self_registration)
                     .bind(o.created_at)
                     .bind(o.updated_at)
                     .execute(&mut *tx)
@@ -550,7 +632,7 @@ macro_rules! sql_store {
 
             async fn create_application(&self, a: &Application, audit: &AuditEvent) -> StoreResult<()> {
                 let mut tx = self.pool.begin().await.map_err(db_err)?;
-                let q = sqlx::query("INSERT INTO applications (name, grant_types, scopes, roles, auth_method, redirect_uris, access_token_lifetime, signing_alg, enabled, secret_hash, previous_secret_hash, previous_secret_expires_at, updated_at, jwks_uri, id, org_id, slug, client_id, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)");
+                let q = sqlx::query("INSERT INTO applications (name, grant_types, scopes, roles, auth_method, redirect_uris, access_token_lifetime, signing_alg, enabled, secret_hash, previous_secret_hash, previous_secret_expires_at, updated_at, jwks_uri, id_token_signing_alg, first_party, post_logout_redirect_uris, backchannel_logout_uri, always_issue_refresh_token, id, org_id, slug, client_id, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)");
                 Self::bind_app_settings(q, a)?
                     .bind(&a.id)
                     .bind(&a.org_id)
@@ -577,7 +659,7 @@ macro_rules! sql_store {
 
             async fn update_application(&self, a: &Application, expected_updated_at: UnixTime, audit: &AuditEvent) -> StoreResult<()> {
                 let mut tx = self.pool.begin().await.map_err(db_err)?;
-                let q = sqlx::query("UPDATE applications SET name = $1, grant_types = $2, scopes = $3, roles = $4, auth_method = $5, redirect_uris = $6, access_token_lifetime = $7, signing_alg = $8, enabled = $9, secret_hash = $10, previous_secret_hash = $11, previous_secret_expires_at = $12, updated_at = $13, jwks_uri = $14 WHERE id = $15 AND updated_at = $16");
+                let q = sqlx::query("UPDATE applications SET name = $1, grant_types = $2, scopes = $3, roles = $4, auth_method = $5, redirect_uris = $6, access_token_lifetime = $7, signing_alg = $8, enabled = $9, secret_hash = $10, previous_secret_hash = $11, previous_secret_expires_at = $12, updated_at = $13, jwks_uri = $14, id_token_signing_alg = $15, first_party = $16, post_logout_redirect_uris = $17, backchannel_logout_uri = $18, always_issue_refresh_token = $19 WHERE id = $20 AND updated_at = $21");
                 let n = Self::bind_app_settings(q, a)?
                     .bind(&a.id)
                     .bind(expected_updated_at)
@@ -605,21 +687,7 @@ macro_rules! sql_store {
 
             async fn create_user(&self, u: &User, audit: &AuditEvent) -> StoreResult<()> {
                 let mut tx = self.pool.begin().await.map_err(db_err)?;
-                sqlx::query("INSERT INTO users (id, org_id, email, name, password_hash, roles, enabled, failed_logins, locked_until, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")
-                    .bind(&u.id)
-                    .bind(&u.org_id)
-                    .bind(u.email.as_str())
-                    .bind(&u.name)
-                    .bind(&u.password_hash)
-                    .bind(to_json(&u.roles))
-                    .bind(u.enabled)
-                    .bind(i64::from(u.failed_logins))
-                    .bind(u.locked_until)
-                    .bind(u.created_at)
-                    .bind(u.updated_at)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db_err)?;
+                Self::insert_user(&mut *tx, u).await?;
                 Self::insert_user_email(&mut *tx, &UserEmail::primary_of(u)).await?;
                 Self::insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
@@ -769,8 +837,15 @@ macro_rules! sql_store {
 
             async fn delete_user(&self, org_id: &str, id: &str, audit: &AuditEvent) -> StoreResult<bool> {
                 let mut tx = self.pool.begin().await.map_err(db_err)?;
+                // Explicit (the foreign keys cascade too), and scoped to the organisation: a user id
+                // of another organisation deletes nothing.
                 for sql in [
                     "DELETE FROM verifications WHERE user_id = $1 AND org_id = $2",
+                    "DELETE FROM authorization_codes WHERE user_id = $1 AND org_id = $2",
+                    "DELETE FROM refresh_tokens WHERE user_id = $1 AND org_id = $2",
+                    "DELETE FROM consents WHERE user_id = $1 AND org_id = $2",
+                    "DELETE FROM user_totp WHERE user_id = $1 AND EXISTS (SELECT 1 FROM users u WHERE u.id = $1 AND u.org_id = $2)",
+                    "DELETE FROM session_clients WHERE session_id IN (SELECT s.id FROM sessions s WHERE s.user_id = $1 AND s.org_id = $2)",
                     "DELETE FROM sessions WHERE user_id = $1 AND org_id = $2",
                     "DELETE FROM api_keys WHERE user_id = $1 AND org_id = $2",
                     "DELETE FROM user_emails WHERE user_id = $1 AND org_id = $2",
@@ -845,7 +920,7 @@ macro_rules! sql_store {
                 Ok(true)
             }
 
-            async fn create_session(&self, session: &Session, v: &Verification, mail: &QueuedMail, audit: &AuditEvent) -> StoreResult<()> {
+            async fn create_session(&self, session: &Session, v: &Verification, mail: Option<&QueuedMail>, audit: &AuditEvent) -> StoreResult<()> {
                 let mut tx = self.pool.begin().await.map_err(db_err)?;
                 sqlx::query("INSERT INTO sessions (id, user_id, org_id, token_hash, state, created_at, verified_at, last_used_at, expires_at, ip, user_agent, revoked_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)")
                     .bind(&session.id)
@@ -864,7 +939,9 @@ macro_rules! sql_store {
                     .await
                     .map_err(db_err)?;
                 Self::insert_verification(&mut *tx, v).await?;
-                Self::insert_mail(&mut *tx, mail).await?;
+                if let Some(mail) = mail {
+                    Self::insert_mail(&mut *tx, mail).await?;
+                }
                 Self::insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
             }
@@ -1085,6 +1162,23 @@ macro_rules! sql_store {
                         // An account being recovered may have been compromised: its keys go too.
                         sqlx::query("UPDATE api_keys SET state = 'revoked', revoked_at = $1 WHERE user_id = $2 AND state IN ('pending', 'active')")
                             .bind(now)
+                            .bind(user_id)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_err)?;
+                    }
+                    VerificationEffect::AcceptInvite { user_id, email_id, password_hash } => {
+                        sqlx::query("UPDATE users SET password_hash = $1, failed_logins = 0, locked_until = NULL, updated_at = $2 WHERE id = $3")
+                            .bind(password_hash)
+                            .bind(now)
+                            .bind(user_id)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_err)?;
+                        // The link reached the address: verified, if it is the user's.
+                        sqlx::query("UPDATE user_emails SET verified_at = $1 WHERE id = $2 AND user_id = $3")
+                            .bind(now)
+                            .bind(email_id)
                             .bind(user_id)
                             .execute(&mut *tx)
                             .await
@@ -1505,10 +1599,383 @@ macro_rules! sql_store {
                 .map_err(db_err)?;
                 rows.iter().map(Self::audit_row).collect()
             }
+
+            // ---- OpenID Connect ----------------------------------------------------------
+
+            async fn set_organisation_self_registration(&self, org_id: &str, enabled: bool, now: UnixTime, audit: &AuditEvent) -> StoreResult<bool> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                let n = sqlx::query("UPDATE organisations SET self_registration = $1, updated_at = $2 WHERE id = $3")
+                    .bind(enabled)
+                    .bind(now)
+                    .bind(org_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?
+                    .rows_affected();
+                if n == 0 {
+                    return Ok(false);
+                }
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(true)
+            }
+
+            async fn create_invited_user(&self, u: &User, e: &UserEmail, v: &Verification, mail: &QueuedMail, audit: &AuditEvent) -> StoreResult<()> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                Self::insert_user(&mut *tx, u).await?;
+                Self::insert_user_email(&mut *tx, e).await?;
+                Self::insert_verification(&mut *tx, v).await?;
+                Self::insert_mail(&mut *tx, mail).await?;
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)
+            }
+
+            async fn insert_authorization_code(&self, c: &AuthorizationCode, audit: &AuditEvent) -> StoreResult<()> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                sqlx::query(
+                    "INSERT INTO authorization_codes (code_hash, client_id, org_id, user_id, session_id, redirect_uri, scope, nonce, code_challenge, auth_time, amr, \
+                     created_at, expires_at, consumed_at, issued_jti, issued_jti_expires_at, issued_family) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+                )
+                .bind(c.code_hash.0.to_vec())
+                .bind(&c.client_id)
+                .bind(&c.org_id)
+                .bind(&c.user_id)
+                .bind(&c.session_id)
+                .bind(&c.redirect_uri)
+                .bind(&c.scope)
+                .bind(&c.nonce)
+                .bind(&c.code_challenge)
+                .bind(c.auth_time)
+                .bind(string_list(&c.amr)?)
+                .bind(c.created_at)
+                .bind(c.expires_at)
+                .bind(c.consumed_at)
+                .bind(&c.issued_jti)
+                .bind(c.issued_jti_expires_at)
+                .bind(&c.issued_family)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)
+            }
+
+            async fn authorization_code(&self, code_hash: &SecretHash) -> StoreResult<Option<AuthorizationCode>> {
+                let r = sqlx::query("SELECT * FROM authorization_codes WHERE code_hash = $1").bind(code_hash.0.to_vec()).fetch_optional(&self.pool).await.map_err(db_err)?;
+                r.as_ref().map(Self::code_row).transpose()
+            }
+
+            async fn redeem_authorization_code(&self, code_hash: &SecretHash, now: UnixTime, issue: &CodeIssue, audit: &AuditEvent) -> StoreResult<bool> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                // Conditional, and the transaction's first statement: of concurrent redemptions
+                // exactly one changes the row.
+                let row = sqlx::query(
+                    "UPDATE authorization_codes SET consumed_at = $1, issued_jti = $2, issued_jti_expires_at = $3, issued_family = $4 \
+                     WHERE code_hash = $5 AND consumed_at IS NULL RETURNING session_id, client_id",
+                )
+                .bind(now)
+                .bind(&issue.jti)
+                .bind(issue.jti_expires_at)
+                .bind(issue.refresh.as_ref().map(|r| r.family_id.as_str()))
+                .bind(code_hash.0.to_vec())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+                let Some(row) = row else { return Ok(false) };
+                let session_id: String = row.try_get("session_id").map_err(db_err)?;
+                let client_id: String = row.try_get("client_id").map_err(db_err)?;
+                if let Some(refresh) = &issue.refresh {
+                    Self::insert_refresh_token(&mut *tx, refresh).await?;
+                }
+                sqlx::query("INSERT INTO session_clients (session_id, client_id, first_at) VALUES ($1, $2, $3) ON CONFLICT (session_id, client_id) DO NOTHING")
+                    .bind(&session_id)
+                    .bind(&client_id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(true)
+            }
+
+            async fn revoke_code_grant(&self, code_hash: &SecretHash, now: UnixTime, audit: &AuditEvent) -> StoreResult<bool> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                // Once per redeemed code (marked first, so concurrent replays revoke once).
+                let row = sqlx::query(
+                    "UPDATE authorization_codes SET grant_revoked_at = $1 WHERE code_hash = $2 AND consumed_at IS NOT NULL AND grant_revoked_at IS NULL \
+                     RETURNING client_id, issued_jti, issued_jti_expires_at, issued_family",
+                )
+                .bind(now)
+                .bind(code_hash.0.to_vec())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+                let Some(row) = row else { return Ok(false) };
+                let client_id: String = row.try_get("client_id").map_err(db_err)?;
+                let jti: Option<String> = row.try_get("issued_jti").map_err(db_err)?;
+                let jti_expires_at: Option<UnixTime> = row.try_get("issued_jti_expires_at").map_err(db_err)?;
+                let family: Option<String> = row.try_get("issued_family").map_err(db_err)?;
+                if let Some(jti) = &jti {
+                    sqlx::query("INSERT INTO revoked_tokens (jti, client_id, expires_at, revoked_at) VALUES ($1, $2, $3, $4) ON CONFLICT (jti) DO NOTHING")
+                        .bind(jti)
+                        .bind(&client_id)
+                        .bind(jti_expires_at.unwrap_or(now))
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_err)?;
+                }
+                if let Some(family) = &family {
+                    Self::revoke_family(&mut *tx, family, now).await?;
+                }
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(true)
+            }
+
+            async fn refresh_token_by_hash(&self, token_hash: &SecretHash) -> StoreResult<Option<RefreshToken>> {
+                let r = sqlx::query("SELECT * FROM refresh_tokens WHERE token_hash = $1").bind(token_hash.0.to_vec()).fetch_optional(&self.pool).await.map_err(db_err)?;
+                r.as_ref().map(Self::refresh_row).transpose()
+            }
+
+            async fn rotate_refresh_token(&self, old_id: &str, now: UnixTime, new: &RefreshToken, audit: &AuditEvent) -> StoreResult<bool> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                // Conditional: of concurrent uses of one token exactly one rotates it.
+                let n = sqlx::query("UPDATE refresh_tokens SET used_at = $1 WHERE id = $2 AND used_at IS NULL AND revoked_at IS NULL")
+                    .bind(now)
+                    .bind(old_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?
+                    .rows_affected();
+                if n == 0 {
+                    return Ok(false);
+                }
+                Self::insert_refresh_token(&mut *tx, new).await?;
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(true)
+            }
+
+            async fn revoke_refresh_family(&self, family_id: &str, now: UnixTime, audit: &AuditEvent) -> StoreResult<u64> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                let n = Self::revoke_family(&mut *tx, family_id, now).await?;
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(n)
+            }
+
+            async fn end_sso_session(&self, session_id: &str, now: UnixTime, deliveries: &[LogoutDelivery], audit: &AuditEvent) -> StoreResult<bool> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                // Conditional: a session ends once, and only its first ending queues logouts.
+                let n = sqlx::query("UPDATE sessions SET state = 'revoked', revoked_at = $1 WHERE id = $2 AND state IN ('pending', 'active')")
+                    .bind(now)
+                    .bind(session_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?
+                    .rows_affected();
+                if n == 0 {
+                    return Ok(false);
+                }
+                sqlx::query("UPDATE refresh_tokens SET revoked_at = $1 WHERE session_id = $2 AND revoked_at IS NULL")
+                    .bind(now)
+                    .bind(session_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                for d in deliveries {
+                    sqlx::query(
+                        "INSERT INTO logout_deliveries (id, client_id, uri, logout_token, attempts, next_attempt_at, created_at, delivered_at, failed_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    )
+                    .bind(&d.id)
+                    .bind(&d.client_id)
+                    .bind(&d.uri)
+                    .bind(&d.logout_token)
+                    .bind(i64::from(d.attempts))
+                    .bind(d.next_attempt_at)
+                    .bind(d.created_at)
+                    .bind(d.delivered_at)
+                    .bind(d.failed_at)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                }
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(true)
+            }
+
+            async fn session_clients(&self, session_id: &str) -> StoreResult<Vec<String>> {
+                let rows = sqlx::query("SELECT client_id FROM session_clients WHERE session_id = $1 ORDER BY first_at, client_id")
+                    .bind(session_id)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_err)?;
+                rows.iter().map(|r| r.try_get("client_id").map_err(db_err)).collect()
+            }
+
+            async fn consent(&self, user_id: &str, client_id: &str) -> StoreResult<Option<Consent>> {
+                let r = sqlx::query("SELECT * FROM consents WHERE user_id = $1 AND client_id = $2").bind(user_id).bind(client_id).fetch_optional(&self.pool).await.map_err(db_err)?;
+                r.as_ref().map(Self::consent_row).transpose()
+            }
+
+            async fn save_consent(&self, c: &Consent, audit: &AuditEvent) -> StoreResult<()> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                sqlx::query(
+                    "INSERT INTO consents (user_id, client_id, org_id, scopes, granted_at) VALUES ($1, $2, $3, $4, $5) \
+                     ON CONFLICT (user_id, client_id) DO UPDATE SET org_id = excluded.org_id, scopes = excluded.scopes, granted_at = excluded.granted_at",
+                )
+                .bind(&c.user_id)
+                .bind(&c.client_id)
+                .bind(&c.org_id)
+                .bind(string_list(&c.scopes)?)
+                .bind(c.granted_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)
+            }
+
+            async fn user_consents(&self, user_id: &str) -> StoreResult<Vec<Consent>> {
+                let rows = sqlx::query("SELECT * FROM consents WHERE user_id = $1 ORDER BY granted_at DESC, client_id DESC").bind(user_id).fetch_all(&self.pool).await.map_err(db_err)?;
+                rows.iter().map(Self::consent_row).collect()
+            }
+
+            async fn revoke_consent(&self, user_id: &str, client_id: &str, now: UnixTime, audit: &AuditEvent) -> StoreResult<bool> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                let n = sqlx::query("DELETE FROM consents WHERE user_id = $1 AND client_id = $2")
+                    .bind(user_id)
+                    .bind(client_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?
+                    .rows_affected();
+                if n == 0 {
+                    return Ok(false);
+                }
+                sqlx::query("UPDATE refresh_tokens SET revoked_at = $1 WHERE user_id = $2 AND client_id = $3 AND revoked_at IS NULL")
+                    .bind(now)
+                    .bind(user_id)
+                    .bind(client_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(true)
+            }
+
+            async fn due_logout_deliveries(&self, now: UnixTime, max: u32) -> StoreResult<Vec<LogoutDelivery>> {
+                let rows = sqlx::query(
+                    "SELECT * FROM logout_deliveries WHERE delivered_at IS NULL AND failed_at IS NULL AND next_attempt_at <= $1 ORDER BY created_at, id LIMIT $2",
+                )
+                .bind(now)
+                .bind(i64::from(max))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?;
+                rows.iter().map(Self::logout_row).collect()
+            }
+
+            async fn logout_delivered(&self, id: &str, now: UnixTime) -> StoreResult<()> {
+                sqlx::query("UPDATE logout_deliveries SET delivered_at = $1, logout_token = '' WHERE id = $2 AND delivered_at IS NULL AND failed_at IS NULL")
+                    .bind(now)
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db_err)?;
+                Ok(())
+            }
+
+            async fn logout_delivery_failed(&self, id: &str, attempts: u32, next_attempt_at: Option<UnixTime>, now: UnixTime) -> StoreResult<()> {
+                let q = match next_attempt_at {
+                    Some(next) => sqlx::query("UPDATE logout_deliveries SET attempts = $1, next_attempt_at = $2 WHERE id = $3 AND delivered_at IS NULL AND failed_at IS NULL")
+                        .bind(i64::from(attempts))
+                        .bind(next)
+                        .bind(id),
+                    None => sqlx::query("UPDATE logout_deliveries SET attempts = $1, failed_at = $2 WHERE id = $3 AND delivered_at IS NULL AND failed_at IS NULL")
+                        .bind(i64::from(attempts))
+                        .bind(now)
+                        .bind(id),
+                };
+                q.execute(&self.pool).await.map_err(db_err)?;
+                Ok(())
+            }
+
+            async fn user_totp(&self, user_id: &str) -> StoreResult<Option<UserTotp>> {
+                let r = sqlx::query("SELECT * FROM user_totp WHERE user_id = $1").bind(user_id).fetch_optional(&self.pool).await.map_err(db_err)?;
+                r.as_ref().map(Self::totp_row).transpose()
+            }
+
+            async fn save_user_totp(&self, t: &UserTotp, audit: &AuditEvent) -> StoreResult<()> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                sqlx::query(
+                    "INSERT INTO user_totp (user_id, sealed_secret, confirmed_at, last_step, created_at) VALUES ($1, $2, $3, $4, $5) \
+                     ON CONFLICT (user_id) DO UPDATE SET sealed_secret = excluded.sealed_secret, confirmed_at = excluded.confirmed_at, \
+                     last_step = excluded.last_step, created_at = excluded.created_at",
+                )
+                .bind(&t.user_id)
+                .bind(&t.sealed_secret)
+                .bind(t.confirmed_at)
+                .bind(t.last_step)
+                .bind(t.created_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)
+            }
+
+            async fn use_totp_step(&self, user_id: &str, step: i64, confirm: bool, now: UnixTime, audit: &AuditEvent) -> StoreResult<bool> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                // Conditional: a step (or an older one) is accepted at most once, even concurrently.
+                let q = if confirm {
+                    sqlx::query("UPDATE user_totp SET last_step = $1, confirmed_at = $2 WHERE user_id = $3 AND (last_step IS NULL OR last_step < $1)").bind(step).bind(now).bind(user_id)
+                } else {
+                    sqlx::query("UPDATE user_totp SET last_step = $1 WHERE user_id = $2 AND (last_step IS NULL OR last_step < $1)").bind(step).bind(user_id)
+                };
+                let n = q.execute(&mut *tx).await.map_err(db_err)?.rows_affected();
+                if n == 0 {
+                    return Ok(false);
+                }
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(true)
+            }
+
+            async fn delete_user_totp(&self, user_id: &str, audit: &AuditEvent) -> StoreResult<bool> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                let n = sqlx::query("DELETE FROM user_totp WHERE user_id = $1").bind(user_id).execute(&mut *tx).await.map_err(db_err)?.rows_affected();
+                if n == 0 {
+                    return Ok(false);
+                }
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(true)
+            }
+
+            async fn purge_oidc(&self, before: UnixTime) -> StoreResult<u64> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                let mut n = 0;
+                for sql in [
+                    "DELETE FROM authorization_codes WHERE expires_at < $1",
+                    "DELETE FROM refresh_tokens WHERE expires_at < $1",
+                    "DELETE FROM logout_deliveries WHERE delivered_at < $1 OR failed_at < $1",
+                ] {
+                    n += sqlx::query(sql).bind(before).execute(&mut *tx).await.map_err(db_err)?.rows_affected();
+                }
+                tx.commit().await.map_err(db_err)?;
+                Ok(n)
+            }
         }
 
         impl $store {
-            /// Binds, as `$1…$14`, the application columns that both INSERT and UPDATE write,
+            /// Binds, as `$1…$19`, the application columns that both INSERT and UPDATE write,
             /// in one order kept in one place.
             fn bind_app_settings<'q>(
                 q: sqlx::query::Query<'q, <$pool as PoolDb>::Db, <<$pool as PoolDb>::Db as sqlx::Database>::Arguments>,
@@ -1528,7 +1995,62 @@ macro_rules! sql_store {
                     .bind(a.previous_secret_hash.as_ref().map(|h| h.0.to_vec()))
                     .bind(a.previous_secret_expires_at)
                     .bind(a.updated_at)
-                    .bind(&a.jwks_uri))
+                    .bind(&a.jwks_uri)
+                    .bind(a.id_token_signing_alg.as_str())
+                    .bind(a.first_party)
+                    .bind(string_list(&a.post_logout_redirect_uris)?)
+                    .bind(&a.backchannel_logout_uri)
+                    .bind(a.always_issue_refresh_token))
+            }
+
+            async fn insert_user<'c, E>(ex: E, u: &User) -> StoreResult<()>
+            where
+                E: sqlx::Executor<'c, Database = <$pool as PoolDb>::Db>,
+            {
+                sqlx::query("INSERT INTO users (id, org_id, email, name, password_hash, roles, enabled, failed_logins, locked_until, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)")
+                    .bind(&u.id)
+                    .bind(&u.org_id)
+                    .bind(u.email.as_str())
+                    .bind(&u.name)
+                    .bind(&u.password_hash)
+                    .bind(to_json(&u.roles))
+                    .bind(u.enabled)
+                    .bind(i64::from(u.failed_logins))
+                    .bind(u.locked_until)
+                    .bind(u.created_at)
+                    .bind(u.updated_at)
+                    .execute(ex)
+                    .await
+                    .map_err(db_err)?;
+                Ok(())
+            }
+
+            async fn insert_refresh_token<'c, E>(ex: E, t: &RefreshToken) -> StoreResult<()>
+            where
+                E: sqlx::Executor<'c, Database = <$pool as PoolDb>::Db>,
+            {
+                sqlx::query(
+                    "INSERT INTO refresh_tokens (id, token_hash, family_id, client_id, org_id, user_id, session_id, scope, auth_time, amr, created_at, expires_at, used_at, revoked_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                )
+                .bind(&t.id)
+                .bind(t.token_hash.0.to_vec())
+                .bind(&t.family_id)
+                .bind(&t.client_id)
+                .bind(&t.org_id)
+                .bind(&t.user_id)
+                .bind(&t.session_id)
+                .bind(&t.scope)
+                .bind(t.auth_time)
+                .bind(string_list(&t.amr)?)
+                .bind(t.created_at)
+                .bind(t.expires_at)
+                .bind(t.used_at)
+                .bind(t.revoked_at)
+                .execute(ex)
+                .await
+                .map_err(db_err)?;
+                Ok(())
             }
 
             async fn insert_user_email<'c, E>(ex: E, e: &UserEmail) -> StoreResult<()>
@@ -1590,15 +2112,33 @@ macro_rules! sql_store {
                 Ok(())
             }
 
-            /// Revokes the user's pending and active sessions; returns how many.
-            async fn revoke_sessions_of<'c, E>(ex: E, user_id: &str, now: UnixTime) -> StoreResult<u64>
+            /// Revokes the family's unrevoked refresh tokens; returns how many.
+            async fn revoke_family<'c, E>(ex: E, family_id: &str, now: UnixTime) -> StoreResult<u64>
             where
                 E: sqlx::Executor<'c, Database = <$pool as PoolDb>::Db>,
             {
+                let r = sqlx::query("UPDATE refresh_tokens SET revoked_at = $1 WHERE family_id = $2 AND revoked_at IS NULL")
+                    .bind(now)
+                    .bind(family_id)
+                    .execute(ex)
+                    .await
+                    .map_err(db_err)?;
+                Ok(r.rows_affected())
+            }
+
+            /// Revokes the user's pending and active sessions; returns how many.
+            /// Ends every session of the user, and with them every refresh token it holds.
+            async fn revoke_sessions_of(conn: &mut <<$pool as PoolDb>::Db as sqlx::Database>::Connection, user_id: &str, now: UnixTime) -> StoreResult<u64> {
                 let r = sqlx::query("UPDATE sessions SET state = 'revoked', revoked_at = $1 WHERE user_id = $2 AND state IN ('pending', 'active')")
                     .bind(now)
                     .bind(user_id)
-                    .execute(ex)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(db_err)?;
+                sqlx::query("UPDATE refresh_tokens SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL")
+                    .bind(now)
+                    .bind(user_id)
+                    .execute(&mut *conn)
                     .await
                     .map_err(db_err)?;
                 Ok(r.rows_affected())

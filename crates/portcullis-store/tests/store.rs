@@ -91,6 +91,21 @@ contract_tests!(
     expiring_certificates_are_warned_about_once,
     assertion_jtis_are_accepted_once_per_client,
     users_with_role_match_whole_roles_of_enabled_users,
+    organisation_self_registration_is_switched_and_audited,
+    invited_users_get_an_address_a_link_and_then_a_password,
+    authorization_codes_are_redeemed_once_with_what_they_issued,
+    concurrent_code_redemptions_one_wins,
+    replayed_codes_revoke_their_access_token_and_family,
+    refresh_tokens_rotate_once_and_families_are_revoked_together,
+    concurrent_refresh_rotations_one_wins,
+    ending_an_sso_session_revokes_its_tokens_and_queues_logouts,
+    logout_deliveries_are_due_retried_delivered_and_given_up,
+    consents_are_saved_replaced_listed_and_revoked,
+    deleting_an_application_removes_its_grants,
+    totp_steps_are_accepted_once_and_in_order,
+    concurrent_totp_uses_of_one_step_one_wins,
+    oidc_mutations_roll_back_with_their_audit_row,
+    purge_oidc_removes_only_what_is_due,
 );
 
 /// Databases left at schema v2 with rows in it, then opened (and so migrated) by the store.
@@ -340,6 +355,7 @@ fn organisation(s: &str) -> Organisation {
         slug: slug(s),
         name: format!("{s} Ltd — «ünïcode»"),
         allowed_domains: vec![format!("{s}.example"), "api.example.org".into()],
+        self_registration: false,
         created_at: NOW,
         updated_at: NOW + 1,
     }
@@ -382,6 +398,14 @@ fn full_app(org: &Organisation, app: &str) -> Application {
         jwks_uri: Some(format!("https://{app}.example/.well-known/jwks.json?v=\"1\"")),
         access_token_lifetime: 900,
         signing_alg: Algorithm::PS256,
+        id_token_signing_alg: Algorithm::ES256,
+        first_party: true,
+        post_logout_redirect_uris: vec![
+            format!("https://{app}.example/bye?x=\"q\"&y=1"),
+            "http://127.0.0.1:8080/".into(),
+        ],
+        backchannel_logout_uri: Some(format!("https://{app}.example/backchannel?v=\"1\"")),
+        always_issue_refresh_token: true,
         enabled: true,
         secret_hash: Some(hash(1)),
         previous_secret_hash: Some(hash(2)),
@@ -401,6 +425,11 @@ fn minimal_app(org: &Organisation, app: &str) -> Application {
         jwks_uri: None,
         access_token_lifetime: 60,
         signing_alg: Algorithm::EdDSA,
+        id_token_signing_alg: Algorithm::RS256,
+        first_party: false,
+        post_logout_redirect_uris: vec![],
+        backchannel_logout_uri: None,
+        always_issue_refresh_token: false,
         enabled: false,
         secret_hash: None,
         previous_secret_hash: None,
@@ -837,6 +866,11 @@ async fn applications_round_trip_and_optimistic_update(s: Arc<dyn Store>) {
         jwks_uri: Some("https://new.example/jwks".into()),
         access_token_lifetime: 300,
         signing_alg: Algorithm::ES256,
+        id_token_signing_alg: Algorithm::PS256,
+        first_party: false,
+        post_logout_redirect_uris: vec!["https://new.example/bye".into()],
+        backchannel_logout_uri: Some("https://new.example/backchannel".into()),
+        always_issue_refresh_token: false,
         enabled: false,
         secret_hash: Some(hash(3)),
         previous_secret_hash: full.secret_hash.clone(),
@@ -852,6 +886,10 @@ async fn applications_round_trip_and_optimistic_update(s: Arc<dyn Store>) {
     // Clearing the optional fields is an update too.
     let cleared = Application {
         jwks_uri: None,
+        backchannel_logout_uri: None,
+        post_logout_redirect_uris: vec![],
+        first_party: true,
+        always_issue_refresh_token: true,
         secret_hash: None,
         previous_secret_hash: None,
         previous_secret_expires_at: None,
@@ -1337,7 +1375,7 @@ async fn add_session(s: &dyn Store, u: &User, sess: &Session) -> Verification {
         sealed_token: Some(vec![0x00, 0x09, 0xff]),
         ..verification(u, VerificationPurpose::Session, &sess.id)
     };
-    s.create_session(sess, &v, &mail(u.email.as_str()), &audit(Some(&u.org_id), "session.create")).await.unwrap();
+    s.create_session(sess, &v, Some(&mail(u.email.as_str())), &audit(Some(&u.org_id), "session.create")).await.unwrap();
     v
 }
 
@@ -1578,12 +1616,18 @@ async fn delete_user_removes_everything_tied_to_the_user(s: Arc<dyn Store>) {
     let ann = seed_user(&*s, &acme.id, "ann@example.com").await;
     let bob = seed_user(&*s, &acme.id, "bob@example.com").await;
 
+    let app = seed_app(&*s, &acme, "web").await;
+
     // Everything a user can own, for ann and for bob.
     struct Owned {
         alias: UserEmail,
         session: Session,
         key: ApiKey,
         verifications: Vec<String>,
+        code: AuthorizationCode,
+        refresh: RefreshToken,
+        consent: Consent,
+        totp: UserTotp,
     }
     let mut owned = Vec::new();
     for (u, n) in [(&ann, 1u8), (&bob, 2u8)] {
@@ -1596,7 +1640,26 @@ async fn delete_user_removes_everything_tied_to_the_user(s: Arc<dyn Store>) {
         let (key, key_v) = seed_api_key(&*s, u, &format!("key-{n}")).await;
         let reset_v = verification(u, VerificationPurpose::PasswordReset, &u.id);
         s.create_verification(&reset_v, &mail(u.email.as_str()), &audit(Some(&acme.id), "user.reset")).await.unwrap();
-        owned.push(Owned { alias, session, key, verifications: vec![email_v.id, session_v.id, key_v.id, reset_v.id] });
+        // OIDC: an unredeemed code, a refresh token (its code redeemed in the session, which so
+        // signed in to the application), a consent and a second factor.
+        let code = code(&app, u, &session, 0xb0 + n);
+        s.insert_authorization_code(&code, &audit(Some(&acme.id), "oauth.authorize")).await.unwrap();
+        let refresh = refresh_token(&app, u, &session.id, &format!("fam-{n}"), 0x80 + n);
+        issue_refresh(&*s, &refresh, 0xa0 + n).await;
+        let consent = consent(u, &app, &["openid"], NOW);
+        s.save_consent(&consent, &audit(Some(&acme.id), "consent.grant")).await.unwrap();
+        let totp = totp(u, &[n, 0xff], NOW);
+        s.save_user_totp(&totp, &audit(Some(&acme.id), "user.totp.enrol")).await.unwrap();
+        owned.push(Owned {
+            alias,
+            session,
+            key,
+            verifications: vec![email_v.id, session_v.id, key_v.id, reset_v.id],
+            code,
+            refresh,
+            consent,
+            totp,
+        });
     }
     let (ann_owned, bob_owned) = (&owned[0], &owned[1]);
 
@@ -1611,6 +1674,11 @@ async fn delete_user_removes_everything_tied_to_the_user(s: Arc<dyn Store>) {
     for id in &ann_owned.verifications {
         assert!(s.verification(id).await.unwrap().is_some());
     }
+    assert!(s.authorization_code(&ann_owned.code.code_hash).await.unwrap().is_some());
+    assert!(refresh_of(&*s, &ann_owned.refresh).await.is_some());
+    assert!(s.consent(&ann.id, "acme$web").await.unwrap().is_some());
+    assert!(s.user_totp(&ann.id).await.unwrap().is_some());
+    assert_eq!(s.session_clients(&ann_owned.session.id).await.unwrap(), vec!["acme$web".to_owned()]);
 
     let ev = audit(Some(&acme.id), "user.delete");
     assert!(s.delete_user(&acme.id, &ann.id, &ev).await.unwrap());
@@ -1626,6 +1694,13 @@ async fn delete_user_removes_everything_tied_to_the_user(s: Arc<dyn Store>) {
     for id in &ann_owned.verifications {
         assert_eq!(s.verification(id).await.unwrap(), None, "verifications deleted");
     }
+    assert_eq!(s.authorization_code(&ann_owned.code.code_hash).await.unwrap(), None, "codes deleted");
+    assert_eq!(s.authorization_code(&hash(0xa1)).await.unwrap(), None, "redeemed codes too");
+    assert_eq!(refresh_of(&*s, &ann_owned.refresh).await, None, "refresh tokens deleted");
+    assert_eq!(s.consent(&ann.id, "acme$web").await.unwrap(), None, "consents deleted");
+    assert!(s.user_consents(&ann.id).await.unwrap().is_empty());
+    assert_eq!(s.user_totp(&ann.id).await.unwrap(), None, "second factor deleted");
+    assert!(s.session_clients(&ann_owned.session.id).await.unwrap().is_empty(), "session clients deleted");
 
     // Bob keeps everything.
     assert_eq!(s.user(&acme.id, &bob.id).await.unwrap().as_ref(), Some(&bob));
@@ -1635,6 +1710,11 @@ async fn delete_user_removes_everything_tied_to_the_user(s: Arc<dyn Store>) {
     for id in &bob_owned.verifications {
         assert!(s.verification(id).await.unwrap().is_some());
     }
+    assert_eq!(s.authorization_code(&bob_owned.code.code_hash).await.unwrap().as_ref(), Some(&bob_owned.code));
+    assert_eq!(refresh_of(&*s, &bob_owned.refresh).await.as_ref(), Some(&bob_owned.refresh));
+    assert_eq!(s.consent(&bob.id, "acme$web").await.unwrap().as_ref(), Some(&bob_owned.consent));
+    assert_eq!(s.user_totp(&bob.id).await.unwrap().as_ref(), Some(&bob_owned.totp));
+    assert_eq!(s.session_clients(&bob_owned.session.id).await.unwrap(), vec!["acme$web".to_owned()]);
 
     // Second delete: false, no audit.
     let again = audit(Some(&acme.id), "user.delete");
@@ -1780,7 +1860,7 @@ async fn sessions_create_activate_rotate_and_revoke(s: Arc<dyn Store>) {
     };
     let m = mail("ann@example.com");
     let ev = audit(Some(&acme.id), "session.create");
-    s.create_session(&sess, &v, &m, &ev).await.unwrap();
+    s.create_session(&sess, &v, Some(&m), &ev).await.unwrap();
     assert!(audited(&*s, &ev).await);
     assert_eq!(s.session(&sess.id).await.unwrap().as_ref(), Some(&sess), "round-trip (None ip/user agent)");
     assert_eq!(s.session_by_token(&sess.token_hash).await.unwrap().as_ref(), Some(&sess));
@@ -1794,13 +1874,25 @@ async fn sessions_create_activate_rotate_and_revoke(s: Arc<dyn Store>) {
     let clash_v = verification(&bob, VerificationPurpose::Session, &clash.id);
     let clash_ev = audit(Some(&acme.id), "session.create");
     assert_conflict(
-        s.create_session(&clash, &clash_v, &mail("bob@example.com"), &clash_ev).await,
+        s.create_session(&clash, &clash_v, Some(&mail("bob@example.com")), &clash_ev).await,
         "duplicate token hash",
     );
     assert_eq!(s.session(&clash.id).await.unwrap(), None);
     assert_eq!(s.verification(&clash_v.id).await.unwrap(), None);
     assert!(!audited(&*s, &clash_ev).await);
     assert_eq!(s.pending_mail_count().await.unwrap(), 1);
+
+    // Without mail (the code comes from an authenticator app): the session and its
+    // verification only.
+    let cat = seed_user(&*s, &acme.id, "cat@example.com").await;
+    let app_code = session(&cat, 0x3c);
+    let app_code_v = verification(&cat, VerificationPurpose::Session, &app_code.id);
+    let ev = audit(Some(&acme.id), "session.create");
+    s.create_session(&app_code, &app_code_v, None, &ev).await.unwrap();
+    assert!(audited(&*s, &ev).await);
+    assert_eq!(s.session(&app_code.id).await.unwrap().as_ref(), Some(&app_code));
+    assert_eq!(s.verification(&app_code_v.id).await.unwrap().as_ref(), Some(&app_code_v));
+    assert_eq!(s.pending_mail_count().await.unwrap(), 1, "no mail queued");
 
     // A pending session cannot be refreshed.
     let not_yet = audit(Some(&acme.id), "session.refresh");
@@ -2461,7 +2553,7 @@ async fn auth_api_mutations_roll_back_with_their_audit_row(s: Arc<dyn Store>) {
     let new_sess = session(&ann, 3);
     let new_v = verification(&ann, VerificationPurpose::Session, &new_sess.id);
     assert_conflict(
-        s.create_session(&new_sess, &new_v, &mail("ann@example.com"), &reuse("session.create")).await,
+        s.create_session(&new_sess, &new_v, Some(&mail("ann@example.com")), &reuse("session.create")).await,
         "create_session",
     );
     assert_eq!(s.session(&new_sess.id).await.unwrap(), None);
@@ -3424,6 +3516,974 @@ async fn users_with_role_match_whole_roles_of_enabled_users(s: Arc<dyn Store>) {
     assert!(s.users_with_role(&new_id(), "portcullis:admin", 10).await.unwrap().is_empty());
 }
 
+// ------------------------------------------------------------------------ OIDC: helpers --
+
+/// An organisation with two applications ("web" and "portal": "acme$portal" sorts first),
+/// two users and an active SSO session each.
+struct Oidc {
+    org: Organisation,
+    app: Application,
+    other_app: Application,
+    ann: User,
+    bob: User,
+    ann_session: Session,
+    bob_session: Session,
+}
+
+async fn active_session(s: &dyn Store, u: &User, token: u8) -> Session {
+    let (sess, v) = seed_session(s, u, token).await;
+    assert!(
+        s.consume_verification(&v.id, NOW, &activate(&sess), &audit(Some(&u.org_id), "session.verify")).await.unwrap()
+    );
+    s.session(&sess.id).await.unwrap().unwrap()
+}
+
+async fn seed_oidc(s: &dyn Store) -> Oidc {
+    let org = seed_org(s, "acme").await;
+    let app = seed_app(s, &org, "web").await;
+    let other_app = seed_app(s, &org, "portal").await;
+    let ann = seed_user(s, &org.id, "ann@example.com").await;
+    let bob = seed_user(s, &org.id, "bob@example.com").await;
+    let ann_session = active_session(s, &ann, 1).await;
+    let bob_session = active_session(s, &bob, 2).await;
+    Oidc { org, app, other_app, ann, bob, ann_session, bob_session }
+}
+
+/// An unredeemed code whose hash is `hash(seed)`, every optional field set.
+fn code(app: &Application, u: &User, sess: &Session, seed: u8) -> AuthorizationCode {
+    AuthorizationCode {
+        code_hash: hash(seed),
+        client_id: app.client_id.as_str().to_owned(),
+        org_id: app.org_id.clone(),
+        user_id: u.id.clone(),
+        session_id: sess.id.clone(),
+        redirect_uri: "https://app.example/cb?x=\"q\"&y=«ü»".into(),
+        scope: "openid profile email".into(),
+        nonce: Some("n-0S6_WzA2Mj «ü» \"q\"".into()),
+        code_challenge: Some("E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM".into()),
+        auth_time: NOW - 30,
+        amr: vec!["pwd".into(), "otp".into()],
+        created_at: NOW,
+        expires_at: NOW + 60,
+        consumed_at: None,
+        issued_jti: None,
+        issued_jti_expires_at: None,
+        issued_family: None,
+    }
+}
+
+/// An unused refresh token whose hash is `hash(seed)`.
+fn refresh_token(app: &Application, u: &User, session_id: &str, family_id: &str, seed: u8) -> RefreshToken {
+    RefreshToken {
+        id: new_id(),
+        token_hash: hash(seed),
+        family_id: family_id.to_owned(),
+        client_id: app.client_id.as_str().to_owned(),
+        org_id: app.org_id.clone(),
+        user_id: u.id.clone(),
+        session_id: session_id.to_owned(),
+        scope: "openid offline_access «ü»".into(),
+        auth_time: NOW - 30,
+        amr: vec!["pwd".into(), "otp".into()],
+        created_at: NOW,
+        expires_at: NOW + 30 * DAY,
+        used_at: None,
+        revoked_at: None,
+    }
+}
+
+/// Stores `rt` the only way the trait allows: as what redeeming a fresh code (`hash(code_seed)`,
+/// long-lived so purges leave it alone) issued.
+async fn issue_refresh(s: &dyn Store, rt: &RefreshToken, code_seed: u8) {
+    let c = AuthorizationCode {
+        code_hash: hash(code_seed),
+        client_id: rt.client_id.clone(),
+        org_id: rt.org_id.clone(),
+        user_id: rt.user_id.clone(),
+        session_id: rt.session_id.clone(),
+        expires_at: NOW + 100 * DAY,
+        nonce: None,
+        code_challenge: None,
+        ..code_template()
+    };
+    s.insert_authorization_code(&c, &audit(Some(&rt.org_id), "oauth.authorize")).await.unwrap();
+    let issue = CodeIssue { jti: new_id(), jti_expires_at: NOW + 900, refresh: Some(rt.clone()) };
+    assert!(
+        s.redeem_authorization_code(&c.code_hash, NOW, &issue, &audit(Some(&rt.org_id), "oauth.token")).await.unwrap()
+    );
+}
+
+fn code_template() -> AuthorizationCode {
+    AuthorizationCode {
+        code_hash: hash(0),
+        client_id: String::new(),
+        org_id: String::new(),
+        user_id: String::new(),
+        session_id: String::new(),
+        redirect_uri: "https://app.example/cb".into(),
+        scope: "openid".into(),
+        nonce: None,
+        code_challenge: None,
+        auth_time: NOW - 30,
+        amr: vec!["pwd".into()],
+        created_at: NOW,
+        expires_at: NOW + 60,
+        consumed_at: None,
+        issued_jti: None,
+        issued_jti_expires_at: None,
+        issued_family: None,
+    }
+}
+
+async fn refresh_of(s: &dyn Store, rt: &RefreshToken) -> Option<RefreshToken> {
+    s.refresh_token_by_hash(&rt.token_hash).await.unwrap()
+}
+
+fn delivery(app: &Application, created_at: UnixTime, next_attempt_at: UnixTime) -> LogoutDelivery {
+    LogoutDelivery {
+        id: new_id(),
+        client_id: app.client_id.as_str().to_owned(),
+        uri: format!("https://{}.example/backchannel?x=\"1\"", app.slug.as_str()),
+        logout_token: format!("eyJhbGciOiJFUzI1NiJ9.{}.c2ln", new_id()),
+        attempts: 0,
+        next_attempt_at,
+        created_at,
+        delivered_at: None,
+        failed_at: None,
+    }
+}
+
+fn consent(u: &User, app: &Application, scopes: &[&str], granted_at: UnixTime) -> Consent {
+    Consent {
+        user_id: u.id.clone(),
+        client_id: app.client_id.as_str().to_owned(),
+        org_id: u.org_id.clone(),
+        scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+        granted_at,
+    }
+}
+
+fn totp(u: &User, secret: &[u8], created_at: UnixTime) -> UserTotp {
+    UserTotp { user_id: u.id.clone(), sealed_secret: secret.to_vec(), confirmed_at: None, last_step: None, created_at }
+}
+
+// -------------------------------------------------------------------------- OIDC: cases --
+
+async fn organisation_self_registration_is_switched_and_audited(s: Arc<dyn Store>) {
+    let acme = seed_org(&*s, "acme").await;
+    assert!(!s.organisation("acme").await.unwrap().unwrap().self_registration, "off by default");
+    let open = Organisation { self_registration: true, ..organisation("open") };
+    s.create_organisation(&open, &audit(Some(&open.id), "organisation.create")).await.unwrap();
+    assert_eq!(s.organisation("open").await.unwrap().as_ref(), Some(&open), "created open");
+
+    let ev = audit(Some(&acme.id), "organisation.self_registration");
+    assert!(s.set_organisation_self_registration(&acme.id, true, NOW + 50, &ev).await.unwrap());
+    assert!(audited(&*s, &ev).await);
+    let on = Organisation { self_registration: true, updated_at: NOW + 50, ..acme.clone() };
+    assert_eq!(s.organisation_by_id(&acme.id).await.unwrap().as_ref(), Some(&on), "switched on, updated_at set");
+    assert_eq!(s.organisation("open").await.unwrap().as_ref(), Some(&open), "other organisations untouched");
+
+    assert!(
+        s.set_organisation_self_registration(&acme.id, false, NOW + 60, &audit(Some(&acme.id), "x")).await.unwrap()
+    );
+    let off = Organisation { self_registration: false, updated_at: NOW + 60, ..acme.clone() };
+    assert_eq!(s.organisation_by_id(&acme.id).await.unwrap(), Some(off));
+
+    let ghost = audit(None, "organisation.self_registration");
+    assert!(!s.set_organisation_self_registration(&new_id(), true, NOW, &ghost).await.unwrap());
+    assert!(!audited(&*s, &ghost).await, "no audit for an unknown organisation");
+}
+
+async fn invited_users_get_an_address_a_link_and_then_a_password(s: Arc<dyn Store>) {
+    let acme = seed_org(&*s, "acme").await;
+    let ann = seed_user(&*s, &acme.id, "ann@example.com").await;
+    let alias = address(&ann, "alias@example.com");
+    let alias_v = verification(&ann, VerificationPurpose::Email, &alias.id);
+    s.add_user_email(&alias, &alias_v, &mail("alias@example.com"), &audit(Some(&acme.id), "user.email.add"))
+        .await
+        .unwrap();
+
+    let zoe = User {
+        name: None,
+        password_hash: None,
+        roles: vec![],
+        failed_logins: 3,
+        locked_until: Some(NOW + 60),
+        ..user(&acme.id, "zoe@example.com")
+    };
+    let zoe_email = UserEmail::primary_of(&zoe);
+    let zoe_v = Verification {
+        sealed_token: Some(vec![0x00, 0xff, 0x01]),
+        ..verification(&zoe, VerificationPurpose::Invite, &zoe_email.id)
+    };
+    let zoe_mail = mail("zoe@example.com");
+    let ev = audit(Some(&acme.id), "user.invite");
+    s.create_invited_user(&zoe, &zoe_email, &zoe_v, &zoe_mail, &ev).await.unwrap();
+    assert!(audited(&*s, &ev).await);
+    assert_eq!(s.user(&acme.id, &zoe.id).await.unwrap().as_ref(), Some(&zoe), "user round-trips, no password");
+    assert_eq!(s.user_emails(&zoe.id).await.unwrap(), vec![zoe_email.clone()]);
+    assert_eq!(s.verification(&zoe_v.id).await.unwrap().as_ref(), Some(&zoe_v), "an invite verification round-trips");
+    assert_eq!(queued_to(&*s, "zoe@example.com").await, vec![zoe_mail]);
+
+    // The address is taken, as a user's primary address or as another user's alias:
+    // Conflict, and nothing of the invitation remains.
+    for taken in ["ann@example.com", "alias@example.com"] {
+        let dup = User { password_hash: None, ..user(&acme.id, taken) };
+        let dup_v = verification(&dup, VerificationPurpose::Invite, &dup.id);
+        let dup_mail = QueuedMail { to: format!("invite-{taken}"), ..mail(taken) };
+        let dup_ev = audit(Some(&acme.id), "user.invite");
+        assert_conflict(
+            s.create_invited_user(&dup, &UserEmail::primary_of(&dup), &dup_v, &dup_mail, &dup_ev).await,
+            taken,
+        );
+        assert_eq!(s.user(&acme.id, &dup.id).await.unwrap(), None);
+        assert!(s.user_emails(&dup.id).await.unwrap().is_empty());
+        assert_eq!(s.verification(&dup_v.id).await.unwrap(), None);
+        assert!(queued_to(&*s, &dup_mail.to).await.is_empty(), "no mail for a refused invitation");
+        assert!(!audited(&*s, &dup_ev).await);
+    }
+    assert_eq!(s.user_by_email(&acme.id, "ann@example.com").await.unwrap().as_ref(), Some(&ann));
+
+    // Accepting: the password is set, the lockout lifted, the address verified.
+    let effect = VerificationEffect::AcceptInvite {
+        user_id: zoe.id.clone(),
+        email_id: zoe_email.id.clone(),
+        password_hash: "$argon2id$v=19$invited".into(),
+    };
+    let ev = audit(Some(&acme.id), "user.invite.accept");
+    assert!(s.consume_verification(&zoe_v.id, NOW + 100, &effect, &ev).await.unwrap());
+    assert!(audited(&*s, &ev).await);
+    let accepted = User {
+        password_hash: Some("$argon2id$v=19$invited".into()),
+        failed_logins: 0,
+        locked_until: None,
+        updated_at: NOW + 100,
+        ..zoe.clone()
+    };
+    assert_eq!(s.user(&acme.id, &zoe.id).await.unwrap().as_ref(), Some(&accepted));
+    assert_eq!(s.user_emails(&zoe.id).await.unwrap(), vec![UserEmail { verified_at: Some(NOW + 100), ..zoe_email }]);
+    assert_eq!(
+        s.verification(&zoe_v.id).await.unwrap(),
+        Some(Verification { consumed_at: Some(NOW + 100), sealed_token: None, ..zoe_v.clone() })
+    );
+    // Once only.
+    let other = VerificationEffect::AcceptInvite {
+        user_id: zoe.id.clone(),
+        email_id: zoe.id.clone(),
+        password_hash: "$argon2id$v=19$again".into(),
+    };
+    let again = audit(Some(&acme.id), "user.invite.accept");
+    assert!(!s.consume_verification(&zoe_v.id, NOW + 200, &other, &again).await.unwrap());
+    assert!(!audited(&*s, &again).await);
+    assert_eq!(s.user(&acme.id, &zoe.id).await.unwrap().as_ref(), Some(&accepted));
+
+    // An address of another user is not verified by someone's invitation.
+    let yan = User { password_hash: None, ..user(&acme.id, "yan@example.com") };
+    let yan_v = verification(&yan, VerificationPurpose::Invite, &yan.id);
+    s.create_invited_user(&yan, &UserEmail::primary_of(&yan), &yan_v, &mail("yan@example.com"), &audit(None, "i"))
+        .await
+        .unwrap();
+    let stray = VerificationEffect::AcceptInvite {
+        user_id: yan.id.clone(),
+        email_id: alias.id.clone(),
+        password_hash: "$argon2id$v=19$yan".into(),
+    };
+    assert!(s.consume_verification(&yan_v.id, NOW + 300, &stray, &audit(None, "user.invite.accept")).await.unwrap());
+    assert_eq!(s.user(&acme.id, &yan.id).await.unwrap().unwrap().password_hash.as_deref(), Some("$argon2id$v=19$yan"));
+    assert!(s.user_emails(&ann.id).await.unwrap().iter().all(|e| e.verified_at.is_none()), "ann's addresses untouched");
+    assert_eq!(s.user_emails(&yan.id).await.unwrap()[0].verified_at, None);
+}
+
+async fn authorization_codes_are_redeemed_once_with_what_they_issued(s: Arc<dyn Store>) {
+    let f = seed_oidc(&*s).await;
+    let c = code(&f.app, &f.ann, &f.ann_session, 0xa1);
+    let bare = AuthorizationCode {
+        nonce: None,
+        code_challenge: None,
+        amr: vec![],
+        ..code(&f.other_app, &f.ann, &f.ann_session, 0xa2)
+    };
+    let ev = audit(Some(&f.org.id), "oauth.authorize");
+    s.insert_authorization_code(&c, &ev).await.unwrap();
+    assert!(audited(&*s, &ev).await);
+    s.insert_authorization_code(&bare, &audit(Some(&f.org.id), "oauth.authorize")).await.unwrap();
+    assert_eq!(s.authorization_code(&c.code_hash).await.unwrap().as_ref(), Some(&c), "every field round-trips");
+    assert_eq!(s.authorization_code(&bare.code_hash).await.unwrap().as_ref(), Some(&bare), "None and empty round-trip");
+    assert_eq!(s.authorization_code(&hash(0xaf)).await.unwrap(), None);
+
+    // The same hash again: Conflict, the first one unchanged.
+    let dup = AuthorizationCode { redirect_uri: "https://evil.example/cb".into(), ..c.clone() };
+    let dup_ev = audit(Some(&f.org.id), "oauth.authorize");
+    assert_conflict(s.insert_authorization_code(&dup, &dup_ev).await, "duplicate code hash");
+    assert!(!audited(&*s, &dup_ev).await);
+    assert_eq!(s.authorization_code(&c.code_hash).await.unwrap().as_ref(), Some(&c));
+    assert!(s.session_clients(&f.ann_session.id).await.unwrap().is_empty());
+
+    // Redeemed with a refresh token.
+    let rt = refresh_token(&f.app, &f.ann, &f.ann_session.id, "fam-1", 0x81);
+    let issue = CodeIssue { jti: "jti-1".into(), jti_expires_at: NOW + 900, refresh: Some(rt.clone()) };
+    let ev = audit(Some(&f.org.id), "oauth.token");
+    assert!(s.redeem_authorization_code(&c.code_hash, NOW + 5, &issue, &ev).await.unwrap());
+    assert!(audited(&*s, &ev).await);
+    let redeemed = AuthorizationCode {
+        consumed_at: Some(NOW + 5),
+        issued_jti: Some("jti-1".into()),
+        issued_jti_expires_at: Some(NOW + 900),
+        issued_family: Some("fam-1".into()),
+        ..c.clone()
+    };
+    assert_eq!(s.authorization_code(&c.code_hash).await.unwrap().as_ref(), Some(&redeemed));
+    assert_eq!(refresh_of(&*s, &rt).await.as_ref(), Some(&rt), "the refresh token round-trips");
+    assert_eq!(s.session_clients(&f.ann_session.id).await.unwrap(), vec!["acme$web".to_owned()]);
+
+    // A second redemption: false, nothing written.
+    let rt2 = refresh_token(&f.app, &f.ann, &f.ann_session.id, "fam-2", 0x82);
+    let again = CodeIssue { jti: "jti-2".into(), jti_expires_at: NOW + 901, refresh: Some(rt2.clone()) };
+    let again_ev = audit(Some(&f.org.id), "oauth.token");
+    assert!(!s.redeem_authorization_code(&c.code_hash, NOW + 6, &again, &again_ev).await.unwrap());
+    assert!(!audited(&*s, &again_ev).await);
+    assert_eq!(s.authorization_code(&c.code_hash).await.unwrap().as_ref(), Some(&redeemed), "first issue kept");
+    assert_eq!(refresh_of(&*s, &rt2).await, None, "no second refresh token");
+    assert!(!s.redeem_authorization_code(&hash(0xaf), NOW, &again, &audit(None, "oauth.token")).await.unwrap());
+    assert_eq!(refresh_of(&*s, &rt2).await, None);
+
+    // Without a refresh token; then the session signs in to the second client, and once more to
+    // the first: each client is listed once, in the order of first sign-in.
+    let issue = CodeIssue { jti: "jti-3".into(), jti_expires_at: NOW + 902, refresh: None };
+    assert!(s.redeem_authorization_code(&bare.code_hash, NOW + 10, &issue, &audit(None, "oauth.token")).await.unwrap());
+    assert_eq!(
+        s.authorization_code(&bare.code_hash).await.unwrap(),
+        Some(AuthorizationCode {
+            consumed_at: Some(NOW + 10),
+            issued_jti: Some("jti-3".into()),
+            issued_jti_expires_at: Some(NOW + 902),
+            issued_family: None,
+            ..bare.clone()
+        })
+    );
+    let c3 = code(&f.app, &f.ann, &f.ann_session, 0xa3);
+    s.insert_authorization_code(&c3, &audit(None, "oauth.authorize")).await.unwrap();
+    let issue = CodeIssue { jti: "jti-4".into(), jti_expires_at: NOW + 900, refresh: None };
+    assert!(s.redeem_authorization_code(&c3.code_hash, NOW + 20, &issue, &audit(None, "oauth.token")).await.unwrap());
+    assert_eq!(
+        s.session_clients(&f.ann_session.id).await.unwrap(),
+        vec!["acme$web".to_owned(), "acme$portal".to_owned()],
+        "oldest first (not by name), each once"
+    );
+    assert!(s.session_clients(&f.bob_session.id).await.unwrap().is_empty());
+    assert!(s.session_clients(&new_id()).await.unwrap().is_empty());
+}
+
+async fn concurrent_code_redemptions_one_wins(s: Arc<dyn Store>) {
+    let f = seed_oidc(&*s).await;
+    let c = code(&f.app, &f.ann, &f.ann_session, 0xa1);
+    s.insert_authorization_code(&c, &audit(Some(&f.org.id), "oauth.authorize")).await.unwrap();
+    let before = audit_len(&*s).await;
+    let issues: Vec<CodeIssue> = (0..8u8)
+        .map(|i| CodeIssue {
+            jti: format!("jti-{i}"),
+            jti_expires_at: NOW + 900,
+            refresh: Some(refresh_token(&f.app, &f.ann, &f.ann_session.id, &format!("fam-{i}"), 0x90 + i)),
+        })
+        .collect();
+    let outcomes = futures_join_all(issues.iter().cloned().map(|issue| {
+        let s = s.clone();
+        let code_hash = c.code_hash.clone();
+        let ev = audit(None, "oauth.token");
+        async move { s.redeem_authorization_code(&code_hash, NOW + 1, &issue, &ev).await }
+    }))
+    .await;
+    let winners: Vec<usize> = (0..8).filter(|&i| *outcomes[i].as_ref().unwrap()).collect();
+    assert_eq!(winners.len(), 1, "exactly one redemption wins: {outcomes:?}");
+    let won = &issues[winners[0]];
+    let stored = s.authorization_code(&c.code_hash).await.unwrap().unwrap();
+    assert_eq!(stored.issued_jti.as_ref(), Some(&won.jti));
+    assert_eq!(stored.issued_family.as_deref(), won.refresh.as_ref().map(|r| r.family_id.as_str()));
+    for issue in &issues {
+        let rt = issue.refresh.as_ref().unwrap();
+        assert_eq!(refresh_of(&*s, rt).await.is_some(), issue.jti == won.jti, "only the winner's refresh token");
+    }
+    assert_eq!(audit_len(&*s).await, before + 1);
+    assert_eq!(s.session_clients(&f.ann_session.id).await.unwrap(), vec!["acme$web".to_owned()]);
+}
+
+async fn replayed_codes_revoke_their_access_token_and_family(s: Arc<dyn Store>) {
+    let f = seed_oidc(&*s).await;
+    let c = code(&f.app, &f.ann, &f.ann_session, 0xa1);
+    s.insert_authorization_code(&c, &audit(None, "oauth.authorize")).await.unwrap();
+
+    // Never redeemed, or unknown: nothing to revoke, nothing written.
+    let ev = audit(None, "oauth.code.replay");
+    assert!(!s.revoke_code_grant(&c.code_hash, NOW, &ev).await.unwrap());
+    assert!(!s.revoke_code_grant(&hash(0xaf), NOW, &ev).await.unwrap());
+    assert!(!audited(&*s, &ev).await);
+    assert_eq!(s.authorization_code(&c.code_hash).await.unwrap().as_ref(), Some(&c));
+
+    let rt = refresh_token(&f.app, &f.ann, &f.ann_session.id, "fam-1", 0x81);
+    let issue = CodeIssue { jti: "jti-1".into(), jti_expires_at: NOW + 900, refresh: Some(rt.clone()) };
+    assert!(s.redeem_authorization_code(&c.code_hash, NOW + 1, &issue, &audit(None, "oauth.token")).await.unwrap());
+    // The family grew by a rotation; another grant of the same user is untouched.
+    let rt2 = RefreshToken { created_at: NOW + 10, ..refresh_token(&f.app, &f.ann, &f.ann_session.id, "fam-1", 0x82) };
+    assert!(s.rotate_refresh_token(&rt.id, NOW + 10, &rt2, &audit(None, "oauth.refresh")).await.unwrap());
+    let c2 = code(&f.app, &f.ann, &f.ann_session, 0xa2);
+    s.insert_authorization_code(&c2, &audit(None, "oauth.authorize")).await.unwrap();
+    let other = refresh_token(&f.app, &f.ann, &f.ann_session.id, "fam-2", 0x83);
+    let issue2 = CodeIssue { jti: "jti-2".into(), jti_expires_at: NOW + 950, refresh: Some(other.clone()) };
+    assert!(s.redeem_authorization_code(&c2.code_hash, NOW + 2, &issue2, &audit(None, "oauth.token")).await.unwrap());
+
+    assert!(!s.is_token_revoked("jti-1").await.unwrap());
+    let ev = audit(Some(&f.org.id), "oauth.code.replay");
+    assert!(s.revoke_code_grant(&c.code_hash, NOW + 20, &ev).await.unwrap());
+    assert!(audited(&*s, &ev).await);
+    assert!(s.is_token_revoked("jti-1").await.unwrap(), "the access token is on the revocation list");
+    assert_eq!(
+        refresh_of(&*s, &rt).await,
+        Some(RefreshToken { used_at: Some(NOW + 10), revoked_at: Some(NOW + 20), ..rt.clone() })
+    );
+    assert_eq!(refresh_of(&*s, &rt2).await, Some(RefreshToken { revoked_at: Some(NOW + 20), ..rt2.clone() }));
+    assert_eq!(refresh_of(&*s, &other).await.as_ref(), Some(&other), "another family is untouched");
+    assert!(!s.is_token_revoked("jti-2").await.unwrap());
+
+    // A second replay: false, nothing written.
+    let again = audit(Some(&f.org.id), "oauth.code.replay");
+    assert!(!s.revoke_code_grant(&c.code_hash, NOW + 30, &again).await.unwrap());
+    assert!(!audited(&*s, &again).await);
+    assert_eq!(refresh_of(&*s, &rt).await.unwrap().revoked_at, Some(NOW + 20), "first revocation time kept");
+
+    // The access token was revoked already (by its client): the duplicate is ignored, the
+    // family still goes.
+    let t =
+        RevokedToken { jti: "jti-2".into(), client_id: "acme$web".into(), expires_at: NOW + 950, revoked_at: NOW + 3 };
+    s.revoke_token(&t, &audit(None, "token.revoke")).await.unwrap();
+    assert!(s.revoke_code_grant(&c2.code_hash, NOW + 40, &audit(None, "oauth.code.replay")).await.unwrap());
+    assert_eq!(refresh_of(&*s, &other).await.unwrap().revoked_at, Some(NOW + 40));
+
+    // A code redeemed without a refresh token: the access token alone.
+    let c3 = code(&f.other_app, &f.bob, &f.bob_session, 0xa3);
+    s.insert_authorization_code(&c3, &audit(None, "oauth.authorize")).await.unwrap();
+    let issue3 = CodeIssue { jti: "jti-3".into(), jti_expires_at: NOW + 800, refresh: None };
+    assert!(s.redeem_authorization_code(&c3.code_hash, NOW + 3, &issue3, &audit(None, "oauth.token")).await.unwrap());
+    assert!(s.revoke_code_grant(&c3.code_hash, NOW + 50, &audit(None, "oauth.code.replay")).await.unwrap());
+    assert!(s.is_token_revoked("jti-3").await.unwrap());
+
+    // Each entry is kept exactly as long as its access token lives.
+    assert_eq!(s.purge_expired_revocations(NOW + 800).await.unwrap(), 0);
+    assert_eq!(s.purge_expired_revocations(NOW + 801).await.unwrap(), 1, "jti-3");
+    assert_eq!(s.purge_expired_revocations(NOW + 900).await.unwrap(), 0);
+    assert_eq!(s.purge_expired_revocations(NOW + 901).await.unwrap(), 1, "jti-1");
+    assert!(s.is_token_revoked("jti-2").await.unwrap());
+}
+
+async fn refresh_tokens_rotate_once_and_families_are_revoked_together(s: Arc<dyn Store>) {
+    let f = seed_oidc(&*s).await;
+    let first = refresh_token(&f.app, &f.ann, &f.ann_session.id, "fam-1", 0x81);
+    let bare = RefreshToken { amr: vec![], ..refresh_token(&f.other_app, &f.ann, &f.ann_session.id, "fam-2", 0x82) };
+    issue_refresh(&*s, &first, 0xa1).await;
+    issue_refresh(&*s, &bare, 0xa2).await;
+    assert_eq!(refresh_of(&*s, &first).await.as_ref(), Some(&first));
+    assert_eq!(refresh_of(&*s, &bare).await.as_ref(), Some(&bare));
+    assert_eq!(s.refresh_token_by_hash(&hash(0x8f)).await.unwrap(), None);
+
+    let second =
+        RefreshToken { created_at: NOW + 10, ..refresh_token(&f.app, &f.ann, &f.ann_session.id, "fam-1", 0x84) };
+    let ev = audit(Some(&f.org.id), "oauth.refresh");
+    assert!(s.rotate_refresh_token(&first.id, NOW + 10, &second, &ev).await.unwrap());
+    assert!(audited(&*s, &ev).await);
+    assert_eq!(refresh_of(&*s, &first).await, Some(RefreshToken { used_at: Some(NOW + 10), ..first.clone() }));
+    assert_eq!(refresh_of(&*s, &second).await.as_ref(), Some(&second));
+
+    // Used already: false, nothing written.
+    let third = refresh_token(&f.app, &f.ann, &f.ann_session.id, "fam-1", 0x85);
+    let ev3 = audit(Some(&f.org.id), "oauth.refresh");
+    assert!(!s.rotate_refresh_token(&first.id, NOW + 11, &third, &ev3).await.unwrap());
+    assert!(!audited(&*s, &ev3).await);
+    assert_eq!(refresh_of(&*s, &third).await, None);
+    assert_eq!(refresh_of(&*s, &first).await.unwrap().used_at, Some(NOW + 10));
+    assert!(!s.rotate_refresh_token(&new_id(), NOW + 11, &third, &ev3).await.unwrap(), "unknown id");
+    assert_eq!(refresh_of(&*s, &third).await, None);
+
+    // A successor whose hash is taken: Conflict, and the token stays unused.
+    let clash = RefreshToken {
+        token_hash: bare.token_hash.clone(),
+        ..refresh_token(&f.app, &f.ann, &f.ann_session.id, "fam-1", 0x86)
+    };
+    let clash_ev = audit(Some(&f.org.id), "oauth.refresh");
+    assert_conflict(s.rotate_refresh_token(&second.id, NOW + 12, &clash, &clash_ev).await, "successor hash taken");
+    assert!(!audited(&*s, &clash_ev).await);
+    assert_eq!(refresh_of(&*s, &second).await.as_ref(), Some(&second), "still unused");
+    assert_eq!(refresh_of(&*s, &bare).await.as_ref(), Some(&bare));
+
+    // The family is revoked together (used and unused tokens alike); other families stay.
+    let ev = audit(Some(&f.org.id), "oauth.refresh.reuse");
+    assert_eq!(s.revoke_refresh_family("fam-1", NOW + 20, &ev).await.unwrap(), 2);
+    assert!(audited(&*s, &ev).await);
+    assert_eq!(
+        refresh_of(&*s, &first).await,
+        Some(RefreshToken { used_at: Some(NOW + 10), revoked_at: Some(NOW + 20), ..first.clone() })
+    );
+    assert_eq!(refresh_of(&*s, &second).await, Some(RefreshToken { revoked_at: Some(NOW + 20), ..second.clone() }));
+    assert_eq!(refresh_of(&*s, &bare).await.as_ref(), Some(&bare));
+    // A revoked token does not rotate.
+    let ev = audit(Some(&f.org.id), "oauth.refresh");
+    assert!(!s.rotate_refresh_token(&second.id, NOW + 21, &third, &ev).await.unwrap());
+    assert!(!audited(&*s, &ev).await);
+    assert_eq!(refresh_of(&*s, &third).await, None);
+    // Revoking again changes nothing.
+    assert_eq!(s.revoke_refresh_family("fam-1", NOW + 30, &audit(None, "x")).await.unwrap(), 0);
+    assert_eq!(refresh_of(&*s, &second).await.unwrap().revoked_at, Some(NOW + 20));
+    assert_eq!(s.revoke_refresh_family("fam-none", NOW + 30, &audit(None, "x")).await.unwrap(), 0);
+}
+
+async fn concurrent_refresh_rotations_one_wins(s: Arc<dyn Store>) {
+    let f = seed_oidc(&*s).await;
+    let rt = refresh_token(&f.app, &f.ann, &f.ann_session.id, "fam-1", 0x81);
+    issue_refresh(&*s, &rt, 0xa1).await;
+    let before = audit_len(&*s).await;
+    let successors: Vec<RefreshToken> =
+        (0..8u8).map(|i| refresh_token(&f.app, &f.ann, &f.ann_session.id, "fam-1", 0x90 + i)).collect();
+    let outcomes = futures_join_all(successors.iter().cloned().map(|new| {
+        let s = s.clone();
+        let old = rt.id.clone();
+        let ev = audit(None, "oauth.refresh");
+        async move { s.rotate_refresh_token(&old, NOW + 1, &new, &ev).await }
+    }))
+    .await;
+    let winners: Vec<usize> = (0..8).filter(|&i| *outcomes[i].as_ref().unwrap()).collect();
+    assert_eq!(winners.len(), 1, "exactly one rotation wins: {outcomes:?}");
+    for (i, new) in successors.iter().enumerate() {
+        assert_eq!(refresh_of(&*s, new).await.is_some(), i == winners[0], "only the winner's successor is stored");
+    }
+    assert_eq!(refresh_of(&*s, &rt).await.unwrap().used_at, Some(NOW + 1));
+    assert_eq!(audit_len(&*s).await, before + 1);
+}
+
+async fn ending_an_sso_session_revokes_its_tokens_and_queues_logouts(s: Arc<dyn Store>) {
+    let f = seed_oidc(&*s).await;
+    let a1 = refresh_token(&f.app, &f.ann, &f.ann_session.id, "fam-a1", 0x81);
+    let a2 = refresh_token(&f.other_app, &f.ann, &f.ann_session.id, "fam-a2", 0x82);
+    let b = refresh_token(&f.app, &f.bob, &f.bob_session.id, "fam-b", 0x83);
+    for (rt, seed) in [(&a1, 0xa1), (&a2, 0xa2), (&b, 0xa3)] {
+        issue_refresh(&*s, rt, seed).await;
+    }
+    assert_eq!(s.revoke_refresh_family("fam-a2", NOW + 1, &audit(None, "x")).await.unwrap(), 1);
+
+    let d1 = delivery(&f.app, NOW, NOW);
+    let d2 = delivery(&f.other_app, NOW + 1, NOW);
+    let ev = audit(Some(&f.org.id), "session.logout");
+    assert!(s.end_sso_session(&f.ann_session.id, NOW + 50, &[d2.clone(), d1.clone()], &ev).await.unwrap());
+    assert!(audited(&*s, &ev).await);
+    assert_eq!(state_of(&*s, &f.ann_session.id).await, (CredentialState::Revoked, Some(NOW + 50)));
+    assert_eq!(refresh_of(&*s, &a1).await, Some(RefreshToken { revoked_at: Some(NOW + 50), ..a1.clone() }));
+    assert_eq!(refresh_of(&*s, &a2).await.unwrap().revoked_at, Some(NOW + 1), "an earlier revocation keeps its time");
+    assert_eq!(refresh_of(&*s, &b).await.as_ref(), Some(&b), "other sessions' tokens stay");
+    assert_eq!(s.session(&f.bob_session.id).await.unwrap().as_ref(), Some(&f.bob_session));
+    assert_eq!(s.due_logout_deliveries(NOW, 10).await.unwrap(), vec![d1.clone(), d2.clone()], "queued, round-trip");
+
+    // Ended already: false, nothing written.
+    let d3 = delivery(&f.app, NOW + 2, NOW);
+    let again = audit(Some(&f.org.id), "session.logout");
+    assert!(!s.end_sso_session(&f.ann_session.id, NOW + 60, std::slice::from_ref(&d3), &again).await.unwrap());
+    assert!(!audited(&*s, &again).await);
+    assert_eq!(s.due_logout_deliveries(NOW, 10).await.unwrap(), vec![d1.clone(), d2.clone()]);
+    assert_eq!(state_of(&*s, &f.ann_session.id).await, (CredentialState::Revoked, Some(NOW + 50)));
+    // Revoked otherwise: the same.
+    let bob2 = active_session(&*s, &f.bob, 3).await;
+    assert!(s.revoke_session(&bob2.id, NOW + 5, &audit(None, "session.revoke")).await.unwrap());
+    assert!(!s.end_sso_session(&bob2.id, NOW + 60, std::slice::from_ref(&d3), &again).await.unwrap());
+    assert!(!s.end_sso_session(&new_id(), NOW + 60, std::slice::from_ref(&d3), &again).await.unwrap());
+    assert!(!audited(&*s, &again).await);
+    assert_eq!(s.due_logout_deliveries(NOW, 10).await.unwrap().len(), 2);
+    // A pending session can be ended (no deliveries).
+    let (pending, _) = seed_session(&*s, &f.bob, 4).await;
+    assert!(s.end_sso_session(&pending.id, NOW + 70, &[], &audit(None, "session.logout")).await.unwrap());
+    assert_eq!(state_of(&*s, &pending.id).await, (CredentialState::Revoked, Some(NOW + 70)));
+    assert_eq!(refresh_of(&*s, &b).await.as_ref(), Some(&b));
+}
+
+async fn logout_deliveries_are_due_retried_delivered_and_given_up(s: Arc<dyn Store>) {
+    let f = seed_oidc(&*s).await;
+    let late = delivery(&f.app, NOW, NOW + 100);
+    let first = delivery(&f.app, NOW + 1, NOW);
+    let second = delivery(&f.other_app, NOW + 2, NOW - 5);
+    let third = delivery(&f.app, NOW + 3, NOW);
+    let all_four = [third.clone(), late.clone(), second.clone(), first.clone()];
+    assert!(s.end_sso_session(&f.ann_session.id, NOW, &all_four, &audit(None, "session.logout")).await.unwrap());
+    assert_eq!(s.due_logout_deliveries(NOW - 6, 10).await.unwrap(), vec![]);
+    assert_eq!(s.due_logout_deliveries(NOW, 10).await.unwrap(), vec![first.clone(), second.clone(), third.clone()]);
+    assert_eq!(s.due_logout_deliveries(NOW, 2).await.unwrap(), vec![first.clone(), second.clone()]);
+    assert_eq!(
+        s.due_logout_deliveries(NOW + 100, 10).await.unwrap(),
+        vec![late.clone(), first.clone(), second.clone(), third.clone()],
+        "oldest first"
+    );
+
+    // A failure with a retry: counted, due later.
+    s.logout_delivery_failed(&first.id, 1, Some(NOW + 60), NOW).await.unwrap();
+    let retried = LogoutDelivery { attempts: 1, next_attempt_at: NOW + 60, ..first.clone() };
+    assert_eq!(s.due_logout_deliveries(NOW, 10).await.unwrap(), vec![second.clone(), third.clone()]);
+    assert_eq!(
+        s.due_logout_deliveries(NOW + 60, 10).await.unwrap(),
+        vec![retried.clone(), second.clone(), third.clone()]
+    );
+    // Given up, or delivered: never due again, whatever comes after.
+    s.logout_delivery_failed(&second.id, 5, None, NOW + 1).await.unwrap();
+    s.logout_delivered(&third.id, NOW + 2).await.unwrap();
+    s.logout_delivery_failed(&third.id, 1, Some(NOW + 3), NOW + 3).await.unwrap();
+    s.logout_delivery_failed(&third.id, 2, None, NOW + 1).await.unwrap();
+    s.logout_delivered(&second.id, NOW + 4).await.unwrap();
+    assert_eq!(s.due_logout_deliveries(i64::MAX, 10).await.unwrap(), vec![late.clone(), retried.clone()]);
+    // The recorded times: the failure at NOW + 1, the delivery at NOW + 2 (not overwritten).
+    assert_eq!(s.purge_oidc(NOW + 2).await.unwrap(), 1, "the one given up before NOW + 2");
+    assert_eq!(s.purge_oidc(NOW + 3).await.unwrap(), 1, "the one delivered at NOW + 2");
+    assert_eq!(s.due_logout_deliveries(i64::MAX, 10).await.unwrap(), vec![late, retried]);
+    // Unknown ids are no error.
+    s.logout_delivered(&new_id(), NOW).await.unwrap();
+    s.logout_delivery_failed(&new_id(), 1, None, NOW).await.unwrap();
+}
+
+async fn consents_are_saved_replaced_listed_and_revoked(s: Arc<dyn Store>) {
+    let f = seed_oidc(&*s).await;
+    assert_eq!(s.consent(&f.ann.id, "acme$web").await.unwrap(), None);
+    assert!(s.user_consents(&f.ann.id).await.unwrap().is_empty());
+
+    let c1 = consent(&f.ann, &f.app, &["email", "openid", "profile «ü»"], NOW);
+    let c2 = consent(&f.ann, &f.other_app, &[], NOW + 5);
+    let cb = consent(&f.bob, &f.app, &["openid"], NOW + 1);
+    let ev = audit(Some(&f.org.id), "consent.grant");
+    s.save_consent(&c1, &ev).await.unwrap();
+    assert!(audited(&*s, &ev).await);
+    for c in [&c2, &cb] {
+        s.save_consent(c, &audit(Some(&f.org.id), "consent.grant")).await.unwrap();
+    }
+    assert_eq!(s.consent(&f.ann.id, "acme$web").await.unwrap().as_ref(), Some(&c1));
+    assert_eq!(s.consent(&f.ann.id, "acme$portal").await.unwrap().as_ref(), Some(&c2), "an empty list round-trips");
+    assert_eq!(s.consent(&f.bob.id, "acme$web").await.unwrap().as_ref(), Some(&cb));
+    assert_eq!(s.consent(&f.bob.id, "acme$portal").await.unwrap(), None);
+    assert_eq!(s.user_consents(&f.ann.id).await.unwrap(), vec![c2.clone(), c1.clone()], "newest first");
+    assert_eq!(s.user_consents(&f.bob.id).await.unwrap(), vec![cb.clone()]);
+
+    // Saving again replaces.
+    let wider = consent(&f.ann, &f.app, &["email", "offline_access", "openid", "profile «ü»"], NOW + 10);
+    s.save_consent(&wider, &audit(Some(&f.org.id), "consent.grant")).await.unwrap();
+    assert_eq!(s.consent(&f.ann.id, "acme$web").await.unwrap().as_ref(), Some(&wider));
+    assert_eq!(s.user_consents(&f.ann.id).await.unwrap(), vec![wider.clone(), c2.clone()]);
+
+    // Revoking forgets the consent and revokes the user's refresh tokens for that client only.
+    let ann_web = refresh_token(&f.app, &f.ann, &f.ann_session.id, "fam-1", 0x81);
+    let ann_web_old = refresh_token(&f.app, &f.ann, &f.ann_session.id, "fam-0", 0x84);
+    let ann_portal = refresh_token(&f.other_app, &f.ann, &f.ann_session.id, "fam-2", 0x82);
+    let bob_web = refresh_token(&f.app, &f.bob, &f.bob_session.id, "fam-3", 0x83);
+    for (rt, seed) in [(&ann_web, 0xa1), (&ann_web_old, 0xa4), (&ann_portal, 0xa2), (&bob_web, 0xa3)] {
+        issue_refresh(&*s, rt, seed).await;
+    }
+    s.revoke_refresh_family("fam-0", NOW + 15, &audit(None, "x")).await.unwrap();
+    let ev = audit(Some(&f.org.id), "consent.revoke");
+    assert!(s.revoke_consent(&f.ann.id, "acme$web", NOW + 20, &ev).await.unwrap());
+    assert!(audited(&*s, &ev).await);
+    assert_eq!(s.consent(&f.ann.id, "acme$web").await.unwrap(), None);
+    assert_eq!(s.user_consents(&f.ann.id).await.unwrap(), vec![c2.clone()]);
+    assert_eq!(s.consent(&f.bob.id, "acme$web").await.unwrap().as_ref(), Some(&cb));
+    assert_eq!(refresh_of(&*s, &ann_web).await, Some(RefreshToken { revoked_at: Some(NOW + 20), ..ann_web.clone() }));
+    assert_eq!(refresh_of(&*s, &ann_web_old).await.unwrap().revoked_at, Some(NOW + 15), "kept its time");
+    assert_eq!(refresh_of(&*s, &ann_portal).await.as_ref(), Some(&ann_portal));
+    assert_eq!(refresh_of(&*s, &bob_web).await.as_ref(), Some(&bob_web));
+
+    // Again: false, nothing written.
+    let again = audit(Some(&f.org.id), "consent.revoke");
+    assert!(!s.revoke_consent(&f.ann.id, "acme$web", NOW + 30, &again).await.unwrap());
+    assert!(!audited(&*s, &again).await);
+    assert_eq!(refresh_of(&*s, &ann_web).await.unwrap().revoked_at, Some(NOW + 20));
+}
+
+/// Grants die with their application; other applications' grants stay.
+async fn deleting_an_application_removes_its_grants(s: Arc<dyn Store>) {
+    let f = seed_oidc(&*s).await;
+    let web_code = code(&f.app, &f.ann, &f.ann_session, 0xb1);
+    let portal_code = code(&f.other_app, &f.ann, &f.ann_session, 0xb2);
+    for c in [&web_code, &portal_code] {
+        s.insert_authorization_code(c, &audit(None, "oauth.authorize")).await.unwrap();
+    }
+    let web_rt = refresh_token(&f.app, &f.ann, &f.ann_session.id, "fam-1", 0x81);
+    let portal_rt = refresh_token(&f.other_app, &f.ann, &f.ann_session.id, "fam-2", 0x82);
+    issue_refresh(&*s, &web_rt, 0xa1).await;
+    issue_refresh(&*s, &portal_rt, 0xa2).await;
+    for app in [&f.app, &f.other_app] {
+        s.save_consent(&consent(&f.ann, app, &["openid"], NOW), &audit(None, "consent.grant")).await.unwrap();
+    }
+    assert!(s.delete_application("acme$web", &audit(Some(&f.org.id), "application.delete")).await.unwrap());
+    assert_eq!(s.authorization_code(&web_code.code_hash).await.unwrap(), None);
+    assert_eq!(s.authorization_code(&hash(0xa1)).await.unwrap(), None);
+    assert_eq!(refresh_of(&*s, &web_rt).await, None);
+    assert_eq!(s.consent(&f.ann.id, "acme$web").await.unwrap(), None);
+    assert_eq!(s.session_clients(&f.ann_session.id).await.unwrap(), vec!["acme$portal".to_owned()]);
+    assert_eq!(s.authorization_code(&portal_code.code_hash).await.unwrap().as_ref(), Some(&portal_code));
+    assert_eq!(refresh_of(&*s, &portal_rt).await.as_ref(), Some(&portal_rt));
+    assert!(s.consent(&f.ann.id, "acme$portal").await.unwrap().is_some());
+    // A new application with the same client id inherits nothing.
+    seed_app(&*s, &f.org, "web").await;
+    assert_eq!(s.consent(&f.ann.id, "acme$web").await.unwrap(), None);
+    assert_eq!(refresh_of(&*s, &web_rt).await, None);
+}
+
+async fn totp_steps_are_accepted_once_and_in_order(s: Arc<dyn Store>) {
+    let f = seed_oidc(&*s).await;
+    assert_eq!(s.user_totp(&f.ann.id).await.unwrap(), None);
+    let ev = audit(Some(&f.org.id), "user.totp.verify");
+    assert!(!s.use_totp_step(&f.ann.id, 10, true, NOW, &ev).await.unwrap(), "no enrolment");
+    assert!(!audited(&*s, &ev).await);
+
+    let t = totp(&f.ann, &[0x00, 0xff, 0x01, 0x00], NOW);
+    let bobs = UserTotp { confirmed_at: Some(NOW - 5), last_step: Some(1_000), ..totp(&f.bob, &[7], NOW - 10) };
+    let ev = audit(Some(&f.org.id), "user.totp.enrol");
+    s.save_user_totp(&t, &ev).await.unwrap();
+    assert!(audited(&*s, &ev).await);
+    s.save_user_totp(&bobs, &audit(Some(&f.org.id), "user.totp.enrol")).await.unwrap();
+    assert_eq!(s.user_totp(&f.ann.id).await.unwrap().as_ref(), Some(&t));
+    assert_eq!(s.user_totp(&f.bob.id).await.unwrap().as_ref(), Some(&bobs), "every field round-trips");
+
+    // The first code confirms the enrolment.
+    let ev = audit(Some(&f.org.id), "user.totp.verify");
+    assert!(s.use_totp_step(&f.ann.id, 100, true, NOW + 5, &ev).await.unwrap());
+    assert!(audited(&*s, &ev).await);
+    let confirmed = UserTotp { confirmed_at: Some(NOW + 5), last_step: Some(100), ..t.clone() };
+    assert_eq!(s.user_totp(&f.ann.id).await.unwrap().as_ref(), Some(&confirmed));
+
+    // The same step or an older one: refused, nothing written.
+    for step in [100, 99, 0, -1] {
+        let ev = audit(Some(&f.org.id), "user.totp.verify");
+        assert!(!s.use_totp_step(&f.ann.id, step, true, NOW + 10, &ev).await.unwrap(), "step {step}");
+        assert!(!audited(&*s, &ev).await);
+        assert_eq!(s.user_totp(&f.ann.id).await.unwrap().as_ref(), Some(&confirmed));
+    }
+    // A later one is accepted; without `confirm` the confirmation time stays.
+    assert!(s.use_totp_step(&f.ann.id, 101, false, NOW + 40, &audit(None, "user.totp.verify")).await.unwrap());
+    assert_eq!(s.user_totp(&f.ann.id).await.unwrap(), Some(UserTotp { last_step: Some(101), ..confirmed.clone() }));
+
+    // Enrolling again replaces the row: new secret, unconfirmed, no step yet.
+    let again = totp(&f.ann, &[9, 9, 9], NOW + 50);
+    s.save_user_totp(&again, &audit(None, "user.totp.enrol")).await.unwrap();
+    assert_eq!(s.user_totp(&f.ann.id).await.unwrap().as_ref(), Some(&again));
+    assert!(s.use_totp_step(&f.ann.id, 50, true, NOW + 60, &audit(None, "user.totp.verify")).await.unwrap());
+    assert_eq!(
+        s.user_totp(&f.ann.id).await.unwrap(),
+        Some(UserTotp { confirmed_at: Some(NOW + 60), last_step: Some(50), ..again.clone() })
+    );
+
+    // Removed (an admin reset): once.
+    let ev = audit(Some(&f.org.id), "user.totp.reset");
+    assert!(s.delete_user_totp(&f.ann.id, &ev).await.unwrap());
+    assert!(audited(&*s, &ev).await);
+    assert_eq!(s.user_totp(&f.ann.id).await.unwrap(), None);
+    let ev = audit(Some(&f.org.id), "user.totp.reset");
+    assert!(!s.delete_user_totp(&f.ann.id, &ev).await.unwrap());
+    assert!(!audited(&*s, &ev).await);
+    assert_eq!(s.user_totp(&f.bob.id).await.unwrap().as_ref(), Some(&bobs), "bob's factor untouched throughout");
+}
+
+async fn concurrent_totp_uses_of_one_step_one_wins(s: Arc<dyn Store>) {
+    let f = seed_oidc(&*s).await;
+    s.save_user_totp(&totp(&f.ann, &[1, 2, 3], NOW), &audit(None, "user.totp.enrol")).await.unwrap();
+    let before = audit_len(&*s).await;
+    let outcomes = futures_join_all((0..8).map(|_| {
+        let s = s.clone();
+        let id = f.ann.id.clone();
+        async move { s.use_totp_step(&id, 7, true, NOW + 1, &audit(None, "user.totp.verify")).await.unwrap() }
+    }))
+    .await;
+    assert_eq!(outcomes.iter().filter(|won| **won).count(), 1, "one code, one login: {outcomes:?}");
+    assert_eq!(audit_len(&*s).await, before + 1);
+    assert_eq!(s.user_totp(&f.ann.id).await.unwrap().unwrap().last_step, Some(7));
+}
+
+/// Like `auth_api_mutations_roll_back_with_their_audit_row`, for the OIDC methods.
+async fn oidc_mutations_roll_back_with_their_audit_row(s: Arc<dyn Store>) {
+    let f = seed_oidc(&*s).await;
+    let used = audit(Some(&f.org.id), "used");
+    s.append_audit(&used).await.unwrap();
+    let reuse = |action: &str| AuditEvent { action: action.into(), ..used.clone() };
+    let ok = |action: &str| audit(Some(&f.org.id), action);
+    let log_len = audit_len(&*s).await;
+    let mut oks = 0;
+
+    // set_organisation_self_registration
+    assert_conflict(
+        s.set_organisation_self_registration(&f.org.id, true, NOW + 5, &reuse("org")).await,
+        "self_registration",
+    );
+    assert_eq!(s.organisation_by_id(&f.org.id).await.unwrap().as_ref(), Some(&f.org));
+
+    // create_invited_user
+    let zoe = User { password_hash: None, ..user(&f.org.id, "zoe@example.com") };
+    let zoe_email = UserEmail::primary_of(&zoe);
+    let zoe_v = verification(&zoe, VerificationPurpose::Invite, &zoe_email.id);
+    assert_conflict(
+        s.create_invited_user(&zoe, &zoe_email, &zoe_v, &mail("zoe@example.com"), &reuse("invite")).await,
+        "create_invited_user",
+    );
+    assert_eq!(s.user(&f.org.id, &zoe.id).await.unwrap(), None);
+    assert!(s.user_emails(&zoe.id).await.unwrap().is_empty());
+    assert_eq!(s.verification(&zoe_v.id).await.unwrap(), None);
+    assert!(queued_to(&*s, "zoe@example.com").await.is_empty());
+    s.create_invited_user(&zoe, &zoe_email, &zoe_v, &mail("zoe@example.com"), &ok("invite")).await.unwrap();
+    oks += 1;
+
+    // consume_verification with AcceptInvite
+    let accept = VerificationEffect::AcceptInvite {
+        user_id: zoe.id.clone(),
+        email_id: zoe_email.id.clone(),
+        password_hash: "$argon2id$x".into(),
+    };
+    assert_conflict(s.consume_verification(&zoe_v.id, NOW + 5, &accept, &reuse("accept")).await, "accept invite");
+    assert_eq!(s.user(&f.org.id, &zoe.id).await.unwrap().as_ref(), Some(&zoe), "no password set");
+    assert_eq!(s.user_emails(&zoe.id).await.unwrap(), vec![zoe_email.clone()], "not verified");
+    assert_eq!(s.verification(&zoe_v.id).await.unwrap().as_ref(), Some(&zoe_v), "not consumed");
+
+    // insert_authorization_code
+    let c = code(&f.app, &f.ann, &f.ann_session, 0xa1);
+    assert_conflict(s.insert_authorization_code(&c, &reuse("authorize")).await, "insert_authorization_code");
+    assert_eq!(s.authorization_code(&c.code_hash).await.unwrap(), None);
+    s.insert_authorization_code(&c, &ok("authorize")).await.unwrap();
+    oks += 1;
+
+    // redeem_authorization_code
+    let rt = refresh_token(&f.app, &f.ann, &f.ann_session.id, "fam-1", 0x81);
+    let issue = CodeIssue { jti: "jti-1".into(), jti_expires_at: NOW + 900, refresh: Some(rt.clone()) };
+    assert_conflict(s.redeem_authorization_code(&c.code_hash, NOW + 5, &issue, &reuse("token")).await, "redeem");
+    assert_eq!(s.authorization_code(&c.code_hash).await.unwrap().as_ref(), Some(&c), "not consumed");
+    assert_eq!(refresh_of(&*s, &rt).await, None, "no refresh token");
+    assert!(s.session_clients(&f.ann_session.id).await.unwrap().is_empty(), "no session client");
+    assert!(s.redeem_authorization_code(&c.code_hash, NOW + 5, &issue, &ok("token")).await.unwrap());
+    oks += 1;
+
+    // rotate_refresh_token
+    let next = refresh_token(&f.app, &f.ann, &f.ann_session.id, "fam-1", 0x82);
+    assert_conflict(s.rotate_refresh_token(&rt.id, NOW + 6, &next, &reuse("refresh")).await, "rotate");
+    assert_eq!(refresh_of(&*s, &rt).await.as_ref(), Some(&rt), "still unused");
+    assert_eq!(refresh_of(&*s, &next).await, None);
+
+    // revoke_refresh_family
+    assert_conflict(s.revoke_refresh_family("fam-1", NOW + 6, &reuse("family")).await, "revoke_refresh_family");
+    assert_eq!(refresh_of(&*s, &rt).await.as_ref(), Some(&rt), "not revoked");
+
+    // revoke_code_grant: undone entirely, so a later replay still revokes.
+    assert_conflict(s.revoke_code_grant(&c.code_hash, NOW + 6, &reuse("replay")).await, "revoke_code_grant");
+    assert!(!s.is_token_revoked("jti-1").await.unwrap());
+    assert_eq!(refresh_of(&*s, &rt).await.as_ref(), Some(&rt));
+
+    // end_sso_session
+    let d = delivery(&f.app, NOW, NOW);
+    assert_conflict(
+        s.end_sso_session(&f.ann_session.id, NOW + 7, std::slice::from_ref(&d), &reuse("logout")).await,
+        "end_sso_session",
+    );
+    assert_eq!(s.session(&f.ann_session.id).await.unwrap().as_ref(), Some(&f.ann_session), "still active");
+    assert_eq!(refresh_of(&*s, &rt).await.as_ref(), Some(&rt));
+    assert!(s.due_logout_deliveries(i64::MAX, 10).await.unwrap().is_empty(), "no delivery queued");
+
+    // save_consent, revoke_consent
+    let cons = consent(&f.ann, &f.app, &["openid"], NOW);
+    assert_conflict(s.save_consent(&cons, &reuse("consent")).await, "save_consent");
+    assert_eq!(s.consent(&f.ann.id, "acme$web").await.unwrap(), None);
+    s.save_consent(&cons, &ok("consent")).await.unwrap();
+    oks += 1;
+    let wider = consent(&f.ann, &f.app, &["openid", "profile"], NOW + 1);
+    assert_conflict(s.save_consent(&wider, &reuse("consent")).await, "save_consent (replace)");
+    assert_eq!(s.consent(&f.ann.id, "acme$web").await.unwrap().as_ref(), Some(&cons));
+    assert_conflict(s.revoke_consent(&f.ann.id, "acme$web", NOW + 8, &reuse("consent.revoke")).await, "revoke_consent");
+    assert_eq!(s.consent(&f.ann.id, "acme$web").await.unwrap().as_ref(), Some(&cons));
+    assert_eq!(refresh_of(&*s, &rt).await.as_ref(), Some(&rt));
+
+    // TOTP
+    let t = totp(&f.ann, &[1, 2], NOW);
+    assert_conflict(s.save_user_totp(&t, &reuse("totp")).await, "save_user_totp");
+    assert_eq!(s.user_totp(&f.ann.id).await.unwrap(), None);
+    s.save_user_totp(&t, &ok("totp")).await.unwrap();
+    oks += 1;
+    assert_conflict(s.save_user_totp(&totp(&f.ann, &[3], NOW + 1), &reuse("totp")).await, "save_user_totp (replace)");
+    assert_conflict(s.use_totp_step(&f.ann.id, 5, true, NOW + 9, &reuse("totp.use")).await, "use_totp_step");
+    assert_conflict(s.delete_user_totp(&f.ann.id, &reuse("totp.reset")).await, "delete_user_totp");
+    assert_eq!(s.user_totp(&f.ann.id).await.unwrap().as_ref(), Some(&t), "unchanged");
+
+    // What the refused calls would have done still works, once.
+    assert!(s.revoke_code_grant(&c.code_hash, NOW + 10, &ok("replay")).await.unwrap());
+    oks += 1;
+    assert!(s.is_token_revoked("jti-1").await.unwrap());
+    assert!(s.use_totp_step(&f.ann.id, 5, true, NOW + 10, &ok("totp.use")).await.unwrap());
+    oks += 1;
+
+    let log = s.audit_events(None, all()).await.unwrap();
+    assert_eq!(log.iter().filter(|e| e.id == used.id).collect::<Vec<_>>(), vec![&used]);
+    assert_eq!(log.len(), log_len + oks, "the successful writes only");
+}
+
+async fn purge_oidc_removes_only_what_is_due(s: Arc<dyn Store>) {
+    let f = seed_oidc(&*s).await;
+    let cut = NOW + 1000;
+    // Codes: by expiry only, redeemed or not.
+    let mk_code =
+        |seed: u8, expires_at: UnixTime| AuthorizationCode { expires_at, ..code(&f.app, &f.ann, &f.ann_session, seed) };
+    let codes = [
+        (mk_code(0xb1, cut - 1), false, false),
+        (mk_code(0xb2, cut - 1), true, false),
+        (mk_code(0xb3, cut), false, true),
+        (mk_code(0xb4, cut + 1), true, true),
+    ];
+    for (c, redeem, _) in &codes {
+        s.insert_authorization_code(c, &audit(None, "oauth.authorize")).await.unwrap();
+        if *redeem {
+            let issue = CodeIssue { jti: new_id(), jti_expires_at: NOW + 900, refresh: None };
+            assert!(s.redeem_authorization_code(&c.code_hash, NOW, &issue, &audit(None, "oauth.token")).await.unwrap());
+        }
+    }
+    // Refresh tokens: by expiry only; a revoked or used one is kept until it expires (a reuse
+    // must still be recognised).
+    let mk_rt = |seed: u8, expires_at: UnixTime| RefreshToken {
+        expires_at,
+        ..refresh_token(&f.app, &f.ann, &f.ann_session.id, &format!("fam-{seed}"), seed)
+    };
+    let tokens = [(mk_rt(0x81, cut - 1), false), (mk_rt(0x82, cut), true), (mk_rt(0x83, cut + 500), true)];
+    for (i, (rt, _)) in (0u8..).zip(&tokens) {
+        issue_refresh(&*s, rt, 0xa1 + i).await;
+    }
+    s.revoke_refresh_family("fam-131", NOW, &audit(None, "x")).await.unwrap();
+    // Deliveries: delivered or given up before the cut; pending ones never.
+    let old_pending = delivery(&f.app, NOW - DAY, NOW);
+    let delivered_before = delivery(&f.app, NOW, NOW);
+    let delivered_at_cut = delivery(&f.app, NOW, NOW);
+    let failed_before = delivery(&f.app, NOW, NOW);
+    let failed_at_cut = delivery(&f.app, NOW, NOW);
+    let ds = [
+        old_pending.clone(),
+        delivered_before.clone(),
+        delivered_at_cut.clone(),
+        failed_before.clone(),
+        failed_at_cut.clone(),
+    ];
+    assert!(s.end_sso_session(&f.ann_session.id, NOW, &ds, &audit(None, "session.logout")).await.unwrap());
+    s.logout_delivered(&delivered_before.id, cut - 1).await.unwrap();
+    s.logout_delivered(&delivered_at_cut.id, cut).await.unwrap();
+    s.logout_delivery_failed(&failed_before.id, 9, None, cut - 1).await.unwrap();
+    s.logout_delivery_failed(&failed_at_cut.id, 9, None, cut).await.unwrap();
+
+    assert_eq!(s.purge_oidc(cut).await.unwrap(), 2 + 1 + 2, "two codes, one token, two deliveries");
+    for (c, _, kept) in &codes {
+        assert_eq!(
+            s.authorization_code(&c.code_hash).await.unwrap().is_some(),
+            *kept,
+            "code expiring {}",
+            c.expires_at
+        );
+    }
+    for (rt, kept) in &tokens {
+        assert_eq!(refresh_of(&*s, rt).await.is_some(), *kept, "token expiring {}", rt.expires_at);
+    }
+    assert_eq!(s.purge_oidc(cut).await.unwrap(), 0);
+    assert_eq!(s.purge_oidc(cut + 1).await.unwrap(), 1 + 1 + 2, "the ones at the cut");
+    assert_eq!(s.due_logout_deliveries(i64::MAX, 10).await.unwrap(), vec![old_pending], "pending delivery stays");
+    assert!(s.authorization_code(&codes[3].0.code_hash).await.unwrap().is_some());
+    assert!(refresh_of(&*s, &tokens[2].0).await.is_some(), "a revoked token lives until it expires");
+}
+
 // ----------------------------------------------------------------------- PKI: migration --
 
 const V2_SQLITE: [(i64, &str, &str); 2] = [
@@ -3463,7 +4523,9 @@ fn schema_v2_with_rows(migrations: &[(i64, &str, &str)]) -> String {
 async fn v2_rows_survive_the_pki_migration(s: Arc<dyn Store>) {
     let acme = s.organisation("acme").await.unwrap().expect("the v2 organisation");
     assert!(acme.allowed_domains.is_empty(), "existing organisations allow no domains yet");
+    assert!(!acme.self_registration);
     let app = s.application("acme$web").await.unwrap().expect("the v2 application");
+    assert_oidc_defaults(&app);
     assert_eq!((app.jwks_uri, app.auth_method), (None, AuthMethod::PrivateKeyJwt));
     assert_eq!(s.users_with_role("org-1", "portcullis:admin", 10).await.unwrap().len(), 1);
 
@@ -3481,4 +4543,130 @@ async fn v2_rows_survive_the_pki_migration(s: Arc<dyn Store>) {
     assert_eq!(s.active_signing_certificates("app-1", NOW).await.unwrap().len(), 1);
     assert_eq!(s.next_crl_number("ca-1").await.unwrap(), 1);
     assert!(s.record_assertion_jti("acme$web", "j", NOW).await.unwrap());
+}
+
+// ---------------------------------------------------------------------- OIDC: migration --
+
+/// What 0004 gives applications that existed before it.
+#[track_caller]
+fn assert_oidc_defaults(app: &Application) {
+    assert_eq!(app.id_token_signing_alg, Algorithm::RS256);
+    assert!(!app.first_party);
+    assert!(app.post_logout_redirect_uris.is_empty());
+    assert_eq!(app.backchannel_logout_uri, None);
+    assert!(!app.always_issue_refresh_token);
+}
+
+const V3_SQLITE: [(i64, &str, &str); 3] =
+    [V2_SQLITE[0], V2_SQLITE[1], (3, "0003_pki", include_str!("../migrations/sqlite/0003_pki.sql"))];
+const V3_PG: [(i64, &str, &str); 3] =
+    [V2_PG[0], V2_PG[1], (3, "0003_pki", include_str!("../migrations/postgres/0003_pki.sql"))];
+
+/// Schema v3 with rows written the way v3 wrote them: an organisation with domains, an
+/// application with a JWKS URL, a user with its address, an active session, an unconsumed
+/// password-reset verification (blobs with 0x00 and 0xff: the session's token hash is
+/// `hash(0x11)`, the code's `hash(0x12)`) and queued mail. `lit` writes the backend's literal
+/// for bytes.
+fn schema_v3_with_rows(migrations: &[(i64, &str, &str)], lit: fn(&[u8]) -> String) -> String {
+    let mut sql = schema_v2_with_rows(&[]);
+    let header_end = sql.find("INSERT INTO organisations").unwrap();
+    sql.truncate(header_end);
+    for (version, name, text) in migrations {
+        sql.push_str(text);
+        sql.push_str(&format!(
+            "\nINSERT INTO portcullis_migrations (version, name, checksum, applied_at) VALUES ({version}, '{name}', '{}', 1);\n",
+            portcullis_store::checksum(text)
+        ));
+    }
+    sql.push_str(&format!(
+        "INSERT INTO organisations (id, slug, name, allowed_domains, created_at, updated_at) VALUES ('org-1', 'acme', 'Acme', '[\"acme.example\"]', 1, 2);
+         INSERT INTO applications (id, org_id, slug, client_id, name, grant_types, scopes, roles, auth_method, redirect_uris,
+             access_token_lifetime, signing_alg, enabled, jwks_uri, created_at, updated_at)
+         VALUES ('app-1', 'org-1', 'web', 'acme$web', 'Web', '[\"authorization_code\"]', '[]', '[]', 'private_key_jwt', '[\"https://web.example/cb\"]',
+             900, 'ES256', TRUE, 'https://web.example/jwks', 1, 2);
+         INSERT INTO users (id, org_id, email, name, password_hash, roles, enabled, failed_logins, locked_until, created_at, updated_at)
+         VALUES ('user-1', 'org-1', 'ann@example.com', 'Ann', '$argon2id$v3', '[]', TRUE, 2, NULL, 1, 2);
+         INSERT INTO user_emails (id, user_id, org_id, email, verified_at, created_at) VALUES ('user-1', 'user-1', 'org-1', 'ann@example.com', 3, 1);
+         INSERT INTO sessions (id, user_id, org_id, token_hash, state, created_at, verified_at, last_used_at, expires_at, ip, user_agent, revoked_at)
+         VALUES ('sess-1', 'user-1', 'org-1', {token}, 'active', 1, 2, 3, {far}, NULL, NULL, NULL);
+         INSERT INTO verifications (id, purpose, org_id, user_id, subject_id, code_hash, attempts, expires_at, consumed_at, created_at, sealed_token)
+         VALUES ('ver-1', 'password_reset', 'org-1', 'user-1', 'user-1', {code}, 1, {far}, NULL, 1, {bytes});
+         INSERT INTO mail_queue (id, to_addr, subject, sealed_body, attempts, next_attempt_at, last_error, created_at, sent_at)
+         VALUES ('mail-1', 'ann@example.com', 'Reset', {bytes}, 0, 1, NULL, 1, NULL);",
+        far = NOW + DAY,
+        token = lit(&hash(0x11).0),
+        code = lit(&hash(0x12).0),
+        bytes = lit(&[0x00, 0xff, 0x10]),
+    ));
+    sql
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+mod upgrade_v3 {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_v3_rows_survive_the_oidc_migration() {
+        let before = super::schema_v3_with_rows(&super::V3_SQLITE, |b| format!("X'{}'", super::hex(b)));
+        super::run_sqlite_from(super::v3_rows_survive_the_oidc_migration, Some(before)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_v3_rows_survive_the_oidc_migration() {
+        let before = super::schema_v3_with_rows(&super::V3_PG, |b| format!("'\\x{}'::bytea", super::hex(b)));
+        super::run_pg_from(super::v3_rows_survive_the_oidc_migration, Some(before)).await;
+    }
+}
+
+async fn v3_rows_survive_the_oidc_migration(s: Arc<dyn Store>) {
+    let acme = s.organisation("acme").await.unwrap().expect("the v3 organisation");
+    assert_eq!((acme.allowed_domains.as_slice(), acme.self_registration), (&["acme.example".to_owned()][..], false));
+    let app = s.application("acme$web").await.unwrap().expect("the v3 application");
+    assert_eq!(app.jwks_uri.as_deref(), Some("https://web.example/jwks"));
+    assert_oidc_defaults(&app);
+    let ann = s.user("org-1", "user-1").await.unwrap().expect("the v3 user");
+    assert_eq!(s.user_emails("user-1").await.unwrap()[0].verified_at, Some(3));
+    let sess = s.session("sess-1").await.unwrap().expect("the v3 session");
+    assert_eq!(sess.state, CredentialState::Active);
+    // The verifications table was rebuilt on SQLite: every column of the old row survives.
+    assert_eq!(sess.token_hash, hash(0x11));
+    let blob = [0x00, 0xff, 0x10];
+    let v = s.verification("ver-1").await.unwrap().expect("the v3 verification");
+    assert_eq!(v.code_hash, hash(0x12));
+    assert_eq!(
+        (v.purpose, v.subject_id.as_str(), v.attempts, v.consumed_at, v.created_at, v.sealed_token.as_deref()),
+        (VerificationPurpose::PasswordReset, "user-1", 1, None, 1, Some(&blob[..]))
+    );
+    assert_eq!(v.expires_at, NOW + DAY);
+    assert_eq!(s.pending_mail_count().await.unwrap(), 1);
+
+    // Invitations are verifications now; the old one still works, and still goes with its user.
+    let invite = verification(&ann, VerificationPurpose::Invite, "user-1");
+    s.create_verification(&invite, &mail("ann@example.com"), &audit(Some("org-1"), "user.invite")).await.unwrap();
+    assert_eq!(s.verification(&invite.id).await.unwrap().as_ref(), Some(&invite));
+    assert_eq!(s.count_verification_attempt("ver-1").await.unwrap(), Some(2));
+
+    // The new tables work with the old rows.
+    let c = AuthorizationCode {
+        client_id: "acme$web".into(),
+        org_id: "org-1".into(),
+        user_id: "user-1".into(),
+        session_id: "sess-1".into(),
+        ..code_template()
+    };
+    s.insert_authorization_code(&c, &audit(Some("org-1"), "oauth.authorize")).await.unwrap();
+    let rt = refresh_token(&app, &ann, "sess-1", "fam-1", 0x81);
+    let issue = CodeIssue { jti: "jti-1".into(), jti_expires_at: NOW + 900, refresh: Some(rt.clone()) };
+    assert!(
+        s.redeem_authorization_code(&c.code_hash, NOW, &issue, &audit(Some("org-1"), "oauth.token")).await.unwrap()
+    );
+    assert_eq!(s.session_clients("sess-1").await.unwrap(), vec!["acme$web".to_owned()]);
+    assert!(s.set_organisation_self_registration("org-1", true, NOW, &audit(Some("org-1"), "org")).await.unwrap());
+
+    assert!(s.delete_user("org-1", "user-1", &audit(Some("org-1"), "user.delete")).await.unwrap());
+    assert_eq!(s.verification("ver-1").await.unwrap(), None);
+    assert_eq!(s.verification(&invite.id).await.unwrap(), None);
+    assert_eq!(s.refresh_token_by_hash(&rt.token_hash).await.unwrap(), None);
+    assert!(s.session_clients("sess-1").await.unwrap().is_empty());
 }

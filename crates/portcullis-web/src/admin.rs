@@ -83,7 +83,8 @@ impl PageQuery {
 
 pub(crate) fn org_json(o: &Organisation) -> serde_json::Value {
     serde_json::json!({
-        "id": o.id, "slug": o.slug, "name": o.name, "allowed_domains": o.allowed_domains, "created_at": o.created_at,
+        "id": o.id, "slug": o.slug, "name": o.name, "allowed_domains": o.allowed_domains,
+        "self_registration": o.self_registration, "created_at": o.created_at,
     })
 }
 

@@ -15,7 +15,7 @@ pub const OAUTH_BODY_LIMIT: usize = 64 * 1024;
 pub const API_BODY_LIMIT: usize = 1024 * 1024;
 
 /// Whether the request's media type (parameters such as `charset` aside) is `expected`.
-fn has_media_type(headers: &HeaderMap, expected: &str) -> bool {
+pub fn has_media_type(headers: &HeaderMap, expected: &str) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

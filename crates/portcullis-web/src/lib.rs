@@ -8,6 +8,8 @@ pub mod auth;
 pub mod body;
 pub mod error;
 pub mod oauth;
+pub mod oidc;
+pub mod pages;
 pub mod pki;
 pub mod tls;
 
@@ -42,9 +44,25 @@ pub fn router(state: AppState) -> Router {
         .route("/.well-known/openid-configuration", get(oauth::discovery))
         .route("/.well-known/oauth-authorization-server", get(oauth::discovery))
         .route("/oauth2/jwks", get(oauth::jwks))
+        .route("/assets/portcullis.css", get(pages::css))
+        .route("/assets/form-post.js", get(pages::form_post_js))
         .route("/oauth2/token", post(oauth::token))
         .route("/oauth2/introspect", post(oauth::introspect))
         .route("/oauth2/revoke", post(oauth::revoke))
+        .route("/oauth2/authorize", get(oidc::authorize).post(oidc::authorize))
+        .route("/oauth2/consent", post(oidc::consent))
+        .route("/oauth2/userinfo", get(oidc::userinfo).post(oidc::userinfo))
+        .route("/oauth2/logout", get(oidc::logout).post(oidc::logout))
+        .route("/login", get(oidc::login_form).post(oidc::login_submit))
+        .route("/login/code", get(oidc::code_form).post(oidc::code_submit))
+        .route("/login/totp", get(oidc::totp_form).post(oidc::totp_submit))
+        .route("/account", get(oidc::account))
+        .route("/account/consents/revoke", post(oidc::revoke_consent))
+        .route("/account/totp", get(oidc::totp_enrol_form).post(oidc::totp_enrol_submit))
+        .route("/invite", get(oidc::invite_form).post(oidc::invite_submit))
+        .route("/register", get(oidc::register_form).post(oidc::register_submit))
+        .route(&format!("{org}/invitations"), post(oidc::invite_api))
+        .route(&format!("{org}/users/{{id}}/invitation"), post(oidc::resend_invitation))
         .route("/api/v1/sessions", post(au::login).get(au::my_sessions))
         .route("/api/v1/sessions/verify", post(au::verify_session))
         .route("/api/v1/sessions/refresh", post(au::refresh_session))

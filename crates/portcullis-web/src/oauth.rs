@@ -20,19 +20,39 @@ use crate::body::{Form, oauth_form};
 use crate::error::OAuthApiError;
 
 const AUTH_METHODS: [&str; 4] = ["client_secret_basic", "client_secret_post", "private_key_jwt", "tls_client_auth"];
+/// The token endpoint also serves public clients (PKCE).
+const TOKEN_AUTH_METHODS: [&str; 5] =
+    ["client_secret_basic", "client_secret_post", "private_key_jwt", "tls_client_auth", "none"];
 
 pub async fn discovery(State(s): State<AppState>) -> Response {
     let iss = s.core.issuer();
     let algs: Vec<&str> = s.core.settings().signing_algorithms.iter().map(|a| a.as_str()).collect();
     let doc = serde_json::json!({
         "issuer": iss,
+        "authorization_endpoint": format!("{iss}/oauth2/authorize"),
         "token_endpoint": format!("{iss}/oauth2/token"),
+        "userinfo_endpoint": format!("{iss}/oauth2/userinfo"),
+        "end_session_endpoint": format!("{iss}/oauth2/logout"),
         "jwks_uri": format!("{iss}/oauth2/jwks"),
         "introspection_endpoint": format!("{iss}/oauth2/introspect"),
         "revocation_endpoint": format!("{iss}/oauth2/revoke"),
-        "grant_types_supported": ["client_credentials"],
-        "response_types_supported": [],
-        "token_endpoint_auth_methods_supported": AUTH_METHODS,
+        "grant_types_supported": ["authorization_code", "client_credentials", "refresh_token"],
+        "response_types_supported": ["code"],
+        "response_modes_supported": ["query", "form_post"],
+        "code_challenge_methods_supported": ["S256"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": algs,
+        "userinfo_signing_alg_values_supported": [],
+        "claims_supported": ["iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "at_hash", "amr", "acr", "sid", "azp", "email", "email_verified", "name", "preferred_username", "updated_at"],
+        "acr_values_supported": [portcullis_core::usecases::ACR_2FA],
+        "prompt_values_supported": ["none", "login", "consent", "select_account"],
+        "backchannel_logout_supported": true,
+        "backchannel_logout_session_supported": true,
+        "authorization_response_iss_parameter_supported": true,
+        "claims_parameter_supported": false,
+        "request_parameter_supported": false,
+        "request_uri_parameter_supported": false,
+        "token_endpoint_auth_methods_supported": TOKEN_AUTH_METHODS,
         "token_endpoint_auth_signing_alg_values_supported": portcullis_core::crypto::jwk::ASSERTION_ALGORITHMS,
         "introspection_endpoint_auth_methods_supported": AUTH_METHODS,
         "revocation_endpoint_auth_methods_supported": AUTH_METHODS,
@@ -137,16 +157,24 @@ fn client_auth(
             Some(id) => Ok(ClientAuth::Post { client_id: id, secret: SecretString::from(secret) }),
             None => Err(OAuthError::invalid_request("client_secret without client_id").into()),
         },
-        (None, None) => {
-            Err(OAuthApiError::with_basic_challenge(OAuthError::invalid_client("client authentication is required")))
-        }
+        // A public client (token_endpoint_auth_method none): the core accepts it only for a
+        // client registered as public.
+        (None, None) => match form_id {
+            Some(id) => Ok(ClientAuth::Public { client_id: id }),
+            None => Err(OAuthApiError::with_basic_challenge(OAuthError::invalid_client(
+                "client authentication is required",
+            ))),
+        },
     }
 }
 
 fn with_challenge(auth: &ClientAuth, e: OAuthError) -> OAuthApiError {
     match auth {
         ClientAuth::Basic { .. } => OAuthApiError::with_basic_challenge(e),
-        ClientAuth::Post { .. } | ClientAuth::Assertion { .. } | ClientAuth::Certificate { .. } => e.into(),
+        ClientAuth::Post { .. }
+        | ClientAuth::Assertion { .. }
+        | ClientAuth::Certificate { .. }
+        | ClientAuth::Public { .. } => e.into(),
     }
 }
 
@@ -171,9 +199,18 @@ pub async fn token(
         scope: form.take("scope"),
         resource: form.take("resource"),
         client_certificate: peer.as_ref().map(|p| p.0.0.to_vec()),
+        code: form.take("code"),
+        redirect_uri: form.take("redirect_uri"),
+        code_verifier: form.take("code_verifier"),
+        refresh_token: form.take("refresh_token"),
     };
     let resp = s.core.token(&auth, &params, &ctx).await.map_err(|e| with_challenge(&auth, e))?;
-    metrics::counter!("portcullis_tokens_issued_total", "grant" => "client_credentials").increment(1);
+    let grant = match params.grant_type.as_str() {
+        "authorization_code" => "authorization_code",
+        "refresh_token" => "refresh_token",
+        _ => "client_credentials",
+    };
+    metrics::counter!("portcullis_tokens_issued_total", "grant" => grant).increment(1);
     Ok(no_store(Json(resp).into_response()))
 }
 
@@ -185,9 +222,18 @@ async fn authenticated_token_request(
     peer: Option<&PeerCertificate>,
     headers: &HeaderMap,
     body: Body,
+    public_allowed: bool,
 ) -> Result<(std::sync::Arc<portcullis_core::usecases::ClientEntry>, String), OAuthApiError> {
     let mut form = oauth_form(headers, body).await?;
     let auth = client_auth(headers, &mut form, peer)?;
+    if let ClientAuth::Public { .. } = auth
+        && !public_allowed
+    {
+        // A public client proves nothing: it must not read other tokens' contents.
+        return Err(OAuthApiError::with_basic_challenge(OAuthError::invalid_client(
+            "introspection requires client authentication",
+        )));
+    }
     let caller = s.core.authenticate_client(&auth, ctx).await.map_err(|e| with_challenge(&auth, e))?;
     // `token_type_hint` is only a hint (RFC 7009 §2.1): every token type is searched anyway.
     let token = form.take("token").ok_or_else(|| OAuthError::invalid_request("token is required"))?;
@@ -201,7 +247,8 @@ pub async fn introspect(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, OAuthApiError> {
-    let (caller, token) = authenticated_token_request(&s, &ctx, peer.as_ref().map(|p| &p.0), &headers, body).await?;
+    let (caller, token) =
+        authenticated_token_request(&s, &ctx, peer.as_ref().map(|p| &p.0), &headers, body, false).await?;
     let result = s.core.introspect(&caller, &token).await?;
     Ok(no_store(Json(result).into_response()))
 }
@@ -213,7 +260,8 @@ pub async fn revoke(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, OAuthApiError> {
-    let (caller, token) = authenticated_token_request(&s, &ctx, peer.as_ref().map(|p| &p.0), &headers, body).await?;
+    let (caller, token) =
+        authenticated_token_request(&s, &ctx, peer.as_ref().map(|p| &p.0), &headers, body, true).await?;
     s.core.revoke(&caller, &token, &ctx).await?;
     Ok(no_store(StatusCode::OK.into_response()))
 }

@@ -182,8 +182,11 @@ pub async fn renew_over_mtls(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Domains {
-    allowed_domains: Vec<String>,
+pub struct OrganisationPatch {
+    #[serde(default)]
+    allowed_domains: Option<Vec<String>>,
+    #[serde(default)]
+    self_registration: Option<bool>,
 }
 
 /// `PATCH /api/v1/organisations/{org}` — the allowed domains of `server-transport` certificates.
@@ -194,8 +197,17 @@ pub async fn update_organisation(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let req: Domains = json_body(&headers, body).await?;
-    let o = s.core.set_organisation_domains(&who, &ctx, &org, req.allowed_domains).await?;
+    let req: OrganisationPatch = json_body(&headers, body).await?;
+    if req.allowed_domains.is_none() && req.self_registration.is_none() {
+        return Err(ApiError::BadRequest("nothing to change: give allowed_domains and/or self_registration".into()));
+    }
+    if let Some(enabled) = req.self_registration {
+        s.core.set_self_registration(&who, &ctx, &org, enabled).await?;
+    }
+    let o = match req.allowed_domains {
+        Some(d) => s.core.set_organisation_domains(&who, &ctx, &org, d).await?,
+        None => s.core.organisation(&who, &org).await?,
+    };
     Ok(Json(crate::admin::org_json(&o)))
 }
 

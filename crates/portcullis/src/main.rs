@@ -455,6 +455,29 @@ impl portcullis_core::usecases::JwksFetcher for HttpJwksFetcher {
     }
 }
 
+/// POSTs back-channel logout tokens (OIDC Back-Channel Logout 1.0 §2.5): 5 s timeout, no
+/// redirects; any 2xx is a delivery.
+struct HttpLogoutNotifier(reqwest::Client);
+
+impl HttpLogoutNotifier {
+    fn new() -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .context("building the back-channel logout HTTP client")?;
+        Ok(Self(client))
+    }
+}
+
+#[async_trait::async_trait]
+impl portcullis_core::usecases::LogoutNotifier for HttpLogoutNotifier {
+    async fn notify(&self, uri: &str, logout_token: &str) -> Result<(), String> {
+        let resp = self.0.post(uri).form(&[("logout_token", logout_token)]).send().await.map_err(|e| e.to_string())?;
+        if resp.status().is_success() { Ok(()) } else { Err(format!("HTTP {}", resp.status())) }
+    }
+}
+
 /// The one place generated bootstrap secrets are shown: standard output, once, never the log.
 fn print_generated(r: &BootstrapReport) {
     if r.generated_admin_password.is_none() && r.generated_admin_client_secret.is_none() {
@@ -579,8 +602,7 @@ async fn admin(core: &Portcullis, cmd: AdminCommand) -> anyhow::Result<()> {
                 redirect_uris: vec![],
                 access_token_lifetime: a.lifetime,
                 access_token_signing_alg: a.alg,
-                enabled: None,
-                jwks_uri: None,
+                ..NewApplication::default()
             };
             let c = core.create_application(&who, &ctx, &a.org, req).await?;
             let mut v = serde_json::to_value(ApplicationView::new(&c.app, &a.org))?;
@@ -610,6 +632,7 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
     spawn_maintenance(w.core.clone(), metrics.clone(), Duration::from_secs(s.raw.tokens.key_check_interval));
     spawn_mail_delivery(w.core.clone());
+    spawn_logout_delivery(w.core.clone(), HttpLogoutNotifier::new()?);
     let app = portcullis_web::router(portcullis_web::AppState { core: w.core.clone(), metrics: Some(metrics) });
     // One shutdown signal for both listeners.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -714,6 +737,18 @@ fn spawn_mail_delivery(core: Arc<Portcullis>) {
                 tracing::warn!(error = %e, "mail delivery round failed; retrying");
             }
             core.wait_for_mail(Duration::from_secs(5)).await;
+        }
+    });
+}
+
+/// Posts back-channel logout tokens as soon as a session ends, and retries failures.
+fn spawn_logout_delivery(core: Arc<Portcullis>, notifier: HttpLogoutNotifier) {
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = core.deliver_logouts(&notifier).await {
+                tracing::warn!(error = %e, "back-channel logout round failed; retrying");
+            }
+            core.wait_for_logouts(Duration::from_secs(5)).await;
         }
     });
 }

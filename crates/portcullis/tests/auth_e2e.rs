@@ -15,24 +15,19 @@
 #[allow(dead_code)]
 mod support;
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::{Value, json};
 
 use support::{
-    ADMIN_PASSWORD, ADMIN_SECRET, Client, Cred, Resp, Server, Stream, admin_token, create_acme_payments, drain, http,
-    random_hex, send, wait_line,
+    ADMIN_PASSWORD, ADMIN_SECRET, Client, Cred, FROM, Mail, Resp, SINK, Server, Sink, Stream, admin_token,
+    create_acme_payments, http, random_hex, send,
 };
 
-const SINK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/smtp_sink.py");
 const LOCK_FILE: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/portcullis-auth-e2e.lock");
-const FROM: &str = "Portcullis <noreply@example.test>";
 const INVALID_LOGIN: &str = "invalid email or password";
 /// How long a mail may take to reach the SMTP server when nothing goes wrong.
 const MAIL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,80 +39,8 @@ fn new_password(who: &str) -> String {
 
 // ------------------------------------------------------------------------------ the sink --
 
-/// The real SMTP server (`smtp_sink.py serve`), with the messages it received.
-struct Sink {
-    child: Child,
-    /// Closing it also ends the sink (should the test process die without killing it).
-    _stdin: ChildStdin,
-    dir: tempfile::TempDir,
-    port: u16,
-    output: Arc<Mutex<String>>,
-    /// Messages `next_mail` already handed out.
-    taken: Mutex<BTreeSet<u64>>,
-}
-
-/// One delivered message as the sink recorded and Python's `email` module parsed it.
-#[derive(Debug, Clone)]
-struct Mail {
-    n: u64,
-    meta: Value,
-    raw: String,
-}
-
-impl Mail {
-    fn msg(&self) -> &Value {
-        assert!(self.meta.get("message").is_some(), "the sink could not parse message {}: {}", self.n, self.meta);
-        &self.meta["message"]
-    }
-    fn subject(&self) -> &str {
-        self.msg()["subject"].as_str().unwrap()
-    }
-    fn rcpt_tos(&self) -> Vec<String> {
-        self.meta["rcpt_tos"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_lowercase()).collect()
-    }
-    fn to_addresses(&self) -> Vec<String> {
-        self.msg()["to_addresses"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_lowercase()).collect()
-    }
-    /// The decoded body of the (only) part of this content type.
-    fn part(&self, content_type: &str) -> String {
-        let parts: Vec<&Value> =
-            self.msg()["parts"].as_array().unwrap().iter().filter(|p| p["content_type"] == content_type).collect();
-        assert_eq!(parts.len(), 1, "want one {content_type} part: {}", self.meta);
-        parts[0]["body"].as_str().unwrap().to_owned()
-    }
-    /// The code: the one 6-digit number of the text part, also the one of the HTML part.
-    fn code(&self) -> String {
-        let text = six_digit_numbers(&self.part("text/plain"));
-        let html = six_digit_numbers(&self.part("text/html"));
-        assert_eq!(text.len(), 1, "want one 6-digit code in the text part: {}", self.meta);
-        assert_eq!(text, html, "the HTML part must hold the same code: {}", self.meta);
-        text.into_iter().next().unwrap()
-    }
-}
-
-/// The distinct runs of exactly six ASCII digits in `s`.
-fn six_digit_numbers(s: &str) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    let mut run = String::new();
-    for c in s.chars().chain(std::iter::once(' ')) {
-        if c.is_ascii_digit() {
-            run.push(c);
-        } else {
-            if run.len() == 6 {
-                out.insert(run.clone());
-            }
-            run.clear();
-        }
-    }
-    out
-}
-
+/// The TLS variants of the sink (`Sink` itself is shared: `support/`).
 impl Sink {
-    /// Starts the sink on a free port; it answers the first `fail_first` deliveries with 451.
-    fn start(fail_first: u32) -> Sink {
-        Sink::launch(&[format!("--fail-first={fail_first}")])
-    }
-
     /// Starts the sink speaking TLS (`mode`) with `pki`'s certificate for `localhost`, and
     /// accepting only mail from sessions that authenticated as `user` with `password`.
     fn start_tls(mode: SmtpTls, pki: &Pki, user: &str, password: &str) -> Sink {
@@ -127,40 +50,6 @@ impl Sink {
             mode.sink_flag().to_owned(),
             format!("--auth={user}:{password}"),
         ])
-    }
-
-    fn launch(args: &[String]) -> Sink {
-        let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new("python3")
-            .arg(SINK)
-            .arg("serve")
-            .arg(format!("--dir={}", dir.path().display()))
-            .arg("--port=0")
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run python3 ({e}); scripts/test.sh installs python3 and aiosmtpd"));
-        let output = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        drain(child.stdout.take().unwrap(), output.clone(), Some(tx));
-        drain(child.stderr.take().unwrap(), output.clone(), None);
-        let stdin = child.stdin.take().unwrap();
-        let port = wait_line(&rx, &mut child, "smtp_sink.py (needs: pip install aiosmtpd)", &output, |l| {
-            l.trim().strip_prefix("ready ").map(|p| p.parse::<u16>().unwrap())
-        });
-        Sink { child, _stdin: stdin, dir, port, output, taken: Mutex::new(BTreeSet::new()) }
-    }
-
-    /// `PORTCULLIS_SMTP__*`: plain SMTP to this sink.
-    fn envs(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("PORTCULLIS_SMTP__HOST", "127.0.0.1".to_owned()),
-            ("PORTCULLIS_SMTP__PORT", self.port.to_string()),
-            ("PORTCULLIS_SMTP__SECURITY", "none".to_owned()),
-            ("PORTCULLIS_SMTP__FROM", FROM.to_owned()),
-        ]
     }
 
     /// `PORTCULLIS_SMTP__*` and `PORTCULLIS_SMTP_PASSWORD`: `mode` to this sink at `localhost`
@@ -184,78 +73,6 @@ impl Sink {
             envs.push(("PORTCULLIS_SMTP__CA_FILE", ca.display().to_string()));
         }
         envs
-    }
-
-    /// The AUTH attempts the sink refused so far (`auth-failed-NNNN.json`: user, TLS).
-    fn auth_failures(&self) -> Vec<Value> {
-        let mut out: Vec<(String, Value)> = std::fs::read_dir(self.dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("auth-failed-") && n.ends_with(".json"))
-            .map(|n| {
-                let v = serde_json::from_slice(&std::fs::read(self.dir.path().join(&n)).unwrap()).unwrap();
-                (n, v)
-            })
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out.into_iter().map(|(_, v)| v).collect()
-    }
-
-    /// Every message received so far, in order.
-    fn mails(&self) -> Vec<Mail> {
-        let mut out = Vec::new();
-        for e in std::fs::read_dir(self.dir.path()).unwrap() {
-            let name = e.unwrap().file_name().to_string_lossy().into_owned();
-            let Some(stem) = name.strip_suffix(".json") else { continue };
-            let Ok(n) = stem.parse::<u64>() else { continue };
-            let meta: Value = serde_json::from_slice(&std::fs::read(self.dir.path().join(&name)).unwrap()).unwrap();
-            let raw = String::from_utf8_lossy(&std::fs::read(self.dir.path().join(format!("{stem}.eml"))).unwrap())
-                .into_owned();
-            out.push(Mail { n, meta, raw });
-        }
-        out.sort_by_key(|m| m.n);
-        out
-    }
-
-    /// Deliveries answered with 451 so far.
-    fn rejected(&self) -> usize {
-        std::fs::read_dir(self.dir.path())
-            .unwrap()
-            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("rejected-"))
-            .count()
-    }
-
-    fn mails_to(&self, to: &str) -> Vec<Mail> {
-        self.mails().into_iter().filter(|m| m.rcpt_tos() == [to.to_lowercase()]).collect()
-    }
-
-    /// The first message to `to` whose subject starts with `subject` and that no earlier call
-    /// returned; waits up to `timeout` for it.
-    async fn next_mail(&self, to: &str, subject: &str, timeout: Duration) -> Mail {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let found = self.mails_to(to).into_iter().find(|m| {
-                !self.taken.lock().unwrap().contains(&m.n) && m.msg()["subject"].as_str().unwrap().starts_with(subject)
-            });
-            if let Some(m) = found {
-                self.taken.lock().unwrap().insert(m.n);
-                return m;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no mail to {to} with subject {subject:?} within {timeout:?}; the sink has {:?}; its output:\n{}",
-                self.mails().iter().map(|m| (m.rcpt_tos(), m.subject().to_owned())).collect::<Vec<_>>(),
-                self.output.lock().unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

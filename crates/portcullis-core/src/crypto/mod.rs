@@ -7,4 +7,5 @@ pub mod keyring;
 pub mod password;
 pub mod secrets;
 pub mod signing;
+pub mod totp;
 pub mod vault;

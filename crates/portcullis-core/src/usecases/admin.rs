@@ -36,7 +36,7 @@ pub struct NewService {
     pub grants: std::collections::BTreeMap<String, Vec<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewApplication {
     pub slug: String,
@@ -60,6 +60,16 @@ pub struct NewApplication {
     /// For `private_key_jwt`: a JWKS URL used besides the application's signing certificates.
     #[serde(default)]
     pub jwks_uri: Option<String>,
+    #[serde(default)]
+    pub id_token_signed_response_alg: Option<String>,
+    #[serde(default)]
+    pub first_party: Option<bool>,
+    #[serde(default)]
+    pub post_logout_redirect_uris: Vec<String>,
+    #[serde(default)]
+    pub backchannel_logout_uri: Option<String>,
+    #[serde(default)]
+    pub always_issue_refresh_token: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -73,6 +83,12 @@ pub struct ApplicationPatch {
     pub access_token_lifetime: Option<i64>,
     pub access_token_signing_alg: Option<String>,
     pub enabled: Option<bool>,
+    pub id_token_signed_response_alg: Option<String>,
+    pub first_party: Option<bool>,
+    pub post_logout_redirect_uris: Option<Vec<String>>,
+    /// `""` removes it.
+    pub backchannel_logout_uri: Option<String>,
+    pub always_issue_refresh_token: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -137,6 +153,12 @@ pub struct ApplicationView {
     pub certificate_jwks_uri: String,
     pub access_token_lifetime: i64,
     pub access_token_signing_alg: &'static str,
+    pub id_token_signed_response_alg: &'static str,
+    pub first_party: bool,
+    pub post_logout_redirect_uris: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backchannel_logout_uri: Option<String>,
+    pub always_issue_refresh_token: bool,
     pub enabled: bool,
     pub previous_secret_expires_at: Option<UnixTime>,
     pub created_at: UnixTime,
@@ -159,6 +181,11 @@ impl ApplicationView {
             certificate_jwks_uri: format!("/applications/{}/jwks.json", app.client_id),
             access_token_lifetime: app.access_token_lifetime,
             access_token_signing_alg: app.signing_alg.as_str(),
+            id_token_signed_response_alg: app.id_token_signing_alg.as_str(),
+            first_party: app.first_party,
+            post_logout_redirect_uris: app.post_logout_redirect_uris.clone(),
+            backchannel_logout_uri: app.backchannel_logout_uri.clone(),
+            always_issue_refresh_token: app.always_issue_refresh_token,
             enabled: app.enabled,
             previous_secret_expires_at: app.previous_secret_expires_at,
             created_at: app.created_at,
@@ -235,14 +262,22 @@ fn check_audience(a: &str) -> Result<()> {
     Ok(())
 }
 
+/// A redirect URI (also a post-logout or back-channel URI): `https://`, or `http://` only to
+/// a loopback host; no fragment, no userinfo, no wildcard, nothing a browser would rewrite.
 fn check_redirect_uri(u: &str) -> Result<String> {
-    let ok = (u.starts_with("https://") || u.starts_with("http://"))
+    let loopback = ["http://127.0.0.1", "http://[::1]", "http://localhost"]
+        .iter()
+        .any(|p| u.strip_prefix(p).is_some_and(|rest| rest.is_empty() || rest.starts_with([':', '/', '?'])));
+    let authority = u.split_once("://").map(|(_, rest)| rest.split(['/', '?']).next().unwrap_or("")).unwrap_or("");
+    let ok = (u.starts_with("https://") || loopback)
+        && !authority.is_empty()
         && u.len() <= 2048
-        && !u.contains('#')
-        && !u.chars().any(|c| c.is_whitespace() || c.is_control());
+        && !u.contains(['#', '*', '\\'])
+        && !authority.contains('@')
+        && u.bytes().all(|b| b.is_ascii_graphic());
     if !ok {
         return Err(Error::invalid(format!(
-            "invalid redirect URI {:?}: expected an absolute http(s) URL without fragment",
+            "invalid redirect URI {:?}: expected an absolute https URL (http only for localhost, 127.0.0.1 or [::1]) without fragment, userinfo or wildcard",
             u.chars().take(64).collect::<String>()
         )));
     }
@@ -283,6 +318,7 @@ impl Portcullis {
             slug,
             name: check_name(&req.name)?,
             allowed_domains: Vec::new(),
+            self_registration: false,
             created_at: now,
             updated_at: now,
         };
@@ -595,9 +631,11 @@ impl Portcullis {
         }
         let auth_method =
             AuthMethod::parse(req.token_endpoint_auth_method.as_deref().unwrap_or("client_secret_basic"))?;
-        if auth_method == AuthMethod::None {
+        if auth_method == AuthMethod::None
+            && grant_types.iter().any(|g| !matches!(g, GrantType::AuthorizationCode | GrantType::RefreshToken))
+        {
             return Err(Error::invalid(
-                "token_endpoint_auth_method none (public clients) is not available yet: use client_secret_basic, client_secret_post, private_key_jwt or tls_client_auth",
+                "a public client (token_endpoint_auth_method none) may only use authorization_code (with PKCE) and refresh_token",
             ));
         }
         let jwks_uri = match req.jwks_uri.as_deref() {
@@ -630,6 +668,17 @@ impl Portcullis {
             jwks_uri,
             access_token_lifetime: lifetime,
             signing_alg,
+            // RS256 is what OIDC clients assume when they registered nothing; a server without
+            // it signs ID tokens like access tokens.
+            id_token_signing_alg: match req.id_token_signed_response_alg.as_deref() {
+                Some(a) => self.check_alg(a)?,
+                None if self.settings.signing_algorithms.contains(&Algorithm::RS256) => Algorithm::RS256,
+                None => signing_alg,
+            },
+            first_party: req.first_party.unwrap_or(false),
+            post_logout_redirect_uris: parse_all(&req.post_logout_redirect_uris, check_redirect_uri)?,
+            backchannel_logout_uri: req.backchannel_logout_uri.as_deref().map(check_redirect_uri).transpose()?,
+            always_issue_refresh_token: req.always_issue_refresh_token.unwrap_or(false),
             enabled: req.enabled.unwrap_or(true),
             secret_hash: secret.as_ref().map(|s| SecretHash::of(self.vault.as_ref(), s.expose_secret())),
             previous_secret_hash: None,
@@ -713,6 +762,28 @@ impl Portcullis {
         }
         if let Some(e) = patch.enabled {
             app.enabled = e;
+        }
+        if let Some(a) = &patch.id_token_signed_response_alg {
+            app.id_token_signing_alg = self.check_alg(a)?;
+        }
+        if let Some(f) = patch.first_party {
+            app.first_party = f;
+        }
+        if let Some(u) = &patch.post_logout_redirect_uris {
+            app.post_logout_redirect_uris = parse_all(u, check_redirect_uri)?;
+        }
+        if let Some(u) = &patch.backchannel_logout_uri {
+            app.backchannel_logout_uri = if u.is_empty() { None } else { Some(check_redirect_uri(u)?) };
+        }
+        if let Some(r) = patch.always_issue_refresh_token {
+            app.always_issue_refresh_token = r;
+        }
+        if app.auth_method == AuthMethod::None
+            && app.grant_types.iter().any(|g| !matches!(g, GrantType::AuthorizationCode | GrantType::RefreshToken))
+        {
+            return Err(Error::invalid(
+                "a public client (token_endpoint_auth_method none) may only use authorization_code (with PKCE) and refresh_token",
+            ));
         }
         app.updated_at = self.now().max(old.updated_at + 1);
         let ev = self.audit(

@@ -92,6 +92,13 @@ pub struct SessionEntry {
     last_used: AtomicI64,
 }
 
+impl SessionEntry {
+    /// When it was last used (as cached: at most a minute behind the store).
+    pub fn last_used(&self) -> UnixTime {
+        self.last_used.load(Ordering::Relaxed)
+    }
+}
+
 /// A cached API key with its owner.
 #[derive(Debug)]
 pub struct ApiKeyEntry {
@@ -277,7 +284,7 @@ fn looks_like_code(c: &SecretString) -> bool {
     (6..=10).contains(&c.len()) && c.bytes().all(|b| b.is_ascii_digit())
 }
 
-fn code_hash(p: &Portcullis, verification_id: &str, code: &str) -> SecretHash {
+pub(crate) fn code_hash(p: &Portcullis, verification_id: &str, code: &str) -> SecretHash {
     SecretHash::of(p.vault.as_ref(), &format!("code:{verification_id}:{code}"))
 }
 
@@ -503,7 +510,8 @@ impl Portcullis {
         Ok(self.store.purge_sessions(week).await?
             + self.store.purge_verifications(week).await?
             + self.store.purge_sent_mail(week).await?
-            + self.store.purge_api_keys(now - 30 * 86_400).await?)
+            + self.store.purge_api_keys(now - 30 * 86_400).await?
+            + self.store.purge_oidc(now - 86_400).await?)
     }
 
     // ---- codes ----------------------------------------------------------------------------
@@ -636,6 +644,18 @@ impl Portcullis {
         req: LoginRequest,
         user_agent: Option<&str>,
     ) -> Result<PendingSession> {
+        self.login_with(ctx, req, user_agent, true).await
+    }
+
+    /// The login; `email_code` false when the second factor is an authenticator app (then
+    /// the verification is created but no mail is sent).
+    pub(crate) async fn login_with(
+        &self,
+        ctx: &RequestContext,
+        req: LoginRequest,
+        user_agent: Option<&str>,
+        email_code: bool,
+    ) -> Result<PendingSession> {
         let email = Email::parse(&req.email)?;
         self.count_attempt(ctx, Some(email.as_str()))?;
         let user = self.login_candidate(&email, req.organisation.as_deref()).await?;
@@ -672,7 +692,7 @@ impl Portcullis {
         v.sealed_token = Some(self.vault.seal(&token_purpose(&v.id), token.expose_secret().as_bytes())?);
         let msg =
             Message::LoginCode { code: code.expose_secret(), ip: ctx.ip.as_deref(), minutes: self.code_minutes() };
-        let mail = self.queued_mail(&user.email, &msg)?;
+        let mail = if email_code { Some(self.queued_mail(&user.email, &msg)?) } else { None };
         if user.failed_logins > 0 {
             let ev = self.audit(
                 ctx,
@@ -692,8 +712,10 @@ impl Portcullis {
             &session.id,
             serde_json::json!({ "org": org_slug, "verification_id": v.id }),
         );
-        self.store.create_session(&session, &v, &mail, &ev).await?;
-        self.mail_queued(&user.email, &msg);
+        self.store.create_session(&session, &v, mail.as_ref(), &ev).await?;
+        if email_code {
+            self.mail_queued(&user.email, &msg);
+        }
         Ok(PendingSession { session_token: token, verification_id: v.id, expires_at: session.expires_at })
     }
 
@@ -784,7 +806,7 @@ impl Portcullis {
     }
 
     /// Reads a session (cache first) by its token.
-    async fn session_entry(&self, token: &str) -> Result<Option<Arc<SessionEntry>>> {
+    pub(crate) async fn session_entry(&self, token: &str) -> Result<Option<Arc<SessionEntry>>> {
         if !plausible_token(token, SESSION_TOKEN_PREFIX) {
             return Ok(None);
         }
@@ -813,7 +835,7 @@ impl Portcullis {
     }
 
     /// Drops one cached session (after it changed: verified, refreshed, revoked).
-    fn forget_session(&self, token_hash: &SecretHash) {
+    pub(crate) fn forget_session(&self, token_hash: &SecretHash) {
         self.auth.generation.fetch_add(1, Ordering::AcqRel);
         if let Ok(mut map) = self.auth.sessions.write() {
             map.remove(&token_hash.0);
@@ -944,18 +966,13 @@ impl Portcullis {
         self.end_session(ctx, &who.subject, &s).await
     }
 
+    /// Revokes a session, and with it what was signed in with it (OIDC refresh tokens,
+    /// back-channel logout).
     async fn end_session(&self, ctx: &RequestContext, actor: &str, s: &Session) -> Result<()> {
-        let ev = self.audit(
-            ctx,
-            actor,
-            Some(&s.org_id),
-            "session.revoke",
-            &s.id,
-            serde_json::json!({ "user_id": s.user_id }),
-        );
-        self.store.revoke_session(&s.id, self.now(), &ev).await?;
-        self.forget_session(&s.token_hash);
-        Ok(())
+        match self.store.user(&s.org_id, &s.user_id).await? {
+            Some(user) => self.sign_out(ctx, actor, "session.revoke", &s.id, &user).await,
+            None => Err(Error::NotFound(format!("session {:?}", s.id))),
+        }
     }
 
     /// The caller's own sessions, newest first.
@@ -1009,10 +1026,12 @@ impl Portcullis {
         let user =
             self.store.user(&org.id, user_id).await?.ok_or_else(|| Error::NotFound(format!("user {user_id:?}")))?;
         super::users::ensure_may_manage_user(who, &user)?;
+        let signed_out = self.sign_out_everywhere(ctx, &who.subject, &user).await?;
         let ev = self.audit(ctx, &who.subject, Some(&org.id), "session.revoke_all", &user.id, serde_json::json!({}));
+        // Pending sessions (and any that appeared meanwhile) end here.
         let n = self.store.revoke_user_sessions(&user.id, self.now(), &ev).await?;
         self.forget_user_credentials(&user.id);
-        Ok(n)
+        Ok(signed_out + n)
     }
 
     // ---- API keys ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ mod auth;
 mod bootstrap;
 mod keys;
 mod oauth;
+mod oidc;
 mod pki;
 mod users;
 
@@ -17,11 +18,13 @@ pub use admin::*;
 pub use auth::*;
 pub use bootstrap::*;
 pub use oauth::*;
+pub use oidc::*;
 pub use pki::*;
 pub use users::*;
 
 use crate::clock::{Clock, UnixTime};
 use crate::crypto::keyring::KeyRing;
+use crate::crypto::secrets::SecretHash;
 use crate::crypto::vault::KeyVault;
 use crate::error::{Error, Result};
 use crate::ids::Email;
@@ -140,6 +143,8 @@ pub struct Portcullis {
     pub(crate) auth: auth::AuthState,
     pub(crate) ca: pki::CaState,
     pub(crate) remote_jwks: oauth::RemoteJwks,
+    /// Wakes the back-channel logout delivery loop.
+    pub(crate) logout_wake: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Portcullis {
@@ -165,6 +170,7 @@ impl Portcullis {
             auth: auth::AuthState::new(&settings_auth),
             ca: pki::CaState::default(),
             remote_jwks: oauth::RemoteJwks::default(),
+            logout_wake: tokio::sync::Notify::new(),
         }
     }
 
@@ -198,6 +204,23 @@ impl Portcullis {
     }
     pub fn keys_loaded(&self) -> bool {
         self.keys.current().published_kids().next().is_some()
+    }
+
+    /// The anti-CSRF token for a form shown to the browser holding `binding` (its CSRF
+    /// cookie): a keyed hash, so the server keeps no state and no one without the server's
+    /// key can compute it.
+    pub fn csrf_token(&self, binding: &str) -> String {
+        use base64::Engine;
+        let h = SecretHash::of(self.vault.as_ref(), &format!("csrf\0{binding}"));
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(h.0)
+    }
+
+    /// Whether `token` is [`Self::csrf_token`] of `binding` (constant time).
+    pub fn check_csrf_token(&self, binding: &str, token: &str) -> bool {
+        use base64::Engine;
+        let Ok(raw) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token) else { return false };
+        let Some(given) = SecretHash::from_slice(&raw) else { return false };
+        !binding.is_empty() && SecretHash::of(self.vault.as_ref(), &format!("csrf\0{binding}")).matches(&given)
     }
 
     pub(crate) fn audit(

@@ -40,6 +40,11 @@ pub enum ClientAuth {
         client_id: String,
         certificate: Vec<u8>,
     },
+    /// A public client (`none`): only its `client_id`; only the authorization code grant
+    /// (with PKCE) and refresh.
+    Public {
+        client_id: String,
+    },
 }
 
 impl std::fmt::Debug for ClientAuth {
@@ -49,6 +54,7 @@ impl std::fmt::Debug for ClientAuth {
             Self::Post { client_id, .. } => write!(f, "Post({client_id:?}, ..)"),
             Self::Assertion { client_id, .. } => write!(f, "Assertion({client_id:?}, ..)"),
             Self::Certificate { client_id, .. } => write!(f, "Certificate({client_id:?}, ..)"),
+            Self::Public { client_id } => write!(f, "Public({client_id:?})"),
         }
     }
 }
@@ -77,7 +83,8 @@ impl ClientAuth {
             Self::Basic { client_id, .. }
             | Self::Post { client_id, .. }
             | Self::Assertion { client_id, .. }
-            | Self::Certificate { client_id, .. } => client_id,
+            | Self::Certificate { client_id, .. }
+            | Self::Public { client_id } => client_id,
         }
     }
     fn method(&self) -> AuthMethod {
@@ -86,6 +93,7 @@ impl ClientAuth {
             Self::Post { .. } => AuthMethod::ClientSecretPost,
             Self::Assertion { .. } => AuthMethod::PrivateKeyJwt,
             Self::Certificate { .. } => AuthMethod::TlsClientAuth,
+            Self::Public { .. } => AuthMethod::None,
         }
     }
     /// The client certificate this authentication presented, if any.
@@ -139,6 +147,10 @@ pub struct TokenParams {
     /// The verified TLS client certificate (DER) of the request, if any: the token is bound
     /// to it (`cnf.x5t#S256`, RFC 8705 §3) whatever the client authentication method.
     pub client_certificate: Option<Vec<u8>>,
+    pub code: Option<String>,
+    pub redirect_uri: Option<String>,
+    pub code_verifier: Option<String>,
+    pub refresh_token: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -148,6 +160,10 @@ pub struct TokenResponse {
     pub expires_in: i64,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub scope: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id_token: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<String>,
 }
 
 /// RFC 7662 response. Inactive tokens answer `{"active": false}` and nothing else.
@@ -176,6 +192,15 @@ impl Portcullis {
             ClientAuth::Certificate { client_id, certificate } => {
                 self.check_client_certificate(client_id, certificate).await?
             }
+            ClientAuth::Public { client_id } => match ClientId::is_valid(client_id) {
+                false => Err("malformed client id".to_owned()),
+                true => match self.client(client_id).await? {
+                    // Only a client registered as public may present no credential.
+                    Some(e) if e.app.auth_method == AuthMethod::None => Ok(e),
+                    Some(_) => Err("client authentication is required".to_owned()),
+                    None => Err("unknown client".to_owned()),
+                },
+            },
         };
         let entry = match checked {
             Ok(entry) => entry,
@@ -412,7 +437,7 @@ impl Portcullis {
         OAuthError::invalid_client("client authentication failed")
     }
 
-    /// The token endpoint. Only `client_credentials` exists so far.
+    /// The token endpoint: `client_credentials`, `authorization_code`, `refresh_token`.
     pub async fn token(
         &self,
         auth: &ClientAuth,
@@ -421,15 +446,9 @@ impl Portcullis {
     ) -> Result<TokenResponse, OAuthError> {
         let grant = match params.grant_type.as_str() {
             "client_credentials" => GrantType::ClientCredentials,
+            "authorization_code" => GrantType::AuthorizationCode,
+            "refresh_token" => GrantType::RefreshToken,
             "" => return Err(OAuthError::invalid_request("grant_type is required")),
-            "authorization_code" | "refresh_token" => {
-                // Known grants this server does not issue yet.
-                self.authenticate_client(auth, ctx).await?;
-                return Err(OAuthError::new(
-                    OAuthErrorCode::UnsupportedGrantType,
-                    format!("grant_type {} is not supported", params.grant_type),
-                ));
-            }
             other => {
                 return Err(OAuthError::new(
                     OAuthErrorCode::UnsupportedGrantType,
@@ -438,16 +457,22 @@ impl Portcullis {
             }
         };
         let entry = self.authenticate_client(auth, ctx).await?;
-        if !entry.app.grant_types.contains(&grant) {
+        if !entry.app.grant_types.contains(&grant)
+            || (grant == GrantType::ClientCredentials && entry.app.auth_method == AuthMethod::None)
+        {
             return Err(OAuthError::new(
                 OAuthErrorCode::UnauthorizedClient,
-                "this client may not use grant_type client_credentials",
+                format!("this client may not use grant_type {}", grant.as_str()),
             ));
         }
         // RFC 8705 §3: bound to the request's TLS client certificate, whatever the method.
         let bound = params.client_certificate.as_deref().or_else(|| auth.certificate());
         let cnf = bound.map(|der| crate::pki::x5t_s256(&crate::pki::fingerprint(der)));
-        self.issue_client_token(&entry, params, cnf).await
+        match grant {
+            GrantType::ClientCredentials => self.issue_client_token(&entry, params, cnf).await,
+            GrantType::AuthorizationCode => self.redeem_code(&entry, params, cnf, ctx).await,
+            GrantType::RefreshToken => self.refresh(&entry, params, cnf, ctx).await,
+        }
     }
 
     async fn issue_client_token(
@@ -543,6 +568,30 @@ impl Portcullis {
             }
         }
 
+        let (access_token, _, lifetime, scope) =
+            self.sign_access_token(entry, app.client_id.as_str(), &auds, &scopes, &roles, cnf_x5t.as_deref())?;
+        Ok(TokenResponse {
+            access_token,
+            token_type: "Bearer",
+            expires_in: lifetime,
+            scope,
+            id_token: None,
+            refresh_token: None,
+        })
+    }
+
+    /// Signs an RFC 9068 access token of `entry`'s client for `sub`. Returns the token, its
+    /// `jti`, its lifetime and the `scope` string.
+    pub(crate) fn sign_access_token(
+        &self,
+        entry: &ClientEntry,
+        sub: &str,
+        auds: &[&str],
+        scopes: &[&str],
+        roles: &[&str],
+        cnf_x5t: Option<&str>,
+    ) -> Result<(String, String, i64, String), OAuthError> {
+        let app = &entry.app;
         let now = self.now();
         // A lowered tokens.max_lifetime applies to applications created before it.
         let lifetime = app.access_token_lifetime.min(self.settings.max_access_token_lifetime);
@@ -550,16 +599,16 @@ impl Portcullis {
         let scope = scopes.join(" ");
         let claims = AccessClaimsRef {
             iss: &self.settings.issuer,
-            sub: app.client_id.as_str(),
-            aud: AudienceRef::of(&auds),
+            sub,
+            aud: AudienceRef::of(auds),
             exp: now + lifetime,
             iat: now,
             jti: &jti,
             client_id: app.client_id.as_str(),
             scope: &scope,
-            roles: &roles,
+            roles,
             org: entry.org.slug.as_str(),
-            cnf: cnf_x5t.as_deref().map(|x5t| crate::tokens::CnfRef { x5t_s256: x5t }),
+            cnf: cnf_x5t.map(|x5t| crate::tokens::CnfRef { x5t_s256: x5t }),
         };
         let keys = self.keys.current();
         let Some(signer) = keys.signer(app.signing_alg) else {
@@ -574,8 +623,8 @@ impl Portcullis {
             ));
         };
         let body = serde_json::to_vec(&claims).map_err(Error::internal)?;
-        let access_token = jws::sign(signer, ACCESS_TOKEN_TYP, &body)?;
-        Ok(TokenResponse { access_token, token_type: "Bearer", expires_in: lifetime, scope })
+        let token = jws::sign(signer, ACCESS_TOKEN_TYP, &body)?;
+        Ok((token, jti, lifetime, scope))
     }
 
     /// Verifies one of our access tokens and that it is still good: not revoked, and its
@@ -623,9 +672,10 @@ impl Portcullis {
     /// is refused. The revocation is durable before this returns.
     pub async fn revoke(&self, caller: &ClientEntry, token: &str, ctx: &RequestContext) -> Result<(), OAuthError> {
         let keys = self.keys.current();
-        // Expired tokens need no revocation; malformed ones are not ours.
+        // Expired tokens need no revocation; malformed ones are not ours. A refresh token
+        // (opaque) revokes its whole family.
         let Ok(claims) = verify_access_token(token, &keys, &self.settings.issuer, self.now()) else {
-            return Ok(());
+            return self.revoke_refresh_token(caller, token, ctx).await;
         };
         if claims.client_id != caller.app.client_id.as_str() {
             return Err(OAuthError::new(OAuthErrorCode::UnauthorizedClient, "the token was not issued to this client"));

@@ -184,6 +184,9 @@ impl Portcullis {
             &user.id,
             serde_json::json!({ "changed": changed, "enabled": user.enabled, "sessions_ended": end_sessions }),
         );
+        if end_sessions {
+            self.sign_out_everywhere(ctx, &who.subject, &user).await?;
+        }
         self.save_user(&user, before, end_sessions, &ev).await?;
         if password_set {
             // The owner learns that someone else set their password.
@@ -417,6 +420,9 @@ impl Portcullis {
         let sub = CodeSubmission { verification_id: req.verification_id, code: req.code };
         let v = self.check_code(ctx, &sub, VerificationPurpose::PasswordReset).await?;
         let password_hash = self.hash_password_limited(req.new_password).await?;
+        if let Some(user) = self.store.user(&v.org_id, &v.user_id).await? {
+            self.sign_out_everywhere(ctx, &v.user_id, &user).await?;
+        }
         self.consume(
             ctx,
             &v,

@@ -1,16 +1,18 @@
-//! What the end-to-end test binaries (`e2e.rs`, `auth_e2e.rs`, `pki_e2e.rs`, `cert_cli_e2e.rs`)
-//! share: the process harness that runs the real `portcullis` binary (a clean `PORTCULLIS_*`
+//! What the end-to-end test binaries (`e2e.rs`, `auth_e2e.rs`, `pki_e2e.rs`, `cert_cli_e2e.rs`,
+//! `oidc_e2e.rs`) share: the process harness that runs the real `portcullis` binary (a clean `PORTCULLIS_*`
 //! environment with known admin secrets, pipes drained on threads, waiting for a line or an exit
 //! with a deadline, a `serve` on a free port that is stopped with SIGTERM or killed on drop), the
 //! HTTP client side (every response checked: never a 5xx, every refusal with `x-error` and
 //! `x-error-id`; credentials; client-credentials tokens), throwaway PostgreSQL databases, the
-//! runner of the Python helpers (`tests/e2e/*.py`), and the
-//! organisation `acme` with its service `payments` that the tests start from. What one binary
-//! alone needs stays in that file.
+//! runner of the Python helpers (`tests/e2e/*.py`), the real SMTP server the mail tests read
+//! codes and links from (`tests/e2e/smtp_sink.py`: `Sink`, `Mail`), and the organisation `acme`
+//! with its service `payments` that the tests start from. What one binary alone needs stays in
+//! that file.
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -510,4 +512,192 @@ pub fn python_ok(script: &str, args: &[&str]) -> Value {
     let (ok, v) = python(script, args);
     assert!(ok, "{script} {args:?} failed: {v}");
     v
+}
+
+/// The SMTP server of the mail tests (`smtp_sink.py`, aiosmtpd).
+pub const SINK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/smtp_sink.py");
+/// The sender the servers of the mail tests are configured with.
+pub const FROM: &str = "Portcullis <noreply@example.test>";
+
+// ---- the SMTP sink ---------------------------------------------------------------------
+
+/// The real SMTP server (`smtp_sink.py serve`), with the messages it received.
+pub struct Sink {
+    pub child: Child,
+    /// Closing it also ends the sink (should the test process die without killing it).
+    pub _stdin: ChildStdin,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub output: Arc<Mutex<String>>,
+    /// Messages `next_mail` already handed out.
+    pub taken: Mutex<BTreeSet<u64>>,
+}
+
+/// One delivered message as the sink recorded and Python's `email` module parsed it.
+#[derive(Debug, Clone)]
+pub struct Mail {
+    pub n: u64,
+    pub meta: Value,
+    pub raw: String,
+}
+
+impl Mail {
+    pub fn msg(&self) -> &Value {
+        assert!(self.meta.get("message").is_some(), "the sink could not parse message {}: {}", self.n, self.meta);
+        &self.meta["message"]
+    }
+    pub fn subject(&self) -> &str {
+        self.msg()["subject"].as_str().unwrap()
+    }
+    pub fn rcpt_tos(&self) -> Vec<String> {
+        self.meta["rcpt_tos"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_lowercase()).collect()
+    }
+    pub fn to_addresses(&self) -> Vec<String> {
+        self.msg()["to_addresses"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_lowercase()).collect()
+    }
+    /// The decoded body of the (only) part of this content type.
+    pub fn part(&self, content_type: &str) -> String {
+        let parts: Vec<&Value> =
+            self.msg()["parts"].as_array().unwrap().iter().filter(|p| p["content_type"] == content_type).collect();
+        assert_eq!(parts.len(), 1, "want one {content_type} part: {}", self.meta);
+        parts[0]["body"].as_str().unwrap().to_owned()
+    }
+    /// The code: the one 6-digit number of the text part, also the one of the HTML part.
+    pub fn code(&self) -> String {
+        let text = six_digit_numbers(&self.part("text/plain"));
+        let html = six_digit_numbers(&self.part("text/html"));
+        assert_eq!(text.len(), 1, "want one 6-digit code in the text part: {}", self.meta);
+        assert_eq!(text, html, "the HTML part must hold the same code: {}", self.meta);
+        text.into_iter().next().unwrap()
+    }
+}
+
+/// The distinct runs of exactly six ASCII digits in `s`.
+pub fn six_digit_numbers(s: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut run = String::new();
+    for c in s.chars().chain(std::iter::once(' ')) {
+        if c.is_ascii_digit() {
+            run.push(c);
+        } else {
+            if run.len() == 6 {
+                out.insert(run.clone());
+            }
+            run.clear();
+        }
+    }
+    out
+}
+
+impl Sink {
+    /// Starts the sink on a free port; it answers the first `fail_first` deliveries with 451.
+    pub fn start(fail_first: u32) -> Sink {
+        Sink::launch(&[format!("--fail-first={fail_first}")])
+    }
+
+    pub fn launch(args: &[String]) -> Sink {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new("python3")
+            .arg(SINK)
+            .arg("serve")
+            .arg(format!("--dir={}", dir.path().display()))
+            .arg("--port=0")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run python3 ({e}); scripts/test.sh installs python3 and aiosmtpd"));
+        let output = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        drain(child.stdout.take().unwrap(), output.clone(), Some(tx));
+        drain(child.stderr.take().unwrap(), output.clone(), None);
+        let stdin = child.stdin.take().unwrap();
+        let port = wait_line(&rx, &mut child, "smtp_sink.py (needs: pip install aiosmtpd)", &output, |l| {
+            l.trim().strip_prefix("ready ").map(|p| p.parse::<u16>().unwrap())
+        });
+        Sink { child, _stdin: stdin, dir, port, output, taken: Mutex::new(BTreeSet::new()) }
+    }
+
+    /// `PORTCULLIS_SMTP__*`: plain SMTP to this sink.
+    pub fn envs(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("PORTCULLIS_SMTP__HOST", "127.0.0.1".to_owned()),
+            ("PORTCULLIS_SMTP__PORT", self.port.to_string()),
+            ("PORTCULLIS_SMTP__SECURITY", "none".to_owned()),
+            ("PORTCULLIS_SMTP__FROM", FROM.to_owned()),
+        ]
+    }
+
+    /// The AUTH attempts the sink refused so far (`auth-failed-NNNN.json`: user, TLS).
+    pub fn auth_failures(&self) -> Vec<Value> {
+        let mut out: Vec<(String, Value)> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("auth-failed-") && n.ends_with(".json"))
+            .map(|n| {
+                let v = serde_json::from_slice(&std::fs::read(self.dir.path().join(&n)).unwrap()).unwrap();
+                (n, v)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// Every message received so far, in order.
+    pub fn mails(&self) -> Vec<Mail> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(self.dir.path()).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            let Some(stem) = name.strip_suffix(".json") else { continue };
+            let Ok(n) = stem.parse::<u64>() else { continue };
+            let meta: Value = serde_json::from_slice(&std::fs::read(self.dir.path().join(&name)).unwrap()).unwrap();
+            let raw = String::from_utf8_lossy(&std::fs::read(self.dir.path().join(format!("{stem}.eml"))).unwrap())
+                .into_owned();
+            out.push(Mail { n, meta, raw });
+        }
+        out.sort_by_key(|m| m.n);
+        out
+    }
+
+    /// Deliveries answered with 451 so far.
+    pub fn rejected(&self) -> usize {
+        std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("rejected-"))
+            .count()
+    }
+
+    pub fn mails_to(&self, to: &str) -> Vec<Mail> {
+        self.mails().into_iter().filter(|m| m.rcpt_tos() == [to.to_lowercase()]).collect()
+    }
+
+    /// The first message to `to` whose subject starts with `subject` and that no earlier call
+    /// returned; waits up to `timeout` for it.
+    pub async fn next_mail(&self, to: &str, subject: &str, timeout: Duration) -> Mail {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found = self.mails_to(to).into_iter().find(|m| {
+                !self.taken.lock().unwrap().contains(&m.n) && m.msg()["subject"].as_str().unwrap().starts_with(subject)
+            });
+            if let Some(m) = found {
+                self.taken.lock().unwrap().insert(m.n);
+                return m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no mail to {to} with subject {subject:?} within {timeout:?}; the sink has {:?}; its output:\n{}",
+                self.mails().iter().map(|m| (m.rcpt_tos(), m.subject().to_owned())).collect::<Vec<_>>(),
+                self.output.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
