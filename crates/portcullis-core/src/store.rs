@@ -335,7 +335,8 @@ pub trait Store: Send + Sync + 'static {
     async fn authorization_code(&self, code_hash: &SecretHash) -> StoreResult<Option<AuthorizationCode>>;
     /// Marks the code consumed — only if it was not — records what was issued, inserts the
     /// first refresh token if any, and records that the code's session signed in to its
-    /// client; one transaction. `false` (nothing written) when it was already consumed.
+    /// client; one transaction. `false` (nothing written) when it was already consumed or its
+    /// SSO session was revoked (a sign-out racing the redemption).
     async fn redeem_authorization_code(
         &self,
         code_hash: &SecretHash,
@@ -350,7 +351,8 @@ pub trait Store: Send + Sync + 'static {
 
     async fn refresh_token_by_hash(&self, token_hash: &SecretHash) -> StoreResult<Option<RefreshToken>>;
     /// Marks `old_id` used — only if it is unused and not revoked — and inserts `new`; one
-    /// transaction. `false` (nothing written) when it was used or revoked already.
+    /// transaction. `false` (nothing written) when it was used or revoked already, or when
+    /// `new`'s SSO session was revoked.
     async fn rotate_refresh_token(
         &self,
         old_id: &str,
@@ -402,7 +404,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
 
     async fn user_totp(&self, user_id: &str) -> StoreResult<Option<UserTotp>>;
-    /// Inserts or replaces the user's (unconfirmed) TOTP enrolment.
+    /// Inserts the user's TOTP enrolment, or replaces it while it is unconfirmed. `Conflict`
+    /// (nothing written) when a confirmed one exists: only `delete_user_totp` removes it.
     async fn save_user_totp(&self, totp: &UserTotp, audit: &AuditEvent) -> StoreResult<()>;
     /// Accepts time step `step` once: sets `last_step` (and `confirmed_at` when `confirm`)
     /// only if no step ≥ `step` was accepted before. `false` (nothing written) otherwise.

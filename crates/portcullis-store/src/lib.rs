@@ -1685,6 +1685,9 @@ macro_rules! sql_store {
                 let Some(row) = row else { return Ok(false) };
                 let session_id: String = row.try_get("session_id").map_err(db_err)?;
                 let client_id: String = row.try_get("client_id").map_err(db_err)?;
+                if !Self::lock_active_session(&mut tx, &session_id).await? {
+                    return Ok(false);
+                }
                 if let Some(refresh) = &issue.refresh {
                     Self::insert_refresh_token(&mut *tx, refresh).await?;
                 }
@@ -1750,7 +1753,7 @@ macro_rules! sql_store {
                     .await
                     .map_err(db_err)?
                     .rows_affected();
-                if n == 0 {
+                if n == 0 || !Self::lock_active_session(&mut tx, &new.session_id).await? {
                     return Ok(false);
                 }
                 Self::insert_refresh_token(&mut *tx, new).await?;
@@ -1914,10 +1917,10 @@ macro_rules! sql_store {
 
             async fn save_user_totp(&self, t: &UserTotp, audit: &AuditEvent) -> StoreResult<()> {
                 let mut tx = self.pool.begin().await.map_err(db_err)?;
-                sqlx::query(
+                let n = sqlx::query(
                     "INSERT INTO user_totp (user_id, sealed_secret, confirmed_at, last_step, created_at) VALUES ($1, $2, $3, $4, $5) \
                      ON CONFLICT (user_id) DO UPDATE SET sealed_secret = excluded.sealed_secret, confirmed_at = excluded.confirmed_at, \
-                     last_step = excluded.last_step, created_at = excluded.created_at",
+                     last_step = excluded.last_step, created_at = excluded.created_at WHERE user_totp.confirmed_at IS NULL",
                 )
                 .bind(&t.user_id)
                 .bind(&t.sealed_secret)
@@ -1926,7 +1929,11 @@ macro_rules! sql_store {
                 .bind(t.created_at)
                 .execute(&mut *tx)
                 .await
-                .map_err(db_err)?;
+                .map_err(db_err)?
+                .rows_affected();
+                if n == 0 {
+                    return Err(StoreError::Conflict("an authenticator app is already enrolled".into()));
+                }
                 Self::insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
             }
@@ -2127,6 +2134,22 @@ macro_rules! sql_store {
             }
 
             /// Revokes the user's pending and active sessions; returns how many.
+            /// `false` when the SSO session was revoked (signed out); otherwise holds its row until
+            /// the transaction ends, so a concurrent sign-out (which updates the session first)
+            /// either finished before (then `false`) or waits, and then sees — and revokes — what
+            /// this transaction inserts. (Expiry and existence are the core's checks.)
+            async fn lock_active_session(conn: &mut <<$pool as PoolDb>::Db as sqlx::Database>::Connection, session_id: &str) -> StoreResult<bool> {
+                let r = sqlx::query("UPDATE sessions SET last_used_at = last_used_at WHERE id = $1 RETURNING state")
+                    .bind(session_id)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(db_err)?;
+                match r {
+                    Some(row) => Ok(row.try_get::<String, _>("state").map_err(db_err)? != "revoked"),
+                    None => Ok(true),
+                }
+            }
+
             /// Ends every session of the user, and with them every refresh token it holds.
             async fn revoke_sessions_of(conn: &mut <<$pool as PoolDb>::Db as sqlx::Database>::Connection, user_id: &str, now: UnixTime) -> StoreResult<u64> {
                 let r = sqlx::query("UPDATE sessions SET state = 'revoked', revoked_at = $1 WHERE user_id = $2 AND state IN ('pending', 'active')")

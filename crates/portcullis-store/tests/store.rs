@@ -4259,15 +4259,13 @@ async fn totp_steps_are_accepted_once_and_in_order(s: Arc<dyn Store>) {
     assert!(s.use_totp_step(&f.ann.id, 101, false, NOW + 40, &audit(None, "user.totp.verify")).await.unwrap());
     assert_eq!(s.user_totp(&f.ann.id).await.unwrap(), Some(UserTotp { last_step: Some(101), ..confirmed.clone() }));
 
-    // Enrolling again replaces the row: new secret, unconfirmed, no step yet.
+    // Enrolling again over a confirmed app is refused, and writes nothing: only a reset
+    // removes it.
     let again = totp(&f.ann, &[9, 9, 9], NOW + 50);
-    s.save_user_totp(&again, &audit(None, "user.totp.enrol")).await.unwrap();
-    assert_eq!(s.user_totp(&f.ann.id).await.unwrap().as_ref(), Some(&again));
-    assert!(s.use_totp_step(&f.ann.id, 50, true, NOW + 60, &audit(None, "user.totp.verify")).await.unwrap());
-    assert_eq!(
-        s.user_totp(&f.ann.id).await.unwrap(),
-        Some(UserTotp { confirmed_at: Some(NOW + 60), last_step: Some(50), ..again.clone() })
-    );
+    let ev = audit(None, "user.totp.enrol");
+    assert_conflict(s.save_user_totp(&again, &ev).await, "a confirmed enrolment is kept");
+    assert!(!audited(&*s, &ev).await);
+    assert_eq!(s.user_totp(&f.ann.id).await.unwrap(), Some(UserTotp { last_step: Some(101), ..confirmed.clone() }));
 
     // Removed (an admin reset): once.
     let ev = audit(Some(&f.org.id), "user.totp.reset");
@@ -4278,6 +4276,15 @@ async fn totp_steps_are_accepted_once_and_in_order(s: Arc<dyn Store>) {
     assert!(!s.delete_user_totp(&f.ann.id, &ev).await.unwrap());
     assert!(!audited(&*s, &ev).await);
     assert_eq!(s.user_totp(&f.bob.id).await.unwrap().as_ref(), Some(&bobs), "bob's factor untouched throughout");
+
+    // After the reset a new enrolment starts afresh: new secret, unconfirmed, no step yet.
+    s.save_user_totp(&again, &audit(None, "user.totp.enrol")).await.unwrap();
+    assert_eq!(s.user_totp(&f.ann.id).await.unwrap().as_ref(), Some(&again));
+    assert!(s.use_totp_step(&f.ann.id, 50, true, NOW + 60, &audit(None, "user.totp.verify")).await.unwrap());
+    assert_eq!(
+        s.user_totp(&f.ann.id).await.unwrap(),
+        Some(UserTotp { confirmed_at: Some(NOW + 60), last_step: Some(50), ..again.clone() })
+    );
 }
 
 async fn concurrent_totp_uses_of_one_step_one_wins(s: Arc<dyn Store>) {

@@ -63,6 +63,7 @@ pub fn router(state: AppState) -> Router {
         .route("/register", get(oidc::register_form).post(oidc::register_submit))
         .route(&format!("{org}/invitations"), post(oidc::invite_api))
         .route(&format!("{org}/users/{{id}}/invitation"), post(oidc::resend_invitation))
+        .route(&format!("{org}/users/{{id}}/totp"), delete(oidc::reset_totp))
         .route("/api/v1/sessions", post(au::login).get(au::my_sessions))
         .route("/api/v1/sessions/verify", post(au::verify_session))
         .route("/api/v1/sessions/refresh", post(au::refresh_session))

@@ -102,7 +102,18 @@ fn with_cookies(mut r: Response, cookies: impl IntoIterator<Item = Option<Header
 /// A page re-shown with an error (a failed sign-in, a wrong code): the status and the
 /// `x-error`/`x-error-id` headers of the contract.
 fn failed<T: askama::Template>(status: StatusCode, page: &T, message: &str, csrf: &Csrf) -> Response {
-    let mut r = pages::render(status, page, &[]);
+    failed_with(status, page, message, csrf, &[])
+}
+
+/// [`failed`] for a page whose form may lead to `form_actions` (see [`redirect_target`]).
+fn failed_with<T: askama::Template>(
+    status: StatusCode,
+    page: &T,
+    message: &str,
+    csrf: &Csrf,
+    form_actions: &[String],
+) -> Response {
+    let mut r = pages::render(status, page, form_actions);
     r.headers_mut().insert(X_ERROR.clone(), header_text(message));
     r.headers_mut().insert(X_ERROR_ID.clone(), header_text(&new_error_id()));
     with_cookies(r, [csrf.set_cookie.clone()])
@@ -138,6 +149,20 @@ fn csrf_refused() -> Response {
 
 fn sso<'a>(s: &AppState, headers: &'a HeaderMap) -> Option<&'a str> {
     pages::cookie(headers, &pages::cookie_name(SSO_COOKIE, secure(s)))
+}
+
+/// Where a form's submission may end up after redirects: the `redirect_uri` of the
+/// authorization request in `return_to`. Browsers (Chrome, Safari) check a page's CSP
+/// `form-action` against every redirect after a form POST, so the page that finishes a
+/// sign-in must allow the application it returns to. (Only the form's destination is widened;
+/// the request is validated again when it gets there.)
+fn redirect_target(return_to: &str) -> Vec<String> {
+    let Some(q) = return_to.strip_prefix("/oauth2/authorize?") else { return Vec::new() };
+    form_urlencoded::parse(q.as_bytes())
+        .filter(|(k, _)| k == "redirect_uri")
+        .map(|(_, v)| v.into_owned())
+        .take(1)
+        .collect()
 }
 
 /// The organisation a sign-in is for: the one of the client in `return_to`, if any.
@@ -185,7 +210,9 @@ async fn authorization_outcome(s: &AppState, headers: &HeaderMap, outcome: Resul
                     .map(|sc| pages::ScopeLine { name: sc.clone(), description: scope_description(sc) })
                     .collect(),
             };
-            with_cookies(pages::render(StatusCode::OK, &page, &[]), [csrf.set_cookie])
+            let targets: Vec<String> =
+                p.request.iter().filter(|(k, _)| k == "redirect_uri").map(|(_, v)| v.clone()).take(1).collect();
+            with_cookies(pages::render(StatusCode::OK, &page, &targets), [csrf.set_cookie])
         }
         Err(e) => error_page(e),
     }
@@ -326,7 +353,8 @@ async fn second_factor_form(s: &AppState, uri: &Uri, headers: &HeaderMap, totp: 
     let return_to =
         pages::safe_return_to(q.iter().find(|(k, _)| k == "return_to").map(|(_, v)| v.as_str()).unwrap_or(""));
     let csrf = pages::csrf(&s.core, headers, secure(s));
-    with_cookies(pages::render(StatusCode::OK, &code_page(&csrf, &return_to, totp, None), &[]), [csrf.set_cookie])
+    let page = code_page(&csrf, &return_to, totp, None);
+    with_cookies(pages::render(StatusCode::OK, &page, &redirect_target(&return_to)), [csrf.set_cookie])
 }
 
 /// `GET /login/code`.
@@ -369,7 +397,8 @@ async fn second_factor_submit(
                 return pages::error_page(status, &msg);
             }
             let csrf = pages::csrf(&s.core, headers, sec);
-            failed(status, &code_page(&csrf, &return_to, totp, Some(msg.clone())), &msg, &csrf)
+            let page = code_page(&csrf, &return_to, totp, Some(msg.clone()));
+            failed_with(status, &page, &msg, &csrf, &redirect_target(&return_to))
         }
     }
 }
@@ -480,6 +509,9 @@ async fn totp_page(
                 None => with_cookies(pages::render(StatusCode::OK, &page, &[]), [csrf.set_cookie]),
             }
         }
+        Err(Error::Unauthenticated(_)) => {
+            see_other(&format!("/login?{}", encode(&[("return_to".to_owned(), "/account/totp".to_owned())])))
+        }
         Err(Error::Conflict(_)) => {
             let page = pages::MessagePage {
                 title: "Authenticator app enrolled".into(),
@@ -520,6 +552,9 @@ pub async fn totp_enrol_submit(State(s): State<AppState>, Ctx(ctx): Ctx, headers
             pages::render(StatusCode::OK, &page, &[])
         }
         Err(Error::InvalidInput(m)) => totp_page(&s, &ctx, &headers, &who, Some(m)).await,
+        Err(Error::Unauthenticated(_)) => {
+            see_other(&format!("/login?{}", encode(&[("return_to".to_owned(), "/account/totp".to_owned())])))
+        }
         Err(e) => error_page(e),
     }
 }
@@ -630,6 +665,16 @@ pub async fn invite_api(
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 
+/// `DELETE /api/v1/organisations/{org}/users/{id}/totp`: reset the user's second factor.
+pub async fn reset_totp(
+    State(s): State<AppState>,
+    Admin(who, ctx): Admin,
+    Path((org, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    s.core.reset_user_totp(&who, &ctx, &org, &id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 /// `POST /api/v1/organisations/{org}/users/{id}/invitation`: a new link.
 pub async fn resend_invitation(
     State(s): State<AppState>,
@@ -685,8 +730,10 @@ pub async fn logout(
         ),
         Ok(Logout::Confirm) => {
             let csrf = pages::csrf(&s.core, &headers, sec);
+            let targets: Vec<String> =
+                pairs.iter().filter(|(k, _)| k == "post_logout_redirect_uri").map(|(_, v)| v.clone()).take(1).collect();
             let page = pages::LogoutConfirmPage { csrf_token: csrf.token.clone(), fields: pairs };
-            with_cookies(pages::render(StatusCode::OK, &page, &[]), [csrf.set_cookie])
+            with_cookies(pages::render(StatusCode::OK, &page, &targets), [csrf.set_cookie])
         }
         Err(e) => error_page(e),
     }

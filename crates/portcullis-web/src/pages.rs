@@ -701,8 +701,10 @@ mod tests {
         let html = body(render(StatusCode::OK, &account, &[])).await;
         assert!(html.contains("action=\"/account/consents/revoke\""));
         assert!(html.contains("name=\"client_id\" value=\"acme$app\""));
-        assert!(html.contains("href=\"/account/totp\""));
+        assert!(!html.contains("href=\"/account/totp\""), "an enrolled app is replaced only after an admin reset");
         assert!(html.contains("action=\"/oauth2/logout\""));
+        let not_enrolled = AccountPage { totp_enrolled: false, ..account.clone() };
+        assert!(body(render(StatusCode::OK, &not_enrolled, &[])).await.contains("href=\"/account/totp\""));
         let empty = AccountPage { consents: vec![], ..account };
         let html = body(render(StatusCode::OK, &empty, &[])).await;
         assert!(html.contains("not allowed any applications") && !html.contains("consents/revoke"));

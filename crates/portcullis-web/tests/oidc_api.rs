@@ -950,6 +950,21 @@ async fn refresh_tokens_rotate_a_reused_one_revokes_the_family_and_they_are_boun
     assert_oauth_error(&refresh(e, &f.spa, &rt3).await, "invalid_grant");
 }
 
+/// A refresh token never outlives the SSO session it was issued in: once the session's
+/// absolute lifetime is over, refresh fails even though the token's own 30 days are not.
+#[tokio::test]
+async fn refresh_tokens_end_with_their_session_lifetime() {
+    let f = fx().await;
+    let e = &f.e;
+    let (_, t) = signed_in_with_tokens(&f).await;
+    let lifetime = e.core.settings().auth.session_lifetime;
+    // Kept alive (no idle timeout) until just before the end: still refreshes.
+    let (st, t2) = refresh(e, &f.web, &s(&t, "refresh_token")).await;
+    assert_eq!(st, StatusCode::OK, "{t2}");
+    e.clock.advance(lifetime + 1);
+    assert_oauth_error(&refresh(e, &f.web, &s(&t2, "refresh_token")).await, "invalid_grant");
+}
+
 // ---- 5. PKCE ---------------------------------------------------------------------------------
 
 #[tokio::test]

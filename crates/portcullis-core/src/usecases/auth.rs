@@ -43,7 +43,7 @@ pub(crate) struct AuthState {
     pub(crate) mail_queued: tokio::sync::Notify,
     password_slots: tokio::sync::Semaphore,
     password_wait: Duration,
-    account_attempts: FailureLimiter,
+    pub(crate) account_attempts: FailureLimiter,
     ip_attempts: FailureLimiter,
     /// Password resets asked for per address (known or not): 3 per 15 minutes.
     pub(crate) reset_requests: FailureLimiter,
@@ -96,6 +96,14 @@ impl SessionEntry {
     /// When it was last used (as cached: at most a minute behind the store).
     pub fn last_used(&self) -> UnixTime {
         self.last_used.load(Ordering::Relaxed)
+    }
+
+    /// Whether this use should be written down (at most once per `TOUCH_INTERVAL`, by one
+    /// caller): the idle timeout counts from the last recorded use.
+    pub(crate) fn claim_touch(&self, now: UnixTime) -> bool {
+        let last = self.last_used.load(Ordering::Relaxed);
+        now - last >= TOUCH_INTERVAL
+            && self.last_used.compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed).is_ok()
     }
 }
 
@@ -605,7 +613,7 @@ impl Portcullis {
         Ok(v)
     }
 
-    async fn audit_code_failure(&self, ctx: &RequestContext, v: &Verification, reason: &str) {
+    pub(crate) async fn audit_code_failure(&self, ctx: &RequestContext, v: &Verification, reason: &str) {
         let mut ev = self.audit(
             ctx,
             &v.user_id,
@@ -889,9 +897,7 @@ impl Portcullis {
                 if s.state == CredentialState::Revoked { "session.use_revoked" } else { "session.authenticate" };
             return Err(self.credential_refused(ctx, &s.id, Some(&e.user), action, why).await);
         }
-        let last = e.last_used.load(Ordering::Relaxed);
-        if now - last >= TOUCH_INTERVAL
-            && e.last_used.compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+        if e.claim_touch(now)
             && let Err(err) = self.store.touch_session(&s.id, now).await
         {
             tracing::warn!(error = %err, "could not record a session's last use");

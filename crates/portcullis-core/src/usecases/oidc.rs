@@ -29,6 +29,10 @@ pub const REFRESH_LIFETIME: i64 = 30 * 86_400;
 pub const ID_TOKEN_LIFETIME: i64 = 600;
 /// Invitation links.
 pub const INVITATION_LIFETIME: i64 = 7 * 86_400;
+/// An authorization request with more parameters than this is refused.
+const MAX_PARAMETERS: usize = 64;
+/// Seconds after a sign-in during which the second factor may be changed.
+const FRESH_SIGN_IN: i64 = 600;
 /// The `acr` of every sign-in here: a password and a second factor.
 pub const ACR_2FA: &str = "urn:portcullis:acr:2fa";
 /// Back-channel logout retries (seconds after the previous attempt); then it is given up.
@@ -408,11 +412,11 @@ impl Portcullis {
         let state = single(pairs, "state").ok().flatten().map(str::to_owned);
         let err =
             |code: &str, d: &str| Ok(Err(client_error(&redirect_uri, form_post, state.as_deref(), &iss, code, d)));
-        if let Some((k, _)) = pairs
-            .iter()
-            .enumerate()
-            .find_map(|(i, (k, v))| pairs.iter().skip(i + 1).any(|(k2, _)| k2 == k).then_some((k, v)))
-        {
+        if pairs.len() > MAX_PARAMETERS {
+            return err("invalid_request", "too many parameters");
+        }
+        let mut seen = std::collections::HashSet::with_capacity(pairs.len());
+        if let Some(k) = pairs.iter().map(|(k, _)| k).find(|k| !seen.insert(k.as_str())) {
             return err(
                 "invalid_request",
                 &format!("parameter {} is given more than once", k.chars().take(40).collect::<String>()),
@@ -513,6 +517,12 @@ impl Portcullis {
             && e.last_used() + self.settings.auth.session_idle_timeout > now
             && e.user.enabled
             && e.user.org_id == org_id;
+        if usable
+            && e.claim_touch(now)
+            && let Err(err) = self.store.touch_session(&s.id, now).await
+        {
+            tracing::warn!(error = %err, "could not record a session's last use");
+        }
         Ok(usable.then_some(e))
     }
 
@@ -564,10 +574,18 @@ impl Portcullis {
         if v.consumed_at.is_some() || v.expires_at <= self.now() {
             return Err(Error::Unauthenticated("this sign-in has expired; sign in again".into()));
         }
+        // The same budgets as an emailed code: per account a minute (across sign-ins and IPs),
+        // counted before comparing and given back when right; and per verification.
+        let account_key = format!("verify:{}", v.user_id);
+        self.auth
+            .account_attempts
+            .fail(&[&account_key], self.now())
+            .map_err(|retry_after_secs| Error::RateLimited { retry_after_secs })?;
         let Some(tries) = self.store.count_verification_attempt(&v.id).await? else {
             return Err(Error::Unauthenticated("sign in again".into()));
         };
         if tries > self.settings.auth.code_max_attempts {
+            self.audit_code_failure(ctx, &v, "too many wrong codes").await;
             return Err(Error::Unauthenticated("too many wrong codes; sign in again".into()));
         }
         let Some(t) = self.store.user_totp(&v.user_id).await?.filter(|t| t.confirmed_at.is_some()) else {
@@ -576,12 +594,15 @@ impl Portcullis {
         let secret = self.vault.open(&totp_purpose(&v.user_id), &t.sealed_secret)?;
         let now = self.now();
         let Some(step) = totp::matching_step(&secret, code, now) else {
+            self.audit_code_failure(ctx, &v, "wrong authenticator code").await;
             return Err(Error::Unauthenticated("wrong code".into()));
         };
         let ev = self.audit(ctx, &v.user_id, Some(&v.org_id), "totp.use", &v.user_id, serde_json::json!({}));
         if !self.store.use_totp_step(&v.user_id, step, false, now, &ev).await? {
+            self.audit_code_failure(ctx, &v, "authenticator code replayed").await;
             return Err(Error::Unauthenticated("this code was already used; wait for the next one".into()));
         }
+        self.auth.account_attempts.forgive(&account_key);
         self.consume(
             ctx,
             &v,
@@ -619,8 +640,36 @@ impl Portcullis {
 
     // ---- TOTP enrolment ------------------------------------------------------------------
 
+    /// Changing the second factor needs a recent sign-in, not just a session cookie.
+    fn fresh_sign_in(&self, who: &super::auth::SessionEntry) -> Result<()> {
+        let at = who.session.verified_at.unwrap_or(who.session.created_at);
+        if self.now() - at > FRESH_SIGN_IN {
+            return Err(Error::Unauthenticated("sign in again to change your second factor".into()));
+        }
+        Ok(())
+    }
+
+    /// `DELETE /api/v1/organisations/{org}/users/{id}/totp`: an admin resets a user's second
+    /// factor (a lost phone); the next sign-in uses an emailed code again.
+    pub async fn reset_user_totp(
+        &self,
+        who: &Principal,
+        ctx: &RequestContext,
+        org_slug: &str,
+        user_id: &str,
+    ) -> Result<()> {
+        let user = self.user(who, org_slug, user_id).await?;
+        super::users::ensure_may_manage_user(who, &user)?;
+        let ev = self.audit(ctx, &who.subject, Some(&user.org_id), "totp.reset", &user.id, serde_json::json!({}));
+        if !self.store.delete_user_totp(&user.id, &ev).await? {
+            return Err(Error::NotFound("this user has no authenticator app".into()));
+        }
+        Ok(())
+    }
+
     /// Starts (or shows again) the enrolment of an authenticator app.
     pub async fn totp_enrolment(&self, ctx: &RequestContext, who: &super::auth::SessionEntry) -> Result<TotpEnrolment> {
+        self.fresh_sign_in(who)?;
         let user = &who.user;
         let secret = match self.store.user_totp(&user.id).await? {
             Some(t) if t.confirmed_at.is_some() => {
@@ -651,6 +700,7 @@ impl Portcullis {
     /// Confirms the enrolment with a first code.
     pub async fn confirm_totp(&self, ctx: &RequestContext, who: &super::auth::SessionEntry, code: &str) -> Result<()> {
         self.count_attempt(ctx, Some(who.user.email.as_str()))?;
+        self.fresh_sign_in(who)?;
         let user = &who.user;
         let Some(t) = self.store.user_totp(&user.id).await? else {
             return Err(Error::invalid("start the enrolment first"));
@@ -777,7 +827,7 @@ impl Portcullis {
                     &new_id(),
                     app.client_id.as_str(),
                     &user,
-                    &row.session_id,
+                    &session,
                     &row.scope,
                     row.auth_time,
                     &row.amr,
@@ -859,6 +909,12 @@ impl Portcullis {
         else {
             return Err(invalid_grant("the user is gone or disabled"));
         };
+        // A refresh token ends with the SSO session it was issued in (signed out, revoked or
+        // expired).
+        let session = self.store.session(&old.session_id).await.map_err(Error::from)?;
+        let Some(session) = session.filter(|s| s.state == CredentialState::Active && s.expires_at > now) else {
+            return Err(invalid_grant("the sign-in session this refresh token belongs to has ended"));
+        };
         let granted: Vec<&str> = old.scope.split(' ').filter(|s| !s.is_empty()).collect();
         let scopes: Vec<&str> = match &params.scope {
             None => granted.clone(),
@@ -880,7 +936,7 @@ impl Portcullis {
             &old.family_id,
             app.client_id.as_str(),
             &user,
-            &old.session_id,
+            &session,
             &old.scope,
             old.auth_time,
             &old.amr,
@@ -1006,7 +1062,7 @@ impl Portcullis {
         family: &str,
         client_id: &str,
         user: &User,
-        session_id: &str,
+        session: &crate::model::Session,
         scope: &str,
         auth_time: UnixTime,
         amr: &[String],
@@ -1019,12 +1075,12 @@ impl Portcullis {
             client_id: client_id.to_owned(),
             org_id: user.org_id.clone(),
             user_id: user.id.clone(),
-            session_id: session_id.to_owned(),
+            session_id: session.id.clone(),
             scope: scope.to_owned(),
             auth_time,
             amr: amr.to_vec(),
             created_at: now,
-            expires_at: now + REFRESH_LIFETIME,
+            expires_at: (now + REFRESH_LIFETIME).min(session.expires_at),
             used_at: None,
             revoked_at: None,
         }
@@ -1207,24 +1263,22 @@ impl Portcullis {
                 Some(url)
             }
         };
-        if hinted.is_none() && !confirmed {
+        let current = match sso {
+            Some(token) => self.session_entry(token).await?,
+            None => None,
+        };
+        // Signed out without asking only when the hint names this very session (RP-Initiated
+        // Logout §2: otherwise the OP asks the person).
+        let hint_is_current = match (&hinted, &current) {
+            (Some(h), Some(e)) => h.sid.as_deref() == Some(e.session.id.as_str()) && h.sub == e.user.id,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if !hint_is_current && !confirmed {
             return Ok(Logout::Confirm);
         }
-        if let Some(token) = sso
-            && let Some(e) = self.session_entry(token).await?
-        {
-            // With a hint, only the session it names (or the same user's) is ended.
-            let matches = hinted.as_ref().is_none_or(|h| h.sub == e.user.id);
-            if matches {
-                self.sign_out(ctx, &e.user.id, "session.logout", &e.session.id, &e.user).await?;
-            }
-        } else if let Some(h) = &hinted
-            && let Some(sid) = &h.sid
-            && let Some(s) = self.store.session(sid).await?
-            && s.user_id == h.sub
-            && let Some(user) = self.store.user(&s.org_id, &s.user_id).await?
-        {
-            self.sign_out(ctx, &user.id, "session.logout", &s.id, &user).await?;
+        if let Some(e) = current {
+            self.sign_out(ctx, &e.user.id, "session.logout", &e.session.id, &e.user).await?;
         }
         Ok(match redirect {
             Some(u) => Logout::Redirect(u),
