@@ -92,7 +92,7 @@ pub struct ErrorPage {
 /// `response_mode=form_post`: a form to the client's `redirect_uri`, a visible "Continue"
 /// button and `/assets/form-post.js`, which submits it. Render it with the redirect URI's
 /// origin in `form_actions` (see [`render`]).
-#[derive(Debug, Clone, Template)]
+#[derive(Clone, Template)]
 #[template(path = "form_post.html")]
 pub struct FormPostPage {
     pub action: String,
@@ -122,7 +122,7 @@ pub struct AccountPage {
 }
 
 /// `/account/totp`: enrolment.
-#[derive(Debug, Clone, Template)]
+#[derive(Clone, Template)]
 #[template(path = "totp_enrol.html")]
 pub struct TotpEnrolPage {
     pub csrf_token: String,
@@ -150,7 +150,7 @@ impl TotpEnrolPage {
 }
 
 /// `/invite?token=…`: choose a password.
-#[derive(Debug, Clone, Template)]
+#[derive(Clone, Template)]
 #[template(path = "invite.html")]
 pub struct InvitePage {
     pub csrf_token: String,
@@ -196,6 +196,19 @@ pub struct LogoutConfirmPage {
     /// The logout parameters to carry over (`post_logout_redirect_uri`, `state`, `client_id`…).
     pub fields: Vec<(String, String)>,
 }
+
+/// These pages carry secrets (a TOTP secret, an invitation token, an authorization code):
+/// their `Debug` shows none.
+macro_rules! redacted_debug {
+    ($($page:ident),+) => {$(
+        impl std::fmt::Debug for $page {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($page)).finish_non_exhaustive()
+            }
+        }
+    )+};
+}
+redacted_debug!(TotpEnrolPage, InvitePage, FormPostPage);
 
 fn group4(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + s.len() / 4);

@@ -139,7 +139,7 @@ const REMOTE_JWKS_TTL: i64 = 300;
 /// … or, when an assertion names a `kid` it lacks, after this long.
 const REMOTE_JWKS_REFETCH: i64 = 10;
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct TokenParams {
     pub grant_type: String,
     pub scope: Option<String>,
@@ -151,6 +151,21 @@ pub struct TokenParams {
     pub redirect_uri: Option<String>,
     pub code_verifier: Option<String>,
     pub refresh_token: Option<String>,
+}
+
+/// Names what was sent, never the code, verifier or refresh token.
+impl std::fmt::Debug for TokenParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenParams")
+            .field("grant_type", &self.grant_type)
+            .field("scope", &self.scope)
+            .field("resource", &self.resource)
+            .field("redirect_uri", &self.redirect_uri)
+            .field("code", &self.code.is_some())
+            .field("code_verifier", &self.code_verifier.is_some())
+            .field("refresh_token", &self.refresh_token.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Serialize)]

@@ -41,11 +41,22 @@ const LOGOUT_EVENT: &str = "http://schemas.openid.net/event/backchannel-logout";
 
 /// Where the browser goes back to the client: `redirect_uri` with `params`, as a query or as
 /// an auto-submitted form (`response_mode=form_post`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ClientRedirect {
     pub redirect_uri: String,
     pub params: Vec<(String, String)>,
     pub form_post: bool,
+}
+
+/// The parameter names only: a code is a credential.
+impl std::fmt::Debug for ClientRedirect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientRedirect")
+            .field("redirect_uri", &self.redirect_uri)
+            .field("params", &self.params.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
+            .field("form_post", &self.form_post)
+            .finish()
+    }
 }
 
 impl ClientRedirect {
@@ -213,8 +224,7 @@ pub struct BrowserLogin {
     pub second_factor: SecondFactor,
 }
 
-/// A TOTP enrolment in progress.
-#[derive(Debug)]
+/// A TOTP enrolment in progress. (No `Debug`: it is the secret.)
 pub struct TotpEnrolment {
     pub secret_base32: String,
     pub otpauth_uri: String,
@@ -1631,4 +1641,49 @@ pub struct Invitation {
     pub name: Option<String>,
     #[serde(default)]
     pub roles: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_codes_or_tokens() {
+        let r = ClientRedirect {
+            redirect_uri: "https://app.test/cb".into(),
+            params: vec![("code".into(), "SECRET-CODE".into()), ("state".into(), "s".into())],
+            form_post: false,
+        };
+        let d = format!("{r:?}");
+        assert!(!d.contains("SECRET-CODE") && d.contains("code"), "{d}");
+        let p = super::super::oauth::TokenParams {
+            grant_type: "authorization_code".into(),
+            code: Some("SECRET-CODE".into()),
+            code_verifier: Some("SECRET-VERIFIER".into()),
+            refresh_token: Some("SECRET-REFRESH".into()),
+            ..Default::default()
+        };
+        let d = format!("{p:?}");
+        assert!(!d.contains("SECRET"), "{d}");
+    }
+
+    #[test]
+    fn prompt_values_are_taken_out_one_at_a_time() {
+        let pairs = |v: &[(&str, &str)]| v.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
+        assert_eq!(
+            without_prompt(&pairs(&[("prompt", "login consent"), ("a", "b")]), "login"),
+            pairs(&[("prompt", "consent"), ("a", "b")])
+        );
+        assert_eq!(without_prompt(&pairs(&[("prompt", "login"), ("a", "b")]), "login"), pairs(&[("a", "b")]));
+    }
+
+    #[test]
+    fn pkce_shapes() {
+        assert!(plausible_verifier(&"a".repeat(43)) && plausible_verifier(&"~._-".repeat(32)));
+        assert!(!plausible_verifier(&"a".repeat(42)) && !plausible_verifier(&"a".repeat(129)));
+        assert!(!plausible_verifier(&format!("{}+", "a".repeat(43))));
+        assert!(plausible_challenge(&b64url(&sha256(b"x"))));
+        assert!(!plausible_challenge("too-short"));
+    }
 }
