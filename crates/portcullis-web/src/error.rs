@@ -40,6 +40,49 @@ fn log(status: StatusCode, id: &str, public: &str, internal: Option<&str>) {
     }
 }
 
+/// How a core error reads over HTTP, for the JSON API and the HTML pages alike.
+pub struct Described {
+    pub status: StatusCode,
+    /// What the client may see (for a 500, only that it happened).
+    pub public: String,
+    /// What only the log may see.
+    pub internal: Option<String>,
+    pub retry_after: Option<u64>,
+}
+
+pub fn describe(e: Error) -> Described {
+    let plain = |status, public: String| Described { status, public, internal: None, retry_after: None };
+    match e {
+        Error::InvalidInput(m) => plain(StatusCode::BAD_REQUEST, m),
+        Error::NotFound(m) => plain(StatusCode::NOT_FOUND, format!("{m} not found")),
+        Error::Conflict(m) => plain(StatusCode::CONFLICT, m),
+        Error::Unauthenticated(m) => plain(StatusCode::UNAUTHORIZED, m),
+        Error::Forbidden(m) => plain(StatusCode::FORBIDDEN, m),
+        Error::RateLimited { retry_after_secs } => Described {
+            retry_after: Some(retry_after_secs),
+            ..plain(StatusCode::TOO_MANY_REQUESTS, "too many requests".to_owned())
+        },
+        Error::Store(StoreError::Conflict(m)) => Described {
+            internal: Some(m),
+            ..plain(StatusCode::CONFLICT, "the resource was changed concurrently; retry".to_owned())
+        },
+        Error::Store(StoreError::NotFound) => plain(StatusCode::NOT_FOUND, "not found".to_owned()),
+        Error::Store(StoreError::Full(m)) => Described {
+            internal: Some(m),
+            ..plain(StatusCode::INSUFFICIENT_STORAGE, "storage is full; the change was not saved".to_owned())
+        },
+        Error::Store(StoreError::Unavailable(m)) => Described {
+            internal: Some(m),
+            retry_after: Some(2),
+            ..plain(StatusCode::SERVICE_UNAVAILABLE, "storage is unavailable; try again".to_owned())
+        },
+        other => Described {
+            internal: Some(other.to_string()),
+            ..plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error".to_owned())
+        },
+    }
+}
+
 /// An error on the JSON API.
 #[derive(Debug)]
 pub enum ApiError {
@@ -90,38 +133,20 @@ impl IntoResponse for ApiError {
                 });
                 (StatusCode::UNAUTHORIZED, description)
             }
-            ApiError::Core(e) => match e {
-                Error::InvalidInput(m) => (StatusCode::BAD_REQUEST, m),
-                Error::NotFound(m) => (StatusCode::NOT_FOUND, format!("{m} not found")),
-                Error::Conflict(m) => (StatusCode::CONFLICT, m),
-                Error::Unauthenticated(m) => {
+            ApiError::Core(e) => {
+                if matches!(e, Error::Unauthenticated(_)) {
                     challenge = Some("Bearer realm=\"portcullis\", error=\"invalid_token\"".to_owned());
-                    (StatusCode::UNAUTHORIZED, m)
                 }
-                Error::Forbidden(m) => (StatusCode::FORBIDDEN, m),
-                Error::RateLimited { retry_after_secs } => {
-                    retry_after = Some(retry_after_secs);
-                    (StatusCode::TOO_MANY_REQUESTS, "too many requests".to_owned())
-                }
-                Error::Store(StoreError::Conflict(m)) => {
-                    internal = Some(m);
-                    (StatusCode::CONFLICT, "the resource was changed concurrently; retry".to_owned())
-                }
-                Error::Store(StoreError::NotFound) => (StatusCode::NOT_FOUND, "not found".to_owned()),
-                Error::Store(StoreError::Full(m)) => {
-                    internal = Some(m);
-                    (StatusCode::INSUFFICIENT_STORAGE, "storage is full; the change was not saved".to_owned())
-                }
-                Error::Store(StoreError::Unavailable(m)) => {
-                    internal = Some(m);
-                    retry_after = Some(2);
-                    (StatusCode::SERVICE_UNAVAILABLE, "storage is unavailable; try again".to_owned())
-                }
-                other => {
-                    internal = Some(other.to_string());
-                    (StatusCode::INTERNAL_SERVER_ERROR, format!("internal error (error id {id})"))
-                }
-            },
+                let d = describe(e);
+                internal = d.internal;
+                retry_after = d.retry_after;
+                let public = if d.status == StatusCode::INTERNAL_SERVER_ERROR {
+                    format!("internal error (error id {id})")
+                } else {
+                    d.public
+                };
+                (d.status, public)
+            }
         };
         log(status, &id, &public, internal.as_deref());
         let body = serde_json::json!({ "error": status.canonical_reason().unwrap_or("error").to_lowercase().replace(' ', "_"), "error_description": public, "error_id": id });

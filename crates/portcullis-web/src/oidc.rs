@@ -78,6 +78,14 @@ fn query_pairs(uri: &Uri) -> Vec<(String, String)> {
     form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()).into_owned().collect()
 }
 
+/// The first value of query parameter `name` (`""` when absent).
+fn query_param(uri: &Uri, name: &str) -> String {
+    form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
 fn encode(pairs: &[(String, String)]) -> String {
     form_urlencoded::Serializer::new(String::new()).extend_pairs(pairs).finish()
 }
@@ -90,6 +98,11 @@ fn see_other(to: &str) -> Response {
     }
     r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
+}
+
+/// To the sign-in page, coming back to `return_to` afterwards.
+fn to_login(return_to: &str) -> Response {
+    see_other(&format!("/login?{}", encode(&[("return_to".to_owned(), return_to.to_owned())])))
 }
 
 fn with_cookies(mut r: Response, cookies: impl IntoIterator<Item = Option<HeaderValue>>) -> Response {
@@ -119,25 +132,19 @@ fn failed_with<T: askama::Template>(
     with_cookies(r, [csrf.set_cookie.clone()])
 }
 
-/// A core error as an error page.
+/// A core error as an error page (the one mapping of [`crate::error::describe`]; a 5xx logs its
+/// internals and shows none).
 fn error_page(e: Error) -> Response {
-    let (status, msg) = status_of(&e);
+    let (status, msg) = status_of(e);
     pages::error_page(status, &msg)
 }
 
-fn status_of(e: &Error) -> (StatusCode, String) {
-    use portcullis_core::StoreError;
-    match e {
-        Error::InvalidInput(m) => (StatusCode::BAD_REQUEST, m.clone()),
-        Error::NotFound(m) => (StatusCode::NOT_FOUND, m.clone()),
-        Error::Conflict(m) => (StatusCode::CONFLICT, m.clone()),
-        Error::Unauthenticated(m) => (StatusCode::UNAUTHORIZED, m.clone()),
-        Error::Forbidden(m) => (StatusCode::FORBIDDEN, m.clone()),
-        Error::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "too many attempts; wait a minute".to_owned()),
-        Error::Store(StoreError::Unavailable(m)) => (StatusCode::SERVICE_UNAVAILABLE, m.clone()),
-        Error::Store(StoreError::Full(m)) => (StatusCode::INSUFFICIENT_STORAGE, m.clone()),
-        other => (StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
-    }
+/// The status and the message of a core error: public text, or for a 5xx the internals for
+/// [`pages::error_page`] to log.
+fn status_of(e: Error) -> (StatusCode, String) {
+    let d = crate::error::describe(e);
+    let msg = if d.status.is_server_error() { d.internal.unwrap_or(d.public) } else { d.public };
+    (d.status, msg)
 }
 
 fn csrf_refused() -> Response {
@@ -187,7 +194,7 @@ fn to_client(r: ClientRedirect) -> Response {
 async fn authorization_outcome(s: &AppState, headers: &HeaderMap, outcome: Result<Authorize, Error>) -> Response {
     match outcome {
         Ok(Authorize::Redirect(r)) => to_client(r),
-        Ok(Authorize::Login { login_hint, resume, .. }) => {
+        Ok(Authorize::Login { login_hint, resume }) => {
             let return_to = format!("/oauth2/authorize?{}", encode(&resume));
             let mut q = vec![("return_to".to_owned(), return_to)];
             if let Some(h) = login_hint {
@@ -287,12 +294,11 @@ fn login_page(
 
 /// `GET /login`.
 pub async fn login_form(State(s): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
-    let q = query_pairs(&uri);
-    let get = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str()).unwrap_or("");
-    let return_to = pages::safe_return_to(get("return_to"));
+    let get = |k: &str| query_param(&uri, k);
+    let return_to = pages::safe_return_to(&get("return_to"));
     let notice = (get("invited") == "1").then(|| "Your password is set. Sign in to continue.".to_owned());
     let csrf = pages::csrf(&s.core, &headers, secure(&s));
-    let page = login_page(&csrf, &return_to, get("login_hint"), None, notice);
+    let page = login_page(&csrf, &return_to, &get("login_hint"), None, notice);
     with_cookies(pages::render(StatusCode::OK, &page, &[]), [csrf.set_cookie])
 }
 
@@ -327,7 +333,7 @@ pub async fn login_submit(State(s): State<AppState>, Ctx(ctx): Ctx, headers: Hea
             )
         }
         Err(e) => {
-            let (status, msg) = status_of(&e);
+            let (status, msg) = status_of(e);
             if status.is_server_error() {
                 return pages::error_page(status, &msg);
             }
@@ -349,9 +355,7 @@ fn code_page(csrf: &Csrf, return_to: &str, totp: bool, error: Option<String>) ->
 }
 
 async fn second_factor_form(s: &AppState, uri: &Uri, headers: &HeaderMap, totp: bool) -> Response {
-    let q = query_pairs(uri);
-    let return_to =
-        pages::safe_return_to(q.iter().find(|(k, _)| k == "return_to").map(|(_, v)| v.as_str()).unwrap_or(""));
+    let return_to = pages::safe_return_to(&query_param(uri, "return_to"));
     let csrf = pages::csrf(&s.core, headers, secure(s));
     let page = code_page(&csrf, &return_to, totp, None);
     with_cookies(pages::render(StatusCode::OK, &page, &redirect_target(&return_to)), [csrf.set_cookie])
@@ -382,7 +386,7 @@ async fn second_factor_submit(
     let return_to = pages::safe_return_to(&return_to);
     let pending_name = pages::cookie_name(PENDING_COOKIE, sec);
     let Some(verification_id) = pages::cookie(headers, &pending_name) else {
-        return see_other(&format!("/login?{}", encode(&[("return_to".to_owned(), return_to)])));
+        return to_login(&return_to);
     };
     let outcome = if totp {
         s.core.verify_login_totp(ctx, verification_id, &code).await
@@ -392,7 +396,7 @@ async fn second_factor_submit(
     match outcome {
         Ok(()) => with_cookies(see_other(&return_to), [Some(pages::set_cookie(&pending_name, "", Some(0), sec))]),
         Err(e) => {
-            let (status, msg) = status_of(&e);
+            let (status, msg) = status_of(e);
             if status.is_server_error() {
                 return pages::error_page(status, &msg);
             }
@@ -420,13 +424,11 @@ type SessionEntry = std::sync::Arc<portcullis_core::usecases::SessionEntry>;
 /// The signed-in person, or the redirect to sign in (and come back to `here`).
 async fn signed_in(s: &AppState, headers: &HeaderMap, here: &str) -> Result<SessionEntry, Response> {
     let Some(token) = sso(s, headers) else {
-        return Err(see_other(&format!("/login?{}", encode(&[("return_to".to_owned(), here.to_owned())]))));
+        return Err(to_login(here));
     };
     match s.core.account_session(token).await {
         Ok(e) => Ok(e),
-        Err(Error::Unauthenticated(_)) => {
-            Err(see_other(&format!("/login?{}", encode(&[("return_to".to_owned(), here.to_owned())]))))
-        }
+        Err(Error::Unauthenticated(_)) => Err(to_login(here)),
         Err(e) => Err(error_page(e)),
     }
 }
@@ -509,9 +511,7 @@ async fn totp_page(
                 None => with_cookies(pages::render(StatusCode::OK, &page, &[]), [csrf.set_cookie]),
             }
         }
-        Err(Error::Unauthenticated(_)) => {
-            see_other(&format!("/login?{}", encode(&[("return_to".to_owned(), "/account/totp".to_owned())])))
-        }
+        Err(Error::Unauthenticated(_)) => to_login("/account/totp"),
         Err(Error::Conflict(_)) => {
             let page = pages::MessagePage {
                 title: "Authenticator app enrolled".into(),
@@ -552,9 +552,7 @@ pub async fn totp_enrol_submit(State(s): State<AppState>, Ctx(ctx): Ctx, headers
             pages::render(StatusCode::OK, &page, &[])
         }
         Err(Error::InvalidInput(m)) => totp_page(&s, &ctx, &headers, &who, Some(m)).await,
-        Err(Error::Unauthenticated(_)) => {
-            see_other(&format!("/login?{}", encode(&[("return_to".to_owned(), "/account/totp".to_owned())])))
-        }
+        Err(Error::Unauthenticated(_)) => to_login("/account/totp"),
         Err(e) => error_page(e),
     }
 }
@@ -563,9 +561,8 @@ pub async fn totp_enrol_submit(State(s): State<AppState>, Ctx(ctx): Ctx, headers
 
 /// `GET /invite?token=…`.
 pub async fn invite_form(State(s): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
-    let q = query_pairs(&uri);
-    let token = q.iter().find(|(k, _)| k == "token").map(|(_, v)| v.as_str()).unwrap_or("");
-    match s.core.invitation(token).await {
+    let token = query_param(&uri, "token");
+    match s.core.invitation(&token).await {
         Ok((_, user)) => {
             let csrf = pages::csrf(&s.core, &headers, secure(&s));
             let page = pages::InvitePage {
@@ -614,9 +611,8 @@ pub async fn invite_submit(State(s): State<AppState>, Ctx(ctx): Ctx, headers: He
 
 /// `GET /register?org=…`.
 pub async fn register_form(State(s): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
-    let q = query_pairs(&uri);
-    let org = q.iter().find(|(k, _)| k == "org").map(|(_, v)| v.as_str()).unwrap_or("");
-    match s.core.registration_org(org).await {
+    let org = query_param(&uri, "org");
+    match s.core.registration_org(&org).await {
         Ok(o) => {
             let csrf = pages::csrf(&s.core, &headers, secure(&s));
             let page = pages::RegisterPage {

@@ -652,18 +652,19 @@ impl Portcullis {
         req: LoginRequest,
         user_agent: Option<&str>,
     ) -> Result<PendingSession> {
-        self.login_with(ctx, req, user_agent, true).await
+        Ok(self.login_with(ctx, req, user_agent, false).await?.0)
     }
 
-    /// The login; `email_code` false when the second factor is an authenticator app (then
-    /// the verification is created but no mail is sent).
+    /// The login. With `app_factor` (the sign-in pages), a person with a confirmed
+    /// authenticator app gets no mail: the verification waits for an app code instead. The
+    /// `bool` says which: `true` for the app.
     pub(crate) async fn login_with(
         &self,
         ctx: &RequestContext,
         req: LoginRequest,
         user_agent: Option<&str>,
-        email_code: bool,
-    ) -> Result<PendingSession> {
+        app_factor: bool,
+    ) -> Result<(PendingSession, bool)> {
         let email = Email::parse(&req.email)?;
         self.count_attempt(ctx, Some(email.as_str()))?;
         let user = self.login_candidate(&email, req.organisation.as_deref()).await?;
@@ -680,6 +681,8 @@ impl Portcullis {
             return Err(Error::Unauthenticated(INVALID_LOGIN.into()));
         }
         let org_slug = self.org_slug(&user.org_id).await?;
+        let uses_app = app_factor && self.totp_enrolled(&user.id).await?;
+        let email_code = !uses_app;
         let token = new_token(SESSION_TOKEN_PREFIX)?;
         let code = new_code()?;
         let session = Session {
@@ -724,7 +727,7 @@ impl Portcullis {
         if email_code {
             self.mail_queued(&user.email, &msg);
         }
-        Ok(PendingSession { session_token: token, verification_id: v.id, expires_at: session.expires_at })
+        Ok((PendingSession { session_token: token, verification_id: v.id, expires_at: session.expires_at }, uses_app))
     }
 
     /// The account an email address names: in `organisation` if given, else the only

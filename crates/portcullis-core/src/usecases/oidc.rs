@@ -75,7 +75,7 @@ pub enum Authorize {
     Redirect(ClientRedirect),
     /// The person must sign in first; then the browser resumes with `resume` (the request's
     /// parameters, without what forced the sign-in).
-    Login { org_slug: String, login_hint: Option<String>, resume: Vec<(String, String)> },
+    Login { login_hint: Option<String>, resume: Vec<(String, String)> },
     /// The person must decide on consent; `request` is what the consent form posts back.
     Consent(ConsentPrompt),
 }
@@ -293,11 +293,7 @@ impl Portcullis {
             }
             let mut resume = without_prompt(pairs, "login");
             resume.retain(|(k, _)| k != "max_age");
-            return Ok(Authorize::Login {
-                org_slug: req.entry.org.slug.to_string(),
-                login_hint: req.login_hint.clone(),
-                resume,
-            });
+            return Ok(Authorize::Login { login_hint: req.login_hint.clone(), resume });
         }
         let Some(entry) = session else { return fail("login_required", "the user is not signed in") };
 
@@ -553,15 +549,7 @@ impl Portcullis {
             password,
             organisation: organisation.map(str::to_owned),
         };
-        let candidate = match crate::ids::Email::parse(email) {
-            Ok(e) => self.login_candidate(&e, organisation).await?,
-            Err(_) => None,
-        };
-        let totp = match &candidate {
-            Some(u) => self.store.user_totp(&u.id).await?.filter(|t| t.confirmed_at.is_some()).is_some(),
-            None => false,
-        };
-        let pending = self.login_with(ctx, req, user_agent, !totp).await?;
+        let (pending, totp) = self.login_with(ctx, req, user_agent, true).await?;
         Ok(BrowserLogin {
             session_token: pending.session_token,
             verification_id: pending.verification_id,
@@ -672,7 +660,7 @@ impl Portcullis {
         super::users::ensure_may_manage_user(who, &user)?;
         let ev = self.audit(ctx, &who.subject, Some(&user.org_id), "totp.reset", &user.id, serde_json::json!({}));
         if !self.store.delete_user_totp(&user.id, &ev).await? {
-            return Err(Error::NotFound("this user has no authenticator app".into()));
+            return Err(Error::NotFound("an authenticator app of this user".into()));
         }
         Ok(())
     }
@@ -755,7 +743,7 @@ impl Portcullis {
         let ev =
             self.audit(ctx, &who.user.id, Some(&who.user.org_id), "consent.revoke", client_id, serde_json::json!({}));
         if !self.store.revoke_consent(&who.user.id, client_id, self.now(), &ev).await? {
-            return Err(Error::NotFound("no consent for that application".into()));
+            return Err(Error::NotFound("a consent to that application".into()));
         }
         Ok(())
     }
@@ -1439,11 +1427,8 @@ impl Portcullis {
             updated_at: now,
         };
         let address = UserEmail::primary_of(&user);
-        let token = generate_secret()?;
-        let mut v = self.new_verification(VerificationPurpose::Invite, &user, &address.id, &token);
-        v.expires_at = now + INVITATION_LIFETIME;
-        let link = format!("{}/invite?token={}.{}", self.issuer(), v.id, token.expose_secret());
-        let msg = Message::Invitation { link: &link, org_name: &org.name, days: INVITATION_LIFETIME / 86_400 };
+        let (v, link) = self.invitation_link(&user, &address.id)?;
+        let msg = invitation_message(&link, org);
         let mail = self.queued_mail(&email, &msg)?;
         let ev = self.audit(
             ctx,
@@ -1463,6 +1448,16 @@ impl Portcullis {
         Ok(user)
     }
 
+    /// A single-use invitation link for `user` (verifying `address_id`), valid
+    /// [`INVITATION_LIFETIME`], and its verification row.
+    fn invitation_link(&self, user: &User, address_id: &str) -> Result<(crate::model::Verification, String)> {
+        let token = generate_secret()?;
+        let mut v = self.new_verification(VerificationPurpose::Invite, user, address_id, &token);
+        v.expires_at = self.now() + INVITATION_LIFETIME;
+        let link = format!("{}/invite?token={}.{}", self.issuer(), v.id, token.expose_secret());
+        Ok((v, link))
+    }
+
     /// `POST …/users/{id}/invitation`: a new link; earlier ones stop working.
     pub async fn resend_invitation(
         &self,
@@ -1473,7 +1468,7 @@ impl Portcullis {
     ) -> Result<()> {
         let org = self.administered_org(who, org_slug).await?;
         let Some(user) = self.store.user(&org.id, user_id).await? else {
-            return Err(Error::NotFound("no such user".into()));
+            return Err(Error::NotFound(format!("user {user_id:?}")));
         };
         if user.password_hash.is_some() {
             return Err(Error::Conflict("this user has already set a password".into()));
@@ -1485,13 +1480,9 @@ impl Portcullis {
             .into_iter()
             .find(|e| e.email == user.email)
             .ok_or_else(|| Error::internal("user without its primary address"))?;
-        let now = self.now();
-        self.store.cancel_verifications(&user.id, VerificationPurpose::Invite, now).await?;
-        let token = generate_secret()?;
-        let mut v = self.new_verification(VerificationPurpose::Invite, &user, &address.id, &token);
-        v.expires_at = now + INVITATION_LIFETIME;
-        let link = format!("{}/invite?token={}.{}", self.issuer(), v.id, token.expose_secret());
-        let msg = Message::Invitation { link: &link, org_name: &org.name, days: INVITATION_LIFETIME / 86_400 };
+        self.store.cancel_verifications(&user.id, VerificationPurpose::Invite, self.now()).await?;
+        let (v, link) = self.invitation_link(&user, &address.id)?;
+        let msg = invitation_message(&link, &org);
         let mail = self.queued_mail(&user.email, &msg)?;
         let ev = self.audit(
             ctx,
@@ -1562,13 +1553,7 @@ impl Portcullis {
     /// same whether or not the address has an account (an existing one gets nothing).
     pub async fn register(&self, ctx: &RequestContext, org_slug: &str, email: &str, name: Option<&str>) -> Result<()> {
         self.count_attempt(ctx, Some(email))?;
-        let org = match crate::ids::Slug::parse(org_slug) {
-            Ok(s) => self.store.organisation(s.as_str()).await?,
-            Err(_) => None,
-        };
-        let Some(org) = org.filter(|o| o.self_registration) else {
-            return Err(Error::NotFound("self-registration is not open for this organisation".into()));
-        };
+        let org = self.registration_org(org_slug).await?;
         let address = crate::ids::Email::parse(email)?;
         if self.store.user_by_email(&org.id, address.as_str()).await?.is_some() {
             return Ok(());
@@ -1609,7 +1594,7 @@ impl Portcullis {
             Err(_) => None,
         };
         org.filter(|o| o.self_registration)
-            .ok_or_else(|| Error::NotFound("self-registration is not open for this organisation".into()))
+            .ok_or_else(|| Error::NotFound("an organisation open to self-registration by that name".into()))
     }
 }
 
@@ -1626,6 +1611,10 @@ struct HintClaims {
 /// `amr` of a sign-in here: a password and a one-time code (emailed or from an app).
 fn session_amr() -> Vec<String> {
     vec!["pwd".into(), "otp".into(), "mfa".into()]
+}
+
+fn invitation_message<'a>(link: &'a str, org: &'a crate::model::Organisation) -> Message<'a> {
+    Message::Invitation { link, org_name: &org.name, days: INVITATION_LIFETIME / 86_400 }
 }
 
 fn totp_purpose(user_id: &str) -> String {
