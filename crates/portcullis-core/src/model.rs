@@ -524,6 +524,25 @@ pub struct AuditEvent {
     pub details: serde_json::Value,
 }
 
+/// An audit row as the gateway change feed reads it: its position in the log (`seq`, taken
+/// from one counter as rows are inserted, so a row committed late may appear behind newer
+/// positions) and what happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditMark {
+    pub seq: i64,
+    pub at: UnixTime,
+    pub action: String,
+    pub outcome: String,
+}
+
+/// One role → permission grant, with the slug of the organisation that made it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct OrgRoleGrant {
+    pub org: Slug,
+    pub role: RoleName,
+    pub permission: PermissionName,
+}
+
 /// Criteria for querying audit events; `None` matches everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]

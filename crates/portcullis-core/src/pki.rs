@@ -426,26 +426,64 @@ pub fn issue_server_certificate(
     issuer: &Issuer<'_, KeyPair>,
 ) -> Result<(Vec<u8>, Vec<u8>)> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(Error::internal)?;
+    let cn = names.first().map_or("portcullis", String::as_str);
+    let (der, _) =
+        issue_platform_certificate(PlatformUse::Server, cn, names, &key, false, not_before, not_after, issuer)?;
+    Ok((der, key.serialize_der()))
+}
+
+/// What a certificate of the platform itself (never in the inventory) is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlatformUse {
+    /// A TLS server (EKU serverAuth): Portcullis's listener, the gateway's listeners.
+    Server,
+    /// A TLS client (EKU clientAuth): the gateway towards upstreams that require mTLS.
+    Client,
+}
+
+/// Signs a certificate of the platform itself for the key `public`: subject
+/// `CN=<common_name>, O=Portcullis`, `names` (already checked) as DNS or IP SANs, key usage
+/// digitalSignature (plus keyEncipherment for an RSA key), the EKU of `use_`, never CA:TRUE.
+/// Returns the DER and the serial (lowercase hex).
+#[allow(clippy::too_many_arguments)]
+pub fn issue_platform_certificate(
+    use_: PlatformUse,
+    common_name: &str,
+    names: &[String],
+    public: &impl rcgen::PublicKeyData,
+    rsa: bool,
+    not_before: UnixTime,
+    not_after: UnixTime,
+    issuer: &Issuer<'_, KeyPair>,
+) -> Result<(Vec<u8>, String)> {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, names.first().map_or("portcullis", String::as_str));
+    dn.push(DnType::CommonName, common_name);
     dn.push(DnType::OrganizationName, "Portcullis");
     p.distinguished_name = dn;
     p.not_before = time(not_before)?;
     p.not_after = time(not_after)?;
-    p.serial_number = Some(SerialNumber::from_slice(&random_serial()?));
+    let serial = random_serial()?;
+    p.serial_number = Some(SerialNumber::from_slice(&serial));
     p.is_ca = IsCa::ExplicitNoCa;
     p.use_authority_key_identifier_extension = true;
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    p.key_usages = if rsa {
+        vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment]
+    } else {
+        vec![KeyUsagePurpose::DigitalSignature]
+    };
+    p.extended_key_usages = vec![match use_ {
+        PlatformUse::Server => ExtendedKeyUsagePurpose::ServerAuth,
+        PlatformUse::Client => ExtendedKeyUsagePurpose::ClientAuth,
+    }];
     for n in names {
         p.subject_alt_names.push(match n.parse::<std::net::IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
             Err(_) => SanType::DnsName(ia5(n)?),
         });
     }
-    let cert = p.signed_by(&key, issuer).map_err(Error::internal)?;
-    Ok((cert.der().to_vec(), key.serialize_der()))
+    let cert = p.signed_by(public, issuer).map_err(Error::internal)?;
+    Ok((cert.der().to_vec(), hex(&serial)))
 }
 
 // ---- CRL ----------------------------------------------------------------------------------

@@ -308,6 +308,27 @@ pub trait Store: Send + Sync + 'static {
     async fn search_audit_events(&self, org_id: &str, filter: &AuditFilter, page: Page)
     -> StoreResult<Vec<AuditEvent>>;
 
+    // ---- gateway control plane ---------------------------------------------------------
+
+    /// The position (`seq`) of the newest audit row; 0 when the log is empty.
+    async fn latest_audit_seq(&self) -> StoreResult<i64>;
+    /// The audit rows after position `after`, in position order, at most `max` of them; plus
+    /// the rows at those positions listed in `also` that are at or before `after` (positions
+    /// the caller saw skipped, whose transactions may commit late), whatever `max`. Ordered
+    /// by position, each row once.
+    async fn audit_marks(&self, after: i64, also: &[i64], max: u32) -> StoreResult<Vec<AuditMark>>;
+    /// Revoked access tokens with `revoked_at` at or after `since` whose `expires_at` is at or
+    /// after `unexpired_at`, ordered by `revoked_at` then `jti`, at most `max`.
+    async fn revoked_tokens_since(
+        &self,
+        since: UnixTime,
+        unexpired_at: UnixTime,
+        max: u32,
+    ) -> StoreResult<Vec<RevokedToken>>;
+    /// Every organisation's role → permission grants, sorted (organisation slug, role,
+    /// permission).
+    async fn all_role_grants(&self) -> StoreResult<Vec<OrgRoleGrant>>;
+
     // ---- OpenID Connect ----------------------------------------------------------------
 
     /// Sets whether people may sign themselves up; `false` if there is no such organisation.

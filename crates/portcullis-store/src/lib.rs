@@ -1600,6 +1600,93 @@ macro_rules! sql_store {
                 rows.iter().map(Self::audit_row).collect()
             }
 
+            // ---- gateway control plane ---------------------------------------------------
+
+            async fn latest_audit_seq(&self) -> StoreResult<i64> {
+                let r = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS seq FROM audit_events").fetch_one(&self.pool).await.map_err(db_err)?;
+                r.try_get::<i64, _>("seq").map_err(db_err)
+            }
+
+            async fn audit_marks(&self, after: i64, also: &[i64], max: u32) -> StoreResult<Vec<AuditMark>> {
+                let mark = |r: &$row| -> StoreResult<AuditMark> {
+                    Ok(AuditMark {
+                        seq: r.try_get("seq").map_err(db_err)?,
+                        at: r.try_get("at").map_err(db_err)?,
+                        action: r.try_get("action").map_err(db_err)?,
+                        outcome: r.try_get("outcome").map_err(db_err)?,
+                    })
+                };
+                let rows = sqlx::query("SELECT seq, at, action, outcome FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2")
+                    .bind(after)
+                    .bind(i64::from(max))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_err)?;
+                let mut out = rows.iter().map(mark).collect::<StoreResult<Vec<_>>>()?;
+                let mut wanted: Vec<i64> = also.iter().copied().filter(|s| *s <= after).collect();
+                wanted.sort_unstable();
+                wanted.dedup();
+                // Placeholders only: no value ever becomes SQL text.
+                for chunk in wanted.chunks(100) {
+                    let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+                    let sql = format!("SELECT seq, at, action, outcome FROM audit_events WHERE seq IN ({})", list.join(", "));
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                    for s in chunk {
+                        q = q.bind(*s);
+                    }
+                    let rows = q.fetch_all(&self.pool).await.map_err(db_err)?;
+                    for r in &rows {
+                        out.push(mark(r)?);
+                    }
+                }
+                out.sort_by_key(|m| m.seq);
+                out.dedup_by_key(|m| m.seq);
+                Ok(out)
+            }
+
+            async fn revoked_tokens_since(&self, since: UnixTime, unexpired_at: UnixTime, max: u32) -> StoreResult<Vec<RevokedToken>> {
+                let rows = sqlx::query("SELECT jti, client_id, expires_at, revoked_at FROM revoked_tokens WHERE revoked_at >= $1 AND expires_at >= $2 ORDER BY revoked_at, jti LIMIT $3")
+                    .bind(since)
+                    .bind(unexpired_at)
+                    .bind(i64::from(max))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_err)?;
+                let mut out = rows
+                    .iter()
+                    .map(|r| {
+                        Ok(RevokedToken {
+                            jti: r.try_get("jti").map_err(db_err)?,
+                            client_id: r.try_get("client_id").map_err(db_err)?,
+                            expires_at: r.try_get("expires_at").map_err(db_err)?,
+                            revoked_at: r.try_get("revoked_at").map_err(db_err)?,
+                        })
+                    })
+                    .collect::<StoreResult<Vec<_>>>()?;
+                // The same order on both backends, whatever the database's collation.
+                out.sort_by(|a, b| (a.revoked_at, &a.jti).cmp(&(b.revoked_at, &b.jti)));
+                Ok(out)
+            }
+
+            async fn all_role_grants(&self) -> StoreResult<Vec<OrgRoleGrant>> {
+                let rows = sqlx::query("SELECT o.slug AS slug, r.role AS role, r.permission AS permission FROM role_permissions r JOIN organisations o ON o.id = r.org_id")
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_err)?;
+                let mut out = rows
+                    .iter()
+                    .map(|r| {
+                        Ok(OrgRoleGrant {
+                            org: Slug::parse(r.try_get::<&str, _>("slug").map_err(db_err)?).map_err(|_| corrupt("slug"))?,
+                            role: RoleName::parse(r.try_get("role").map_err(db_err)?).map_err(|_| corrupt("role"))?,
+                            permission: PermissionName::parse(r.try_get("permission").map_err(db_err)?).map_err(|_| corrupt("permission"))?,
+                        })
+                    })
+                    .collect::<StoreResult<Vec<_>>>()?;
+                out.sort();
+                Ok(out)
+            }
+
             // ---- OpenID Connect ----------------------------------------------------------
 
             async fn set_organisation_self_registration(&self, org_id: &str, enabled: bool, now: UnixTime, audit: &AuditEvent) -> StoreResult<bool> {

@@ -106,6 +106,9 @@ contract_tests!(
     concurrent_totp_uses_of_one_step_one_wins,
     oidc_mutations_roll_back_with_their_audit_row,
     purge_oidc_removes_only_what_is_due,
+    audit_marks_follow_positions_and_fetch_skipped_ones,
+    revoked_tokens_since_filter_by_revocation_and_expiry,
+    all_role_grants_span_organisations,
 );
 
 /// Databases left at schema v2 with rows in it, then opened (and so migrated) by the store.
@@ -4676,4 +4679,167 @@ async fn v3_rows_survive_the_oidc_migration(s: Arc<dyn Store>) {
     assert_eq!(s.verification(&invite.id).await.unwrap(), None);
     assert_eq!(s.refresh_token_by_hash(&rt.token_hash).await.unwrap(), None);
     assert!(s.session_clients("sess-1").await.unwrap().is_empty());
+}
+
+// ------------------------------------------------------------- gateway control plane --
+
+async fn audit_marks_follow_positions_and_fetch_skipped_ones(s: Arc<dyn Store>) {
+    assert_eq!(s.latest_audit_seq().await.unwrap(), 0, "an empty log is at position 0");
+    assert!(s.audit_marks(0, &[], 100).await.unwrap().is_empty());
+    assert!(s.audit_marks(0, &[1, 2], 100).await.unwrap().is_empty(), "positions that hold nothing");
+
+    let mut written = Vec::new();
+    for (i, outcome) in ["success", "failure", "success", "success", "failure"].into_iter().enumerate() {
+        let ev = AuditEvent { at: NOW + i as i64, outcome: outcome.into(), ..audit(None, &format!("feed.{i}")) };
+        s.append_audit(&ev).await.unwrap();
+        written.push(ev);
+    }
+    // A mutation that fails on its audit row (a reused id) writes no row; on PostgreSQL it
+    // still uses up a position, which the feed must tolerate.
+    let org = organisation("acme");
+    assert_conflict(s.create_organisation(&org, &written[0]).await, "reused audit id");
+    let last = audit(Some(&org.id), "organisation.create");
+    s.create_organisation(&org, &last).await.unwrap();
+    written.push(last);
+
+    let marks = s.audit_marks(0, &[], 100).await.unwrap();
+    assert_eq!(marks.len(), written.len(), "{marks:?}");
+    for (m, ev) in marks.iter().zip(&written) {
+        assert_eq!((m.at, m.action.as_str(), m.outcome.as_str()), (ev.at, ev.action.as_str(), ev.outcome.as_str()));
+    }
+    assert!(marks.windows(2).all(|w| w[0].seq < w[1].seq), "positions increase: {marks:?}");
+    assert!(marks[0].seq > 0);
+    let latest = s.latest_audit_seq().await.unwrap();
+    assert_eq!(latest, marks.last().unwrap().seq, "the newest row's position");
+
+    // Paged by `max`, resumed from the last position seen.
+    let first = s.audit_marks(0, &[], 2).await.unwrap();
+    assert_eq!(first, marks[..2]);
+    let rest = s.audit_marks(first[1].seq, &[], 100).await.unwrap();
+    assert_eq!(rest, marks[2..]);
+    assert!(s.audit_marks(latest, &[], 100).await.unwrap().is_empty(), "nothing after the newest");
+
+    // Positions asked for again: those at or before `after` come back (once, in order),
+    // whatever `max`; positions after `after` are left to the paged query.
+    let again = s.audit_marks(latest, &[marks[3].seq, marks[1].seq, marks[3].seq, latest + 50], 1).await.unwrap();
+    assert_eq!(again, vec![marks[1].clone(), marks[3].clone()]);
+    let both = s.audit_marks(marks[1].seq, &[marks[0].seq, marks[4].seq], 1).await.unwrap();
+    assert_eq!(both, vec![marks[0].clone(), marks[2].clone()], "the page holds one new row, plus the one asked for");
+    let many: Vec<i64> = (0..=latest + 300).collect();
+    assert_eq!(s.audit_marks(latest, &many, 10).await.unwrap(), marks, "long lists of positions are fine");
+
+    // Rows written by other methods land in the same sequence, after the rest.
+    let t = RevokedToken { jti: "j".into(), client_id: "acme$web".into(), expires_at: NOW + 60, revoked_at: NOW };
+    s.revoke_token(&t, &audit(None, "token.revoke")).await.unwrap();
+    let next = s.audit_marks(latest, &[], 100).await.unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].action, "token.revoke");
+    assert!(next[0].seq > latest);
+    assert_eq!(s.latest_audit_seq().await.unwrap(), next[0].seq);
+}
+
+async fn revoked_tokens_since_filter_by_revocation_and_expiry(s: Arc<dyn Store>) {
+    assert!(s.revoked_tokens_since(i64::MIN, NOW, 100).await.unwrap().is_empty());
+    let tok = |jti: &str, revoked_at: UnixTime, expires_at: UnixTime| RevokedToken {
+        jti: jti.into(),
+        client_id: "acme$web".into(),
+        expires_at,
+        revoked_at,
+    };
+    let old = tok("old", NOW - 100, NOW + 100);
+    let b = tok("b", NOW, NOW + 10);
+    let a = tok("a", NOW, NOW + 50);
+    let expired = tok("expired", NOW + 5, NOW - 1);
+    let late = tok("late", NOW + 7, NOW + 3600);
+    for t in [&old, &b, &a, &expired, &late] {
+        s.revoke_token(t, &audit(None, "token.revoke")).await.unwrap();
+    }
+    let jtis = |v: Vec<RevokedToken>| v.into_iter().map(|t| t.jti).collect::<Vec<_>>();
+
+    let every = s.revoked_tokens_since(i64::MIN, NOW, 100).await.unwrap();
+    assert_eq!(
+        every,
+        vec![old.clone(), a.clone(), b.clone(), late.clone()],
+        "by revoked_at then jti; expired left out"
+    );
+    assert_eq!(jtis(s.revoked_tokens_since(NOW, NOW, 100).await.unwrap()), ["a", "b", "late"], "since is inclusive");
+    assert_eq!(jtis(s.revoked_tokens_since(NOW + 1, NOW, 100).await.unwrap()), ["late"]);
+    assert_eq!(jtis(s.revoked_tokens_since(NOW + 8, NOW, 100).await.unwrap()), Vec::<String>::new());
+    assert_eq!(jtis(s.revoked_tokens_since(NOW, NOW + 10, 100).await.unwrap()), ["a", "b", "late"], "expiry inclusive");
+    assert_eq!(jtis(s.revoked_tokens_since(NOW, NOW + 11, 100).await.unwrap()), ["a", "late"]);
+    assert_eq!(
+        jtis(s.revoked_tokens_since(i64::MIN, NOW - 1, 100).await.unwrap()),
+        ["old", "a", "b", "expired", "late"]
+    );
+    assert_eq!(
+        jtis(s.revoked_tokens_since(i64::MIN, NOW, 2).await.unwrap()),
+        ["old", "a"],
+        "at most max, oldest first"
+    );
+
+    s.purge_expired_revocations(NOW + 20).await.unwrap();
+    assert_eq!(jtis(s.revoked_tokens_since(i64::MIN, i64::MIN, 100).await.unwrap()), ["old", "a", "late"]);
+}
+
+async fn all_role_grants_span_organisations(s: Arc<dyn Store>) {
+    assert!(s.all_role_grants().await.unwrap().is_empty());
+    let acme = seed_org(&*s, "acme").await;
+    let beta = seed_org(&*s, "beta").await;
+    let _empty = seed_org(&*s, "empty").await;
+    let pay = service(&acme.id, "payments", "https://payments.example");
+    let pay_grants =
+        [grant("payments:viewer", "payments.invoice.read"), grant("payments:admin", "payments.invoice.write")];
+    s.create_service(&pay, &pay_grants, &audit(Some(&acme.id), "service.create")).await.unwrap();
+    let bill = service(&acme.id, "billing", "https://billing.example");
+    s.create_service(
+        &bill,
+        &[grant("billing:admin", "billing.invoice.read")],
+        &audit(Some(&acme.id), "service.create"),
+    )
+    .await
+    .unwrap();
+    let beta_pay = service(&beta.id, "payments", "https://payments.beta.example");
+    s.create_service(&beta_pay, &[grant("payments:admin", "payments.invoice.read")], &audit(Some(&beta.id), "x"))
+        .await
+        .unwrap();
+    let g = |org: &str, r: &str, p: &str| OrgRoleGrant { org: slug(org), role: role(r), permission: perm(p) };
+    assert_eq!(
+        s.all_role_grants().await.unwrap(),
+        vec![
+            g("acme", "billing:admin", "billing.invoice.read"),
+            g("acme", "payments:admin", "payments.invoice.write"),
+            g("acme", "payments:viewer", "payments.invoice.read"),
+            g("beta", "payments:admin", "payments.invoice.read"),
+        ],
+        "every organisation's grants, named by slug, sorted"
+    );
+
+    s.set_role_permissions(
+        &acme.id,
+        &role("payments:admin"),
+        &[perm("payments.invoice.read"), perm("payments.invoice.write")],
+        &audit(Some(&acme.id), "role.set_permissions"),
+    )
+    .await
+    .unwrap();
+    s.delete_service(&acme.id, "billing", &audit(Some(&acme.id), "service.delete")).await.unwrap();
+    assert_eq!(
+        s.all_role_grants().await.unwrap(),
+        vec![
+            g("acme", "payments:admin", "payments.invoice.read"),
+            g("acme", "payments:admin", "payments.invoice.write"),
+            g("acme", "payments:viewer", "payments.invoice.read"),
+            g("beta", "payments:admin", "payments.invoice.read"),
+        ],
+        "replaced and deleted grants show at once"
+    );
+    // The same grants as the per-organisation view.
+    let mut per_org = Vec::new();
+    for o in [&acme, &beta] {
+        for r in s.role_grants(&o.id).await.unwrap() {
+            per_org.push(OrgRoleGrant { org: o.slug.clone(), role: r.role, permission: r.permission });
+        }
+    }
+    per_org.sort();
+    assert_eq!(s.all_role_grants().await.unwrap(), per_org);
 }

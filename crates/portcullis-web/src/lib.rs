@@ -7,6 +7,7 @@ pub mod admin;
 pub mod auth;
 pub mod body;
 pub mod error;
+pub mod gateway_api;
 pub mod oauth;
 pub mod oidc;
 pub mod pages;
@@ -116,6 +117,13 @@ pub fn router(state: AppState) -> Router {
         .route(&format!("{org}/audit-events"), get(a::audit_events))
         .route("/api/v1/authz/check", post(a::authz_check))
         .route("/api/v1/keys/rotate", post(a::rotate_keys))
+        .route("/api/v1/gateway/trust", get(gateway_api::trust))
+        .route("/api/v1/gateway/grants", get(gateway_api::grants))
+        .route("/api/v1/gateway/changes", get(gateway_api::changes))
+        .route("/api/v1/gateway/api-keys/check", post(gateway_api::check_api_key))
+        .route("/api/v1/gateway/sessions/check", post(gateway_api::check_session))
+        .route("/api/v1/gateway/certificates/check", post(gateway_api::check_certificate))
+        .route("/api/v1/gateway/certificates", post(gateway_api::issue_certificate))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(middleware::from_fn(observe))
         .with_state(state)

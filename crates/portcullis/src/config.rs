@@ -16,7 +16,8 @@ use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 /// Environment variables read directly (not config keys); the last four are `portcullis cert`'s.
-const DIRECT_ENV: [&str; 9] = [
+const DIRECT_ENV: [&str; 10] = [
+    "gateway_client_secret",
     "master_key",
     "admin_password",
     "admin_client_secret",
@@ -51,6 +52,9 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub smtp: Option<crate::mail::SmtpConfig>,
     pub bootstrap: BootstrapConfig,
+    /// The gateway inside `serve` (DESIGN §5); validated when it starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<portcullis_gateway::config::GatewayConfig>,
 }
 
 /// `[auth]` is the core's [`AuthSettings`], checked here.
@@ -156,12 +160,13 @@ impl Default for Config {
             tls: None,
             smtp: None,
             bootstrap: BootstrapConfig { admin_email: "admin@portcullis.local".into() },
+            gateway: None,
         }
     }
 }
 
 /// Values given as flags, applied last.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct FlagOverrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
@@ -183,6 +188,9 @@ pub struct Settings {
     pub log: LogConfig,
     pub algorithms: Vec<Algorithm>,
     pub raw: Config,
+    /// What it was loaded from, so the gateway's routes can be read again on reload.
+    pub config_file: Option<PathBuf>,
+    pub flags: FlagOverrides,
 }
 
 pub fn load(config_file: Option<&PathBuf>, flags: FlagOverrides) -> anyhow::Result<Settings> {
@@ -199,9 +207,12 @@ pub fn load(config_file: Option<&PathBuf>, flags: FlagOverrides) -> anyhow::Resu
             && !k.starts_with("test_")
             && k != "database_url_file"
     }));
-    fig = fig.merge(Serialized::defaults(flags));
+    fig = fig.merge(Serialized::defaults(flags.clone()));
     let raw: Config = fig.extract().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
-    validate(raw)
+    let mut settings = validate(raw)?;
+    settings.config_file = config_file.cloned();
+    settings.flags = flags;
+    Ok(settings)
 }
 
 fn validate(mut raw: Config) -> anyhow::Result<Settings> {
@@ -269,6 +280,9 @@ fn validate(mut raw: Config) -> anyhow::Result<Settings> {
     if let Some(smtp) = &raw.smtp {
         smtp.validate().context("smtp")?;
     }
+    if let Some(gw) = &raw.gateway {
+        gw.validate().map_err(|e| anyhow::anyhow!("invalid [gateway] configuration: {e}"))?;
+    }
     Ok(Settings {
         listen,
         issuer: raw.issuer.clone().map(|i| i.trim_end_matches('/').to_owned()),
@@ -277,6 +291,8 @@ fn validate(mut raw: Config) -> anyhow::Result<Settings> {
         log: raw.log.clone(),
         algorithms,
         raw,
+        config_file: None,
+        flags: FlagOverrides::default(),
     })
 }
 

@@ -5,6 +5,7 @@
 
 mod cert_cli;
 mod config;
+mod gateway_cmd;
 mod mail;
 
 use std::net::SocketAddr;
@@ -80,6 +81,9 @@ enum Command {
     /// PORTCULLIS_API_KEY + PORTCULLIS_API_SECRET): request (the key is made here and never
     /// leaves this machine), list, revoke, renew.
     Cert(cert_cli::CertCommand),
+    /// Run the API gateway alone (`--config gateway.toml`: `issuer`, `client_id`, a `[gateway]`
+    /// table), talking to a control plane over HTTP(S); see docs/gateway.md.
+    Gateway,
 }
 
 #[derive(Subcommand, Debug)]
@@ -208,6 +212,10 @@ fn main() -> std::process::ExitCode {
     if let Command::Cert(c) = cli.command {
         return cert_cli::main(c);
     }
+    // The standalone gateway has its own configuration file and no database.
+    if let Command::Gateway = cli.command {
+        return gateway_main(cli.config);
+    }
     let flags = FlagOverrides {
         listen: cli.listen.clone(),
         issuer: cli.issuer.clone(),
@@ -234,6 +242,34 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("portcullis: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn gateway_main(config: Option<PathBuf>) -> std::process::ExitCode {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let Some(path) = config else {
+        eprintln!("portcullis gateway: --config FILE is required (see docs/gateway.md)");
+        return std::process::ExitCode::from(2);
+    };
+    let result =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(anyhow::Error::from).and_then(|rt| {
+            rt.block_on(async {
+                let shutdown = shutdown_signal().context("installing signal handlers")?;
+                gateway_cmd::run_standalone(path, shutdown).await
+            })
+        });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("portcullis gateway: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
@@ -556,6 +592,7 @@ async fn run(cmd: Command, s: Settings) -> anyhow::Result<()> {
             admin(&w.core, *a).await
         }
         Command::Cert(c) => cert_cli::run(c).await,
+        Command::Gateway => bail!("`portcullis gateway` is started before the server configuration is read"),
     }
 }
 
@@ -643,6 +680,17 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         Some(tls) => Some(start_tls_listener(tls, w.core.clone(), app.clone(), stopped(stop_rx.clone())).await?),
         None => None,
     };
+    let gateway_task = match &s.raw.gateway {
+        Some(raw) => {
+            let (path, flags) = (s.config_file.clone(), s.flags.clone());
+            let reload = move || Ok(config::load(path.as_ref(), flags.clone())?.raw.gateway);
+            Some(
+                gateway_cmd::start_in_serve(raw, w.core.clone(), s.config_file.clone(), reload, stop_rx.clone())
+                    .await?,
+            )
+        }
+        None => None,
+    };
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -658,6 +706,9 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         .await
         .context("serving")?;
     if let Some(t) = tls_task {
+        let _ = t.await;
+    }
+    if let Some(t) = gateway_task {
         let _ = t.await;
     }
     tracing::info!("shut down cleanly");

@@ -76,6 +76,12 @@ impl KeySet {
     pub fn published_kids(&self) -> impl Iterator<Item = &str> {
         self.verifiers.keys().map(String::as_str)
     }
+    /// Every published verifying key (next, current and unexpired retired ones), by `kid`.
+    pub fn verifying_keys(&self) -> Vec<VerifyingKey> {
+        let mut keys: Vec<VerifyingKey> = self.verifiers.values().cloned().collect();
+        keys.sort_by(|a, b| a.kid().cmp(b.kid()));
+        keys
+    }
 }
 
 #[derive(Debug, Default)]

@@ -225,6 +225,55 @@ impl VerifyingKey {
         }
     }
 
+    /// Reads a public JWK as published in our JWKS (`kid`, `alg`, key members), for a data plane
+    /// that verifies tokens away from the keys (the standalone gateway). The algorithm comes from
+    /// the JWK's own `alg` and must match its key type: `ES256` (EC P-256), `RS256`/`PS256` (RSA,
+    /// 2048–8192 bits), `EdDSA` (OKP Ed25519). Private members, `use` other than `sig`, a missing
+    /// or empty `kid`, and malformed values give `None`.
+    pub fn from_jwk(v: &serde_json::Value) -> Option<Self> {
+        let o = v.as_object()?;
+        if ["d", "p", "q", "dp", "dq", "qi", "k", "oth"].iter().any(|k| o.contains_key(*k)) {
+            return None;
+        }
+        if o.get("use").is_some_and(|u| u != "sig") {
+            return None;
+        }
+        let s = |k: &str| o.get(k).and_then(|v| v.as_str());
+        let b = |k: &str| s(k).and_then(|v| B64.decode(v).ok());
+        let kid = s("kid").filter(|k| !k.is_empty() && k.len() <= 256)?.to_owned();
+        let alg = Algorithm::parse(s("alg")?).ok()?;
+        let public = match (alg, s("kty")?, s("crv")) {
+            (Algorithm::ES256, "EC", Some("P-256")) => {
+                let (x, y) = (b("x")?, b("y")?);
+                if x.len() != 32 || y.len() != 32 {
+                    return None;
+                }
+                let mut p = Vec::with_capacity(65);
+                p.push(4);
+                p.extend_from_slice(&x);
+                p.extend_from_slice(&y);
+                PublicKeyMaterial::Ec(p)
+            }
+            (Algorithm::RS256 | Algorithm::PS256, "RSA", None) => {
+                let (n, e) = (b("n")?, b("e")?);
+                // 2048..=8192 bits, no leading zero octet (RFC 7518 §6.3.1.1), a sane exponent.
+                if n.len() < 256 || n.len() > 1024 || n.first() == Some(&0) || e.is_empty() || e.len() > 8 {
+                    return None;
+                }
+                PublicKeyMaterial::Rsa { n, e }
+            }
+            (Algorithm::EdDSA, "OKP", Some("Ed25519")) => {
+                let x = b("x")?;
+                if x.len() != 32 {
+                    return None;
+                }
+                PublicKeyMaterial::Ed(x)
+            }
+            _ => return None,
+        };
+        Some(VerifyingKey { kid, alg, public })
+    }
+
     /// The public JWK with `kid`, `alg` and `use: sig`.
     pub fn jwk(&self) -> serde_json::Value {
         let mut m = serde_json::Map::new();
@@ -257,6 +306,29 @@ mod tests {
             assert!(jwk.get("d").is_none(), "no private member in a public JWK");
             assert!(!format!("{k:?}").contains("d\":"));
         }
+    }
+
+    #[test]
+    fn published_jwks_read_back_into_verifying_keys() {
+        for alg in Algorithm::ALL {
+            let (k, _) = SigningKey::generate(alg).unwrap();
+            let jwk = k.verifying_key().jwk();
+            let back = VerifyingKey::from_jwk(&jwk).unwrap();
+            assert_eq!(&back, k.verifying_key(), "{alg}");
+            let sig = k.sign(b"m").unwrap();
+            assert!(back.verify(b"m", &sig), "{alg}");
+            // Another algorithm for the same key material, a private member, a foreign use, no kid.
+            let mut wrong = jwk.clone();
+            wrong["alg"] = (if alg == Algorithm::ES256 { "EdDSA" } else { "ES256" }).into();
+            assert!(VerifyingKey::from_jwk(&wrong).is_none(), "{alg}");
+            for (member, value) in [("d", "AAAA"), ("use", "enc"), ("kid", "")] {
+                let mut bad = jwk.clone();
+                bad[member] = value.into();
+                assert!(VerifyingKey::from_jwk(&bad).is_none(), "{alg} {member}");
+            }
+        }
+        let hs = serde_json::json!({"kty": "oct", "k": "c2VjcmV0", "alg": "HS256", "kid": "h"});
+        assert!(VerifyingKey::from_jwk(&hs).is_none());
     }
 
     #[test]

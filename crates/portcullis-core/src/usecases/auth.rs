@@ -818,20 +818,35 @@ impl Portcullis {
 
     /// Reads a session (cache first) by its token.
     pub(crate) async fn session_entry(&self, token: &str) -> Result<Option<Arc<SessionEntry>>> {
+        self.session_entry_with(token, false).await
+    }
+
+    /// Reads a session by its token: `fresh` skips the cache (and refreshes it), for callers
+    /// that must see another node's revocation at once (the gateway's checks).
+    async fn session_entry_with(&self, token: &str, fresh: bool) -> Result<Option<Arc<SessionEntry>>> {
         if !plausible_token(token, SESSION_TOKEN_PREFIX) {
             return Ok(None);
         }
         let hash = SecretHash::of(self.vault.as_ref(), token);
         let now = self.now();
-        if let Ok(map) = self.auth.sessions.read()
+        if !fresh
+            && let Ok(map) = self.auth.sessions.read()
             && let Some((until, e)) = map.get(&hash.0)
             && *until > now
         {
             return Ok(Some(e.clone()));
         }
         let generation = self.auth.generation.load(Ordering::Acquire);
-        let Some(session) = self.store.session_by_token(&hash).await? else { return Ok(None) };
-        let Some(user) = self.store.user(&session.org_id, &session.user_id).await? else { return Ok(None) };
+        let found = match self.store.session_by_token(&hash).await? {
+            Some(session) => self.store.user(&session.org_id, &session.user_id).await?.map(|user| (session, user)),
+            None => None,
+        };
+        let Some((session, user)) = found else {
+            if fresh {
+                self.forget_session(&hash);
+            }
+            return Ok(None);
+        };
         let org_slug = self.org_slug(&user.org_id).await?;
         let entry = Arc::new(SessionEntry { last_used: AtomicI64::new(session.last_used_at), session, user, org_slug });
         if let Ok(mut map) = self.auth.sessions.write()
@@ -876,7 +891,17 @@ impl Portcullis {
     /// Validates a session token (`GET /api/v1/sessions/current` and every session-authenticated
     /// request): active, within both lifetimes, its user enabled.
     pub async fn validate_session(&self, ctx: &RequestContext, token: &str) -> Result<Arc<SessionEntry>> {
-        let Some(e) = self.session_entry(token).await? else {
+        self.checked_session(ctx, token, false).await
+    }
+
+    /// [`Self::validate_session`], reading the session past the cache when `fresh`.
+    pub(crate) async fn checked_session(
+        &self,
+        ctx: &RequestContext,
+        token: &str,
+        fresh: bool,
+    ) -> Result<Arc<SessionEntry>> {
+        let Some(e) = self.session_entry_with(token, fresh).await? else {
             return Err(self
                 .credential_refused(ctx, "session", None, "session.authenticate", "unknown session token")
                 .await);
@@ -1127,9 +1152,20 @@ impl Portcullis {
     /// Authenticates `api-key` + `api-secret` headers: an active, unexpired key whose secret
     /// matches, of an enabled user; its roles are those it was given that the user still holds.
     pub async fn authenticate_api_key(&self, ctx: &RequestContext, key: &str, secret: &str) -> Result<Principal> {
+        self.api_key_principal(ctx, key, secret, false).await
+    }
+
+    /// [`Self::authenticate_api_key`], reading the key past the cache when `fresh`.
+    pub(crate) async fn api_key_principal(
+        &self,
+        ctx: &RequestContext,
+        key: &str,
+        secret: &str,
+        fresh: bool,
+    ) -> Result<Principal> {
         let secret = SecretString::from(secret.to_owned());
         let entry = if key.starts_with(API_KEY_PREFIX) && key.len() <= 64 && plausible_secret(&secret) {
-            self.api_key_entry(key).await?
+            self.api_key_entry(key, fresh).await?
         } else {
             None
         };
@@ -1180,17 +1216,26 @@ impl Portcullis {
         })
     }
 
-    async fn api_key_entry(&self, key: &str) -> Result<Option<Arc<ApiKeyEntry>>> {
+    async fn api_key_entry(&self, key: &str, fresh: bool) -> Result<Option<Arc<ApiKeyEntry>>> {
         let now = self.now();
-        if let Ok(map) = self.auth.api_keys.read()
+        if !fresh
+            && let Ok(map) = self.auth.api_keys.read()
             && let Some((until, e)) = map.get(key)
             && *until > now
         {
             return Ok(Some(e.clone()));
         }
         let generation = self.auth.generation.load(Ordering::Acquire);
-        let Some(k) = self.store.api_key_by_key(key).await? else { return Ok(None) };
-        let Some(user) = self.store.user(&k.org_id, &k.user_id).await? else { return Ok(None) };
+        let found = match self.store.api_key_by_key(key).await? {
+            Some(k) => self.store.user(&k.org_id, &k.user_id).await?.map(|user| (k, user)),
+            None => None,
+        };
+        let Some((k, user)) = found else {
+            if fresh {
+                self.forget_api_key(key);
+            }
+            return Ok(None);
+        };
         let org_slug = self.org_slug(&user.org_id).await?;
         let entry =
             Arc::new(ApiKeyEntry { last_used: AtomicI64::new(k.last_used_at.unwrap_or(0)), key: k, user, org_slug });

@@ -5,6 +5,7 @@
 mod admin;
 mod auth;
 mod bootstrap;
+mod gateway;
 mod keys;
 mod oauth;
 mod oidc;
@@ -17,6 +18,7 @@ use std::sync::{Arc, RwLock};
 pub use admin::*;
 pub use auth::*;
 pub use bootstrap::*;
+pub use gateway::*;
 pub use oauth::*;
 pub use oidc::*;
 pub use pki::*;

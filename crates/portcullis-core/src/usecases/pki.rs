@@ -1019,7 +1019,7 @@ pub struct CertificateQuery {
     pub offset: Option<u64>,
 }
 
-fn valid_hostname(d: &str) -> bool {
+pub(super) fn valid_hostname(d: &str) -> bool {
     !d.is_empty()
         && d.len() <= 253
         && d.split('.').all(|l| {
