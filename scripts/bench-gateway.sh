@@ -8,7 +8,8 @@
 #   3. latency at half of the gateway's maximum load (wrk with a per-request delay), gateway
 #      against nginx at the same offered rate.
 #
-# Usage: scripts/bench-gateway.sh    (ROUNDS=3 DURATION=10s CONNECTIONS=32 ACCESS_LOG=off|on)
+# Usage: scripts/bench-gateway.sh    (ROUNDS=3 DURATION=10s CONNECTIONS=32 ACCESS_LOG=off|on
+#                                    STEPS="1 2 3 4" to run only some steps)
 # Needs: nginx, wrk, openssl, curl, and `cargo build --release -p portcullis`.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,7 +27,7 @@ cat >"$work/gateway.toml" <<TOML
 [gateway]
 listen = "127.0.0.1:0"
 server_names = ["localhost"]
-mtls = "off"
+mtls = "optional"
 
 [[gateway.routes]]
 path = "/bench/"
@@ -51,9 +52,15 @@ token() {
 t=$(token)
 gateway_url="https://localhost:$gw/bench/ping"
 
+STEPS=" ${STEPS:-1 2 3 4} "
+step() { [[ $STEPS == *" $1 "* ]]; }
+
+if step 1; then
 echo "== 1. cached bearer token"
 GATEWAY_URL=$gateway_url AUTH_HEADER="Authorization: Bearer $t" "$peer"
+fi
 
+if step 2; then
 echo "== 2. a new ES256 token per request"
 # Tokens minted by wrk against the token endpoint, one per response; more than a round uses.
 cat >"$work/mint.lua" <<LUA
@@ -69,13 +76,16 @@ LUA
 wrk -t1 -c16 -d"${MINT_DURATION:-20s}" -s "$work/mint.lua" "$url/oauth2/token" | grep '^ey' | sort -u >"$work/tokens"
 echo "minted $(wc -l <"$work/tokens") unique tokens"
 GATEWAY_URL=$gateway_url UNIQUE_TOKENS="$work/tokens" "$peer"
+fi
 
-echo "== 3. latency at half of the gateway's maximum load (cached token)"
+echo "== 3. latency at half of the gateway's maximum load (cached token), 4. mTLS handshakes"
 # The peer script has no paced mode, so this step runs the same nginx pair itself (upstream on
 # $UPSTREAM_PORT, TLS proxy on $NGINX_PORT). wrk has no fixed-rate mode either: each connection
 # waits DELAY ms after every response, so the offered rate is about CONNECTIONS / (DELAY +
 # latency); the same delay is used for every target and the achieved rates are printed.
 NGINX_PORT=${NGINX_PORT:-18443}
+NGINX_MTLS_PORT=${NGINX_MTLS_PORT:-18444}
+curl -fs "$url/pki/ca.pem" >"$work/ca.pem"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=localhost \
   -keyout "$work/ng-key.pem" -out "$work/ng-cert.pem" 2>/dev/null
 mkdir -p "$work/ng"
@@ -95,6 +105,13 @@ http {
     ssl_certificate $work/ng-cert.pem; ssl_certificate_key $work/ng-key.pem;
     location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
+  server {
+    listen 127.0.0.1:$NGINX_MTLS_PORT ssl;
+    ssl_certificate $work/ng-cert.pem; ssl_certificate_key $work/ng-key.pem;
+    ssl_verify_client on; ssl_client_certificate $work/ca.pem; ssl_verify_depth 2;
+    ssl_session_cache off; ssl_session_tickets off;
+    location / { return 200; }
+  }
 }
 CONF
 nginx -c "$work/ng/nginx.conf" -p "$work/ng"
@@ -112,6 +129,7 @@ end
 LUA
   wrk -t1 -c"$CONNECTIONS" -d"$DURATION" -s "$work/paced.lua" "$2" | awk '/^RESULT/ {print $2, $3, $4, $5}'
 }
+if step 3; then
 auth_lua="wrk.headers[\"Authorization\"] = \"Bearer $t\""
 read -r max _ _ _ < <(paced 0 "$gateway_url" "$auth_lua")
 half=$(awk -v m="$max" 'BEGIN {printf "%d", m / 2}')
@@ -123,4 +141,30 @@ for r in $(seq "$ROUNDS"); do
   read -r g ge g50 g99 < <(paced "$delay" "$gateway_url" "$auth_lua")
   echo "round $r: upstream direct ${d} req/s p50 ${d50}us p99 ${d99}us | nginx ${n} req/s p50 ${n50}us p99 ${n99}us | portcullis ${g} req/s p50 ${g50}us p99 ${g99}us (errors $de/$ne/$ge)"
   echo "round $r: portcullis adds p99 $((g99 - d99))us over the upstream, $((g99 - n99))us over nginx"
+done
+fi
+
+step 4 || exit 0
+echo "== 4. mTLS handshakes per second (openssl s_time, a new full handshake each time)"
+# A transport certificate from our CA for bench\$client; both servers verify it against our
+# chain (/pki/ca.pem). Neither resumes sessions (the gateway never does; nginx is told not to).
+openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$work/client.key" \
+  -subj '/CN=bench$client/O=bench' -out "$work/client.csr" 2>/dev/null
+csr=$(awk '{printf "%s\\n", $0}' "$work/client.csr")
+api /api/v1/organisations/bench/certificates "{\"type\":\"transport\",\"application\":\"client\",\"csr\":\"$csr\"}" |
+  sed 's/.*"certificate_pem":"\([^"]*\)".*/\1/' | sed 's/\\n/\n/g' >"$work/client.crt"
+handshakes() { # host:port → full handshakes per second of wall time (one client, sequential)
+  local secs=${DURATION%s}
+  openssl s_time -connect "$1" -new -cert "$work/client.crt" -key "$work/client.key" -time "$secs" 2>/dev/null |
+    awk -v s="$secs" '/connections in [0-9]+ real seconds/ {printf "%.0f", $1 / s}'
+}
+openssl x509 -in "$work/client.crt" -noout || { echo "no client certificate issued" >&2; exit 1; }
+# Both must accept the certificate (nginx answers 400 to a missing or unverified one).
+[ "$(curl -sk -o /dev/null -w '%{http_code}' --cert "$work/client.crt" --key "$work/client.key" "https://localhost:$NGINX_MTLS_PORT/")" = 200 ] ||
+  { echo "nginx refused the client certificate" >&2; exit 1; }
+curl -sf -o /dev/null --cacert "$work/ca.pem" --cert "$work/client.crt" --key "$work/client.key" \
+  "https://localhost:$gw/.portcullis/healthz" || { echo "the gateway refused the client certificate" >&2; exit 1; }
+for r in $(seq "$ROUNDS"); do
+  n=$(handshakes "127.0.0.1:$NGINX_MTLS_PORT"); g=$(handshakes "127.0.0.1:$gw")
+  echo "round $r: nginx ssl_verify_client on ${n:-?} handshakes/s  portcullis mtls ${g:-?} handshakes/s  ratio $(ratio "${g:-0}" "${n:-1}")"
 done

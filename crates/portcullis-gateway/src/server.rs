@@ -74,9 +74,57 @@ const DRAIN_BODY_TIME: Duration = Duration::from_secs(1);
 /// How long graceful shutdown waits for in-flight requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The outcomes a request is counted under (`portcullis_gateway_requests_total{outcome}`).
+const OUTCOMES: [&str; 13] = [
+    "forwarded",
+    "unauthenticated",
+    "forbidden",
+    "rate_limited",
+    "too_large",
+    "bad_request",
+    "no_route",
+    "upstream_error",
+    "upstream_timeout",
+    "unavailable",
+    "internal",
+    "own",
+    "refused",
+];
+
+/// One route's metric handles, registered once (no label hashing per request).
+struct RouteMetrics {
+    /// The route's path (`-` before a route is known).
+    path: Arc<str>,
+    requests: Vec<metrics::Counter>,
+    duration: metrics::Histogram,
+}
+
+impl RouteMetrics {
+    fn new(path: &str) -> Arc<Self> {
+        let label = path.to_owned();
+        Arc::new(Self {
+            path: Arc::from(path),
+            requests: OUTCOMES
+                .iter()
+                .map(|o| metrics::counter!("portcullis_gateway_requests_total", "route" => label.clone(), "outcome" => *o))
+                .collect(),
+            duration: metrics::histogram!("portcullis_gateway_request_duration_seconds", "route" => label),
+        })
+    }
+
+    fn record(&self, outcome: &str, elapsed: Duration) {
+        if let Some(c) = OUTCOMES.iter().position(|o| *o == outcome).and_then(|i| self.requests.get(i)) {
+            c.increment(1);
+        }
+        self.duration.record(elapsed.as_secs_f64());
+    }
+}
+
 /// The routes and what was built for them; replaced as a whole on reload.
 struct Runtime {
     config: ValidatedConfig,
+    /// By route index.
+    metrics: Vec<Arc<RouteMetrics>>,
     /// By route index.
     clients: Vec<UpstreamClient>,
     per_ip: Vec<Option<FailureLimiter>>,
@@ -96,22 +144,26 @@ impl Runtime {
             per_ip.push(route.rate_limit.per_ip.map(|n| FailureLimiter::new(n, 60)));
             per_identity.push(route.rate_limit.per_identity.map(|n| FailureLimiter::new(n, 60)));
         }
-        Ok(Self { config, clients, per_ip, per_identity })
+        let metrics = config.routes().iter().map(|r| RouteMetrics::new(&r.path)).collect();
+        Ok(Self { config, metrics, clients, per_ip, per_identity })
     }
 }
 
 /// Control-plane answers about API keys, sessions and certificates, by SHA-256 of the credential.
 #[derive(Default)]
 struct PrincipalCache {
-    map: Mutex<HashMap<[u8; 32], (Identity, Instant)>>,
+    map: Mutex<HashMap<[u8; 32], CachedPrincipal>>,
 }
 
+/// An identity and when it stops being reused.
+type CachedPrincipal = (Arc<Identity>, Instant);
+
 impl PrincipalCache {
-    fn get(&self, key: &[u8; 32]) -> Option<Identity> {
+    fn get(&self, key: &[u8; 32]) -> Option<Arc<Identity>> {
         let map = self.map.lock().ok()?;
         map.get(key).filter(|(_, until)| *until > Instant::now()).map(|(id, _)| id.clone())
     }
-    fn put(&self, key: [u8; 32], id: Identity) {
+    fn put(&self, key: [u8; 32], id: Arc<Identity>) {
         if let Ok(mut map) = self.map.lock() {
             if map.len() >= PRINCIPAL_CACHE_MAX {
                 map.clear();
@@ -137,6 +189,23 @@ fn credential_key(parts: &[&[u8]]) -> [u8; 32] {
     out
 }
 
+/// The authenticated caller: a verified token (shared with the token cache) or a control-plane
+/// answer (shared with the principal cache). Either way no identity is copied per request.
+#[derive(Debug, Clone)]
+enum Who {
+    Token(Arc<crate::bearer::VerifiedToken>),
+    Principal(Arc<Identity>),
+}
+
+impl Who {
+    fn identity(&self) -> &Identity {
+        match self {
+            Who::Token(t) => &t.identity,
+            Who::Principal(p) => p,
+        }
+    }
+}
+
 /// What one connection knows about its peer.
 #[derive(Debug, Clone)]
 pub struct Connection {
@@ -159,6 +228,8 @@ pub struct Gateway {
     server_cert: Arc<CertSlot>,
     transport_cert: Arc<CertSlot>,
     ready: AtomicBool,
+    /// Metrics of requests that matched no route.
+    unrouted: Arc<RouteMetrics>,
     /// Where the change feed resumes (set by [`Gateway::prepare`]).
     cursor: Mutex<Option<String>>,
 }
@@ -198,6 +269,7 @@ impl Gateway {
             server_cert: Arc::new(CertSlot::default()),
             transport_cert,
             ready: AtomicBool::new(false),
+            unrouted: RouteMetrics::new("-"),
             cursor: Mutex::new(None),
         }))
     }
@@ -509,7 +581,8 @@ impl Gateway {
     pub async fn handle(&self, req: Request<Incoming>, conn: &Connection) -> Response<Body> {
         let started = Instant::now();
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        // A cheap clone (shared bytes): the access log's path, read only when it is written.
+        let uri = req.uri().clone();
         let mut log = Outcome::default();
         let http1 = req.version() < http::Version::HTTP_2;
         // The body is held apart: forwarding takes it; a refusal keeps it alive until the
@@ -538,25 +611,23 @@ impl Gateway {
         };
         let status = resp.status().as_u16();
         let elapsed = started.elapsed();
-        let route = log.route.clone().unwrap_or_else(|| "-".into());
+        let route = log.route.take().unwrap_or_else(|| self.unrouted.clone());
         let outcome = log.outcome.unwrap_or(if status < 400 { "forwarded" } else { "refused" });
-        metrics::counter!("portcullis_gateway_requests_total", "route" => route.clone(), "outcome" => outcome)
-            .increment(1);
-        metrics::histogram!("portcullis_gateway_request_duration_seconds", "route" => route.clone())
-            .record(elapsed.as_secs_f64());
+        route.record(outcome, elapsed);
+        let identity = log.who.as_ref().map(Who::identity);
         tracing::info!(
             target: "portcullis::gateway::access",
             peer = %conn.peer.ip(),
             client_ip = %log.client_ip.unwrap_or(conn.peer.ip()),
             %method,
-            path = %path,
-            route = %route,
+            path = %uri.path(),
+            route = %route.path,
             status,
             outcome,
             latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
-            subject = log.subject.as_deref().unwrap_or("-"),
-            client_id = log.client_id.as_deref().unwrap_or("-"),
-            auth = log.auth.map_or("-", AuthMethod::as_str),
+            subject = identity.map_or("-", |i| i.subject.as_str()),
+            client_id = identity.map_or("-", |i| i.client_id.as_str()),
+            auth = identity.map_or("-", |i| i.auth_method.as_str()),
             error_id = log.error_id.as_deref().unwrap_or("-"),
             error = log.error.as_deref().unwrap_or("-"),
             "gateway request"
@@ -593,7 +664,7 @@ impl Gateway {
                 return Err((route_refusal(&e), shape));
             }
         };
-        log.route = Some(route.path.clone());
+        log.route = runtime.metrics.get(route.index).cloned();
         let shape = match (route.kind, soap) {
             (RouteKind::Soap, Some(v)) => Shape::Soap(v),
             (RouteKind::Soap, None) => Shape::Soap(SoapVersion::V11),
@@ -619,13 +690,12 @@ impl Gateway {
             return Err(fail(log, "rate_limited", too_many(retry)));
         }
 
-        let identity = match self.authenticate(route, &req, conn, forwarded.client_ip).await {
-            Ok(id) => id,
+        let who = match self.authenticate(route, &req, conn, forwarded.client_ip).await {
+            Ok(who) => who,
             Err((outcome, r)) => return Err(fail(log, outcome, r)),
         };
-        log.subject = Some(identity.subject.clone());
-        log.client_id = Some(identity.client_id.clone());
-        log.auth = Some(identity.auth_method);
+        log.who = Some(who.clone());
+        let identity = who.identity();
 
         if let Some(Some(limiter)) = runtime.per_identity.get(route.index)
             && let Err(retry) = limiter.fail(&[&format!("{}\u{0}{}", identity.client_id, identity.subject)], now)
@@ -633,7 +703,7 @@ impl Gateway {
             return Err(fail(log, "rate_limited", too_many(retry)));
         }
 
-        match policy::authorize(route, &identity, &self.grants()) {
+        match policy::authorize(route, identity, &self.grants()) {
             Ok(()) => {}
             // A token for another audience is not a credential for this route at all (RFC 6750
             // §3.1 `invalid_token`), unlike a valid credential that lacks a role.
@@ -806,7 +876,7 @@ impl Gateway {
         req: &Request<()>,
         conn: &Connection,
         client_ip: IpAddr,
-    ) -> Result<Identity, (&'static str, Refusal)> {
+    ) -> Result<Who, (&'static str, Refusal)> {
         let h = req.headers();
         let unauthenticated = |message: String, error: Option<(&str, &str)>| {
             ("unauthenticated", Refusal::unauthorized(message, challenge(route, error)))
@@ -824,11 +894,7 @@ impl Gateway {
             let token = token.trim_start_matches(' ');
             let peer = conn.certificate.as_deref().map(|c| &c.sha256);
             return match self.bearer.verify(token, peer).await {
-                Ok(verified) => {
-                    let mut id = verified.identity.clone();
-                    id.auth_method = AuthMethod::Bearer;
-                    Ok(id)
-                }
+                Ok(verified) => Ok(Who::Token(verified)),
                 Err(e) if e.is_unavailable() => Err(("unavailable", unavailable())),
                 Err(e) => Err(("unauthenticated", Refusal::unauthorized(e.to_string(), e.www_authenticate()))),
             };
@@ -883,16 +949,17 @@ impl Gateway {
         method: AuthMethod,
         route: &Route,
         question: impl std::future::Future<Output = Result<crate::control::Verdict, Unavailable>>,
-    ) -> Result<Identity, (&'static str, Refusal)> {
+    ) -> Result<Who, (&'static str, Refusal)> {
         if let Some(id) = self.principals.get(&cache_key) {
-            return Ok(id);
+            return Ok(Who::Principal(id));
         }
         match question.await {
             Ok(Ok(mut id)) => {
                 id.auth_method = method;
                 id.audiences.clear();
+                let id = Arc::new(id);
                 self.principals.put(cache_key, id.clone());
-                Ok(id)
+                Ok(Who::Principal(id))
             }
             Ok(Err(ControlRefusal { status, message, retry_after_secs })) => Err(match status {
                 429 => ("rate_limited", too_many(retry_after_secs.unwrap_or(60))),
@@ -951,14 +1018,12 @@ impl hyper::body::Body for Holding {
 }
 
 /// What the access log and metrics say about one request.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Outcome {
-    route: Option<String>,
+    route: Option<Arc<RouteMetrics>>,
     outcome: Option<&'static str>,
     client_ip: Option<IpAddr>,
-    subject: Option<String>,
-    client_id: Option<String>,
-    auth: Option<AuthMethod>,
+    who: Option<Who>,
     error_id: Option<String>,
     error: Option<String>,
 }

@@ -1914,6 +1914,25 @@ async fn forwarding_errors_soap_smuggling_and_websocket() {
             }
         }
     }
+    // Bad chunking inside the body (a chunk size that is not hex): the upstream never gets a
+    // complete request, nothing pipelined behind it is read, and the connection ends.
+    let mut io = fx.raw().await;
+    let bad = format!(
+        "POST /api/bad-chunk HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\
+         Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n\
+         GET /api/bad-chunk-smuggled HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
+    write_raw(&mut io, bad.as_bytes()).await;
+    if let Some(r) = read_response(&mut io).await {
+        assert!(r.status >= 400, "bad chunking answered {r:?}");
+    }
+    assert!(closes(&mut io, Duration::from_secs(3)).await, "bad chunking: connection kept open");
+    let complete: Vec<Value> = {
+        let seen = fx.upstream.seen.lock().unwrap();
+        seen.iter().filter(|q| q["path"].as_str().unwrap_or("").contains("bad-chunk")).cloned().collect()
+    };
+    assert!(complete.is_empty(), "bad chunking: the upstream got a complete request: {complete:?}");
+
     // Control: one honest framing, the same bytes: two requests, both answered and forwarded.
     let mut io = fx.raw().await;
     write_raw(&mut io, smuggle("Content-Length: 5\r\n", "honest").as_bytes()).await;
