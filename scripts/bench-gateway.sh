@@ -39,7 +39,7 @@ TOML
 # The access log is one line per request; nginx's side runs with `access_log off`.
 log_filter=warn,portcullis=info,portcullis::gateway::access=warn
 [ "${ACCESS_LOG:-off}" = on ] && log_filter=warn,portcullis=info
-bench_start "$bin" sqlite PORTCULLIS_CONFIG="$work/gateway.toml" RUST_LOG="$log_filter"
+bench_start "$bin" sqlite PORTCULLIS_CONFIG="$work/gateway.toml" RUST_LOG="$log_filter" ${TOKIO_WORKER_THREADS:+TOKIO_WORKER_THREADS=$TOKIO_WORKER_THREADS}
 for _ in $(seq 100); do grep -q 'gateway listening on' "$work/err" && break; sleep 0.1; done
 gw=$(grep -o 'gateway listening on https://[0-9.:]*' "$work/err" | sed 's/.*:\([0-9]*\)$/\1/')
 [ -n "$gw" ] || { cat "$work/err" >&2; exit 1; }

@@ -5,6 +5,10 @@
 //!
 //! Every call is bounded: [`CALL_TIMEOUT`] (the feed: its `wait`, at most 30 s, plus
 //! [`CALL_TIMEOUT`]); a core error or a timeout is [`Unavailable`] (the data plane answers 503).
+//!
+//! Every call runs on the runtime that made the `InProcess` (the server's), not on the gateway's
+//! listener threads: database connections and the core's background tasks then belong to the
+//! runtime that outlives them all.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -31,6 +35,8 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 #[derive(Clone)]
 pub struct InProcess {
     core: Arc<Portcullis>,
+    /// The server's runtime, where calls run (`None` outside a runtime: on the caller's).
+    home: Option<tokio::runtime::Handle>,
 }
 
 impl std::fmt::Debug for InProcess {
@@ -40,8 +46,31 @@ impl std::fmt::Debug for InProcess {
 }
 
 impl InProcess {
+    /// Call from within the server's runtime: calls will run there.
     pub fn new(core: Arc<Portcullis>) -> Self {
-        Self { core }
+        Self { core, home: tokio::runtime::Handle::try_current().ok() }
+    }
+
+    /// Runs `call(core)` on the home runtime under `limit`; its error, a timeout or a failed
+    /// task is [`Unavailable`].
+    async fn run<T, F>(
+        &self,
+        what: &str,
+        limit: Duration,
+        call: impl FnOnce(Arc<Portcullis>) -> F,
+    ) -> Result<T, Unavailable>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = portcullis_core::Result<T>> + Send + 'static,
+    {
+        let fut = call(self.core.clone());
+        match &self.home {
+            Some(home) => match home.spawn(bounded_owned(limit, fut)).await {
+                Ok(r) => r.map_err(|e| Unavailable(format!("{what}: {e}"))),
+                Err(e) => Err(Unavailable(format!("{what}: {e}"))),
+            },
+            None => bounded_owned(limit, fut).await.map_err(|e| Unavailable(format!("{what}: {e}"))),
+        }
     }
 
     /// The core it calls.
@@ -50,16 +79,15 @@ impl InProcess {
     }
 }
 
-/// Runs a core call under `limit`; its error or the timeout becomes [`Unavailable`].
-async fn bounded<T>(
-    what: &str,
+/// Runs a core call under `limit`; its error or the timeout becomes the error text.
+async fn bounded_owned<T>(
     limit: Duration,
     call: impl std::future::Future<Output = portcullis_core::Result<T>>,
-) -> Result<T, Unavailable> {
+) -> Result<T, String> {
     match tokio::time::timeout(limit, call).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(Unavailable(format!("{what}: {e}"))),
-        Err(_) => Err(Unavailable(format!("{what}: no answer within {} s", limit.as_secs()))),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {} s", limit.as_secs())),
     }
 }
 
@@ -112,37 +140,59 @@ impl ControlPlane for InProcess {
     }
 
     async fn trust(&self) -> Result<TrustBundle, Unavailable> {
-        let t = bounded("trust", CALL_TIMEOUT, self.core.gateway_trust()).await?;
+        let t = self.run("trust", CALL_TIMEOUT, |core| async move { core.gateway_trust().await }).await?;
         Ok(TrustBundle { anchors: t.anchors, crls: t.crls })
     }
 
     async fn grants(&self) -> Result<PermissionGrants, Unavailable> {
-        let grants = bounded("grants", CALL_TIMEOUT, self.core.gateway_grants()).await?;
+        let grants = self.run("grants", CALL_TIMEOUT, |core| async move { core.gateway_grants().await }).await?;
         Ok(grants.into_iter().map(|g| (g.org.to_string(), g.role, g.permission)).collect())
     }
 
     async fn changes(&self, cursor: Option<&str>, wait: Duration) -> Result<Changes, Unavailable> {
         let limit = wait.min(MAX_CHANGES_WAIT) + CALL_TIMEOUT;
-        Ok(changes(bounded("changes", limit, self.core.gateway_changes(cursor, wait)).await?))
+        let cursor = cursor.map(str::to_owned);
+        let c = self
+            .run("changes", limit, move |core| async move { core.gateway_changes(cursor.as_deref(), wait).await })
+            .await?;
+        Ok(changes(c))
     }
 
     async fn api_key(&self, key: &str, secret: &str, client_ip: Option<IpAddr>) -> Result<Verdict, Unavailable> {
-        let v = bounded("api key check", CALL_TIMEOUT, self.core.gateway_api_key(key, secret, client_ip)).await?;
+        let (key, secret) = (key.to_owned(), zeroize::Zeroizing::new(secret.to_owned()));
+        let v = self
+            .run("api key check", CALL_TIMEOUT, move |core| async move {
+                core.gateway_api_key(&key, &secret, client_ip).await
+            })
+            .await?;
         Ok(verdict(v, AuthMethod::ApiKey))
     }
 
     async fn session(&self, token: &str, client_ip: Option<IpAddr>) -> Result<Verdict, Unavailable> {
-        let v = bounded("session check", CALL_TIMEOUT, self.core.gateway_session(token, client_ip)).await?;
+        let token = zeroize::Zeroizing::new(token.to_owned());
+        let v =
+            self.run("session check", CALL_TIMEOUT, move |core| async move {
+                core.gateway_session(&token, client_ip).await
+            })
+            .await?;
         Ok(verdict(v, AuthMethod::Session))
     }
 
     async fn certificate(&self, leaf_der: &[u8]) -> Result<Verdict, Unavailable> {
-        let v = bounded("certificate check", CALL_TIMEOUT, self.core.gateway_certificate(leaf_der)).await?;
+        let der = leaf_der.to_vec();
+        let v = self
+            .run("certificate check", CALL_TIMEOUT, move |core| async move { core.gateway_certificate(&der).await })
+            .await?;
         Ok(verdict(v, AuthMethod::Mtls))
     }
 
     async fn issue(&self, p: CertificatePurpose, names: &[String]) -> Result<IssuedKeyPair, Unavailable> {
-        let k = bounded("certificate issuance", CALL_TIMEOUT, self.core.gateway_issue_local(purpose(p), names)).await?;
+        let names = names.to_vec();
+        let k = self
+            .run("certificate issuance", CALL_TIMEOUT, move |core| async move {
+                core.gateway_issue_local(purpose(p), &names).await
+            })
+            .await?;
         Ok(IssuedKeyPair { chain: k.chain, key_pkcs8: k.key_pkcs8, not_after: k.not_after })
     }
 }
@@ -219,9 +269,9 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(5)).await;
             Ok::<(), portcullis_core::Error>(())
         };
-        let e = bounded("x", Duration::from_millis(20), slow).await.unwrap_err();
-        assert!(e.0.contains("no answer"), "{e}");
+        let e = bounded_owned(Duration::from_millis(20), slow).await.unwrap_err();
+        assert!(e.contains("no answer"), "{e}");
         let failed = async { Err::<(), _>(portcullis_core::Error::Internal("db gone".into())) };
-        assert!(bounded("x", CALL_TIMEOUT, failed).await.unwrap_err().0.contains("db gone"));
+        assert!(bounded_owned(CALL_TIMEOUT, failed).await.unwrap_err().contains("db gone"));
     }
 }

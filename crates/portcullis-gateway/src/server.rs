@@ -120,8 +120,21 @@ impl RouteMetrics {
     }
 }
 
+/// Numbers every [`Runtime`], so a listener thread knows when its upstream clients are stale.
+static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's upstream clients and the [`Runtime`] generation they were built for. Each
+    /// listener thread has its own pools, so a request and the upstream connection it uses are
+    /// driven by the same thread (no cross-thread wakeups per request).
+    static CLIENTS: std::cell::RefCell<(u64, Vec<UpstreamClient>)> = const { std::cell::RefCell::new((0, Vec::new())) };
+}
+
 /// The routes and what was built for them; replaced as a whole on reload.
 struct Runtime {
+    generation: u64,
+    anchors: Arc<Vec<Vec<u8>>>,
+    transport: Arc<CertSlot>,
     config: ValidatedConfig,
     /// By route index.
     metrics: Vec<Arc<RouteMetrics>>,
@@ -132,20 +145,44 @@ struct Runtime {
 }
 
 impl Runtime {
-    fn build(config: ValidatedConfig, anchors: &[Vec<u8>], transport: &Arc<CertSlot>) -> Result<Self, String> {
-        let mut clients = Vec::with_capacity(config.routes().len());
-        let mut per_ip = Vec::with_capacity(config.routes().len());
-        let mut per_identity = Vec::with_capacity(config.routes().len());
-        for route in config.routes() {
-            clients.push(
-                crate::forward::client_for(route, anchors, transport)
-                    .map_err(|e| format!("route {} ({}): {e}", route.index, route.path))?,
-            );
-            per_ip.push(route.rate_limit.per_ip.map(|n| FailureLimiter::new(n, 60)));
-            per_identity.push(route.rate_limit.per_identity.map(|n| FailureLimiter::new(n, 60)));
-        }
+    fn build(config: ValidatedConfig, anchors: Arc<Vec<Vec<u8>>>, transport: &Arc<CertSlot>) -> Result<Self, String> {
+        let clients = Self::clients_for(&config, &anchors, transport)?;
+        let per_ip = config.routes().iter().map(|r| r.rate_limit.per_ip.map(|n| FailureLimiter::new(n, 60))).collect();
+        let per_identity =
+            config.routes().iter().map(|r| r.rate_limit.per_identity.map(|n| FailureLimiter::new(n, 60))).collect();
         let metrics = config.routes().iter().map(|r| RouteMetrics::new(&r.path)).collect();
-        Ok(Self { config, metrics, clients, per_ip, per_identity })
+        let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
+        Ok(Self { generation, anchors, transport: transport.clone(), config, metrics, clients, per_ip, per_identity })
+    }
+
+    fn clients_for(
+        config: &ValidatedConfig,
+        anchors: &[Vec<u8>],
+        transport: &Arc<CertSlot>,
+    ) -> Result<Vec<UpstreamClient>, String> {
+        config
+            .routes()
+            .iter()
+            .map(|route| {
+                crate::forward::client_for(route, anchors, transport)
+                    .map_err(|e| format!("route {} ({}): {e}", route.index, route.path))
+            })
+            .collect()
+    }
+
+    /// The calling thread's client for route `index`, built on first use for this generation
+    /// (falling back to the shared one if building fails).
+    fn client(&self, index: usize) -> Option<UpstreamClient> {
+        CLIENTS
+            .with(|cell| {
+                let mut here = cell.try_borrow_mut().ok()?;
+                if here.0 != self.generation {
+                    let built = Self::clients_for(&self.config, &self.anchors, &self.transport).ok()?;
+                    *here = (self.generation, built);
+                }
+                here.1.get(index).cloned()
+            })
+            .or_else(|| self.clients.get(index).cloned())
     }
 }
 
@@ -256,7 +293,7 @@ impl Gateway {
         let transport_cert = Arc::new(CertSlot::default());
         // Routes are built again in `prepare`, once the CA anchors are known; this catches bad
         // files (a missing `upstream_ca_file`) before anything is fetched.
-        let runtime = Runtime::build(config, &[], &transport_cert)?;
+        let runtime = Runtime::build(config, Arc::new(Vec::new()), &transport_cert)?;
         Ok(Arc::new(Self {
             bearer: BearerVerifier::new(control.clone(), clock.clone(), BearerConfig::default()),
             control,
@@ -335,7 +372,7 @@ impl Gateway {
             Ok(a) => a.clone(),
             Err(p) => p.into_inner().clone(),
         };
-        let runtime = Arc::new(Runtime::build(config, &anchors, &self.transport_cert)?);
+        let runtime = Arc::new(Runtime::build(config, anchors, &self.transport_cert)?);
         match self.runtime.write() {
             Ok(mut r) => *r = runtime,
             Err(p) => *p.into_inner() = runtime,
@@ -513,6 +550,10 @@ impl Gateway {
 
     /// Serves TLS on `listener` until `shutdown` resolves, then stops accepting and lets
     /// in-flight requests finish (up to 30 s).
+    ///
+    /// One listener thread per core, each with its own single-threaded runtime accepting from the
+    /// shared socket (nginx's model): a connection, its requests and the upstream connections
+    /// they use stay on one thread. Background work stays on the caller's runtime.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()> + Send) {
         let auth = match self.runtime().config.mtls() {
             MtlsMode::Off => ClientAuth::Off,
@@ -524,11 +565,59 @@ impl Gateway {
             Err(e) => return tracing::error!(error = %e, "gateway TLS configuration failed"),
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let std_listener = match listener.into_std() {
+            Ok(l) => l,
+            Err(e) => return tracing::error!(error = %e, "gateway listener"),
+        };
+        let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get).clamp(1, 64);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut finished = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let socket = match std_listener.try_clone() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "gateway listener thread");
+                    continue;
+                }
+            };
+            let (me, acceptor, stop) = (self.clone(), acceptor.clone(), stop_rx.clone());
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+            let spawned = std::thread::Builder::new().name(format!("gateway-{i}")).spawn(move || {
+                match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt.block_on(async move {
+                        match TcpListener::from_std(socket) {
+                            Ok(listener) => me.accept_loop(listener, acceptor, stop).await,
+                            Err(e) => tracing::error!(error = %e, "gateway listener thread"),
+                        }
+                    }),
+                    Err(e) => tracing::error!(error = %e, "gateway listener thread runtime"),
+                }
+                let _ = done_tx.send(());
+            });
+            match spawned {
+                Ok(_) => finished.push(done_rx),
+                Err(e) => tracing::error!(error = %e, "gateway listener thread"),
+            }
+        }
+        drop(std_listener);
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        for done in finished {
+            let _ = done.await;
+        }
+    }
+
+    /// One listener thread: accepts until `stop`, then drains its connections.
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        acceptor: tokio_rustls::TlsAcceptor,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        tokio::pin!(shutdown);
         loop {
             let (tcp, peer) = tokio::select! {
-                _ = &mut shutdown => break,
+                _ = stop.wait_for(|s| *s) => break,
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
                     Err(e) => {
@@ -788,7 +877,7 @@ impl Gateway {
         let body: Body = Limited::new(body, max).map_err(|e| -> respond::BoxError { e }).boxed();
         let upstream_req = Request::from_parts(parts, body);
 
-        let Some(client) = runtime.clients.get(route.index) else {
+        let Some(client) = runtime.client(route.index) else {
             return Err(fail(
                 log,
                 "internal",
