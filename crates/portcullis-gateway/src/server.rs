@@ -67,10 +67,10 @@ const RESYNC_EVERY: Duration = Duration::from_secs(60);
 const RENEW_CHECK_EVERY: Duration = Duration::from_secs(60);
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// At most this much of a refused HTTP/2 request's body is read and discarded ([`drain`]).
+/// At most this much of a refused request's body is read and discarded ([`drain`]).
 const DRAIN_BODY_MAX: usize = 1024 * 1024;
 /// … for at most this long.
-const DRAIN_BODY_TIME: Duration = Duration::from_secs(1);
+const DRAIN_BODY_TIME: Duration = Duration::from_secs(3);
 /// How long graceful shutdown waits for in-flight requests.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -674,8 +674,9 @@ impl Gateway {
         let uri = req.uri().clone();
         let mut log = Outcome::default();
         let http1 = req.version() < http::Version::HTTP_2;
-        // The body is held apart: forwarding takes it; a refusal keeps it alive until the
-        // refusal is sent (HTTP/2 would otherwise reset the stream, CANCEL, before the answer).
+        // The body is held apart: forwarding takes it; a refusal drains it (bounded) and keeps
+        // it alive until the refusal is sent (HTTP/2 would otherwise reset the stream, CANCEL,
+        // before the answer).
         let (parts, body) = req.into_parts();
         let mut body = Some(body);
         let resp = match self.pipeline(Request::from_parts(parts, ()), &mut body, conn, &mut log).await {
@@ -684,13 +685,14 @@ impl Gateway {
                 let (mut resp, id) = refusal.render(shape);
                 log.error_id = Some(id);
                 log.error = Some(refusal.message);
-                if http1 && log.outcome == Some("bad_request") {
+                let misframed = http1 && log.outcome == Some("bad_request");
+                if misframed {
                     // A request whose framing or target was refused: nothing after it on this
                     // connection can be trusted to start where the gateway thinks it does.
                     resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
                 if let Some(mut held) = body.take() {
-                    if !http1 {
+                    if !misframed {
                         drain(&mut held).await;
                     }
                     resp = resp.map(|b| Holding { inner: b, _held: held }.boxed());
@@ -1063,10 +1065,11 @@ impl Gateway {
     }
 }
 
-/// Reads and discards what is left of a refused HTTP/2 request's body, up to
-/// [`DRAIN_BODY_MAX`] bytes or [`DRAIN_BODY_TIME`]: a stream whose request side is finished
-/// ends cleanly, where an unread one is reset, and some clients (curl 7.x) then drop the
-/// refusal they were sent with it.
+/// Reads and discards what is left of a refused request's body, up to [`DRAIN_BODY_MAX`] bytes
+/// or [`DRAIN_BODY_TIME`]. Over HTTP/2 a stream whose request side is finished ends cleanly,
+/// where an unread one is reset; over HTTP/1.1 closing a connection with unread bytes makes the
+/// kernel send a reset. Either way a client still sending (curl 7.x) can lose the refusal it
+/// was sent. Not done for misframed HTTP/1.1 requests, whose connection is closed instead.
 async fn drain(body: &mut Incoming) {
     let deadline = tokio::time::sleep(DRAIN_BODY_TIME);
     tokio::pin!(deadline);
