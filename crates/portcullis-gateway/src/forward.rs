@@ -22,20 +22,14 @@ use crate::tls::{CertSlot, ClientCert, provider};
 /// The pooled client of one route.
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
 
-/// Reads every certificate of a PEM file.
+/// Reads every certificate of a PEM file (the core's strict reader); an empty file is refused.
 fn read_pem_certificates(path: &std::path::Path) -> Result<Vec<Vec<u8>>, String> {
-    let data = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    let mut out = Vec::new();
-    for pem in x509_parser::pem::Pem::iter_from_buffer(&data) {
-        let pem = pem.map_err(|e| format!("{}: not PEM: {e}", path.display()))?;
-        if pem.label == "CERTIFICATE" {
-            out.push(pem.contents);
-        }
-    }
-    if out.is_empty() {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let certs = portcullis_core::pki::pem_certificates(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
         return Err(format!("{} holds no CERTIFICATE", path.display()));
     }
-    Ok(out)
+    Ok(certs)
 }
 
 /// Builds the client for `route`. `our_anchors` are the platform CA certificates (trusted for

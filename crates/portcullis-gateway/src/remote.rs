@@ -569,19 +569,13 @@ fn make_csr(purpose: CertificatePurpose, names: &[String]) -> Result<(rcgen::Key
     Ok((key, csr))
 }
 
-/// The certificates (DER, in order) of a PEM chain; anything but `CERTIFICATE` blocks that parse
-/// as X.509 is refused.
+/// The certificates (DER, in order) of a PEM chain (the core's strict reader: anything but
+/// `CERTIFICATE` blocks is refused), each of which must parse as X.509.
 fn parse_chain(pem: &str, what: &str) -> Result<Vec<Vec<u8>>, Unavailable> {
-    let mut chain = Vec::new();
-    for block in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
-        let block = block.map_err(|e| Unavailable(format!("{what}: malformed chain_pem: {e}")))?;
-        if block.label != "CERTIFICATE" {
-            return Err(Unavailable(format!("{what}: unexpected {:?} block in chain_pem", clean(&block.label))));
-        }
-        if x509_parser::parse_x509_certificate(&block.contents).is_err() {
-            return Err(Unavailable(format!("{what}: a chain_pem certificate does not parse")));
-        }
-        chain.push(block.contents);
+    let chain = portcullis_core::pki::pem_certificates(pem)
+        .map_err(|e| Unavailable(format!("{what}: malformed chain_pem: {e}")))?;
+    if chain.iter().any(|der| x509_parser::parse_x509_certificate(der).is_err()) {
+        return Err(Unavailable(format!("{what}: a chain_pem certificate does not parse")));
     }
     if chain.is_empty() {
         return Err(Unavailable(format!("{what}: chain_pem holds no certificate")));

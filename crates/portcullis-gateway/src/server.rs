@@ -277,11 +277,6 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
-/// Unix seconds of the clock.
-fn unix(clock: &dyn Clock) -> i64 {
-    clock.now()
-}
-
 impl Gateway {
     /// A gateway for `config` that reaches the control plane through `control`. Nothing is
     /// fetched yet: call [`Gateway::prepare`].
@@ -524,7 +519,7 @@ impl Gateway {
     /// Renews the server (and transport) certificate once less than a third of a 30-day
     /// lifetime (10 days) is left. New connections get the new certificate at once.
     pub async fn renew_if_due(&self) {
-        let now = unix(self.clock.as_ref());
+        let now = self.clock.now();
         let due = |slot: &CertSlot| slot.not_after().is_some_and(|t| t - now < 10 * 86_400);
         if due(&self.server_cert) {
             let names = self.runtime().config.server_names().to_vec();
@@ -766,15 +761,16 @@ impl Gateway {
             (r, shape)
         };
 
+        let original_host = request_host(&req);
         let forwarded = headers::forwarded_for(
             req.headers(),
             conn.peer.ip(),
             Proto::Https,
-            request_host(&req).as_deref(),
+            original_host.as_deref(),
             config.trusted_proxies(),
         );
         log.client_ip = Some(forwarded.client_ip);
-        let now = unix(self.clock.as_ref());
+        let now = self.clock.now();
         if let Some(Some(limiter)) = runtime.per_ip.get(route.index)
             && let Err(retry) = limiter.fail(&[&forwarded.client_ip.to_string()], now)
         {
@@ -824,7 +820,6 @@ impl Gateway {
         // ---- the upstream request ----------------------------------------------------------
         let websocket = headers::is_websocket_upgrade(req.headers());
         let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
-        let original_host = request_host(&req);
         let (mut parts, ()) = req.into_parts();
         let Some(body) = body_slot.take() else {
             return Err(fail(

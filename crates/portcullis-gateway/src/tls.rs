@@ -242,7 +242,7 @@ impl PeerCertificate {
             (cert.subject().to_string(), san_uri)
         };
         let sha256 = sha256(&der);
-        let sha256_hex = sha256.iter().map(|b| format!("{b:02x}")).collect();
+        let sha256_hex = portcullis_core::pki::hex(&sha256);
         Some(Self { der: Arc::new(der), sha256, sha256_hex, subject, san_uri })
     }
 }
