@@ -2,14 +2,17 @@
 //! a stub control plane written here (so the test owns the token signing keys and the CA, and
 //! can forge every bad token and certificate), a real upstream started here (a small HTTP/1.1
 //! server that echoes the method, path, query, headers and body it received as JSON, sleeps on
-//! `/slow/`, answers SOAP on `/soap/` and speaks WebSocket on `/ws/`), driven by real clients:
-//! `curl` (HTTP/2 and HTTP/1.1, client certificates), `openssl s_client` (TLS 1.2 handshakes)
-//! and raw HTTP/1.1 over TLS (tokio-rustls) for request smuggling, keep-alive and WebSocket.
+//! `/slow/`, answers SOAP on `/soap/` and speaks WebSocket on `/ws/`; the same server behind TLS,
+//! requiring a client certificate from the stub's CA, for upstream mTLS), driven by real clients:
+//! `curl` (HTTP/2 and HTTP/1.1, client certificates, `--interface` for a second client address),
+//! `openssl s_client` (TLS 1.2 handshakes) and raw HTTP/1.1 over TLS (tokio-rustls) for request
+//! smuggling, keep-alive, WebSocket and the server certificate a handshake presents.
 //!
 //! The stub serves exactly the wire format of `portcullis_gateway::remote` (the token endpoint
 //! with Basic auth, the JWKS, and `/api/v1/gateway/{trust,grants,changes,api-keys/check,
 //! sessions/check,certificates/check,certificates}`); its change feed is a real long poll that
-//! the tests push revocations and flags into.
+//! the tests push revocations and flags into. It can be stopped and started again on the same
+//! address (a control plane outage), hand out short-lived certificates and hold their renewal.
 //!
 //! Needs `curl` and `openssl` on the PATH. Each test starts its own stub, upstream and gateway.
 
@@ -186,26 +189,61 @@ struct StubState {
     hits: HashMap<&'static str, usize>,
     /// Calls to the gateway endpoints without the stub's access token.
     unauthorised: usize,
+    /// Lifetime in seconds of the first certificate issued for each purpose (later ones, the
+    /// renewals, get 30 days). `None`: every certificate is valid until 2100.
+    first_lifetime: Option<i64>,
+    /// While set, a renewal (a second or later certificate of a purpose) waits until this
+    /// semaphore is closed (at most 10 s).
+    hold_renewals: Option<Arc<tokio::sync::Semaphore>>,
+    /// Every certificate issued to the gateway, in order.
+    issued: Vec<Issued>,
+    /// Between [`Stub::stop`] and [`Stub::restart`]: a pending long poll answers 503.
+    down: bool,
+}
+
+/// A certificate the stub issued to the gateway.
+#[derive(Debug, Clone)]
+struct Issued {
+    /// `server` or `upstream_client`.
+    purpose: String,
+    der: Vec<u8>,
+    not_after: i64,
+}
+
+impl Issued {
+    fn id(&self) -> String {
+        cert_id(&self.der)
+    }
 }
 
 struct Stub {
     url: String,
+    addr: SocketAddr,
     ca: Ca,
     state: Mutex<StubState>,
     feed: tokio::sync::watch::Sender<usize>,
+    /// The running server: its graceful-shutdown trigger and task.
+    server: Mutex<Option<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)>>,
 }
 
 impl Stub {
     async fn start(ca: Ca) -> Arc<Stub> {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let addr = listener.local_addr().unwrap();
         let crl = make_crl(&ca, &[], 1);
         let stub = Arc::new(Stub {
-            url,
+            url: format!("http://{addr}"),
+            addr,
             ca,
             state: Mutex::new(StubState { crl, ..StubState::default() }),
             feed: tokio::sync::watch::channel(0).0,
+            server: Mutex::new(None),
         });
+        stub.serve(listener);
+        stub
+    }
+
+    fn serve(self: &Arc<Self>, listener: TcpListener) {
         let app = Router::new()
             .route("/oauth2/token", post(stub_token))
             .route("/oauth2/jwks", get(stub_jwks))
@@ -216,9 +254,38 @@ impl Stub {
             .route("/api/v1/gateway/sessions/check", post(stub_session))
             .route("/api/v1/gateway/certificates/check", post(stub_certificate))
             .route("/api/v1/gateway/certificates", post(stub_issue))
-            .with_state(stub.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        stub
+            .with_state(self.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap()
+        });
+        *self.server.lock().unwrap() = Some((tx, task));
+    }
+
+    /// The control plane goes away: a pending long poll is answered 503, the listener is closed
+    /// and every connection ends, so the gateway's calls are refused at the TCP level.
+    async fn stop(&self) {
+        self.with(|s| s.down = true);
+        self.feed.send_modify(|_| {});
+        let (tx, task) = self.server.lock().unwrap().take().expect("the stub is not running");
+        let _ = tx.send(());
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the stub's connections did not close within 10 s")
+            .unwrap();
+        assert!(TcpStream::connect(self.addr).await.is_err(), "the stopped stub still accepts connections");
+    }
+
+    /// Serves again on the same address (the issuer the gateway knows).
+    async fn restart(self: &Arc<Self>) {
+        let listener = TcpListener::bind(self.addr).await.expect("cannot bind the stub's address again");
+        self.with(|s| s.down = false);
+        self.serve(listener);
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut StubState) -> T) -> T {
@@ -227,6 +294,11 @@ impl Stub {
 
     fn hits(&self, endpoint: &str) -> usize {
         self.with(|s| s.hits.get(endpoint).copied().unwrap_or(0))
+    }
+
+    /// The certificates issued for `purpose` (`server`, `upstream_client`), in order.
+    fn issued(&self, purpose: &str) -> Vec<Issued> {
+        self.with(|s| s.issued.iter().filter(|i| i.purpose == purpose).cloned().collect())
     }
 
     /// Publishes news on the change feed (wakes the gateway's long poll).
@@ -345,6 +417,9 @@ async fn stub_changes(State(s): State<Arc<Stub>>, h: HeaderMap, Query(q): Query<
     loop {
         {
             let st = s.state.lock().unwrap();
+            if st.down {
+                return refuse(503, "shutting down");
+            }
             let n = st.events.len();
             match from {
                 None => return feed_page(&st.events, n),
@@ -402,11 +477,33 @@ async fn stub_issue(State(s): State<Arc<Stub>>, h: HeaderMap, Json(b): Json<Valu
     if let Some(r) = unauthorised(&s, &h, "issue") {
         return r;
     }
-    let Ok(csr) = rcgen::CertificateSigningRequestParams::from_pem(b["csr"].as_str().unwrap_or("")) else {
+    let Ok(mut csr) = rcgen::CertificateSigningRequestParams::from_pem(b["csr"].as_str().unwrap_or("")) else {
         return refuse(400, "bad CSR");
     };
+    let purpose = b["purpose"].as_str().unwrap_or("").to_owned();
+    let usage = match purpose.as_str() {
+        "server" => rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        "upstream_client" => rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        _ => return refuse(400, "unknown purpose"),
+    };
+    let (renewal, first_lifetime, hold) =
+        s.with(|st| (st.issued.iter().any(|i| i.purpose == purpose), st.first_lifetime, st.hold_renewals.clone()));
+    if let Some(gate) = hold.filter(|_| renewal) {
+        // Closed by the test: `acquire` then fails at once.
+        let _ = tokio::time::timeout(Duration::from_secs(10), gate.acquire()).await;
+    }
+    let not_after = match first_lifetime {
+        None => 4_102_444_800_i64,
+        Some(lifetime) if !renewal => now() + lifetime,
+        Some(_) => now() + 30 * 86_400,
+    };
+    csr.params.extended_key_usages = vec![usage];
+    csr.params.not_after = rcgen::date_time_ymd(1970, 1, 1) + Duration::from_secs(not_after as u64);
+    let serial = s.with(|st| 0x5e41_0000_u64 + st.issued.len() as u64 + 1);
+    csr.params.serial_number = Some(rcgen::SerialNumber::from(serial));
     let leaf = csr.signed_by(&s.ca).unwrap();
-    reply(201, json!({ "chain_pem": format!("{}{}", leaf.pem(), s.ca.pem()), "not_after": 4_102_444_800_i64 }))
+    s.with(|st| st.issued.push(Issued { purpose, der: leaf.der().to_vec(), not_after }));
+    reply(201, json!({ "chain_pem": format!("{}{}", leaf.pem(), s.ca.pem()), "not_after": not_after }))
 }
 
 fn identity(subject: &str, client_id: &str, roles: &[&str], scopes: &[&str]) -> Value {
@@ -532,7 +629,7 @@ impl Upstream {
         let s = seen.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
-                tokio::spawn(upstream_connection(tcp, s.clone()));
+                tokio::spawn(upstream_connection(tcp, s.clone(), None));
             }
         });
         Upstream { addr, seen }
@@ -549,19 +646,29 @@ impl Upstream {
     }
 }
 
-async fn upstream_connection(tcp: TcpStream, seen: Arc<Mutex<Vec<Value>>>) {
-    let mut io = BufReader::new(tcp);
+/// Serves one connection. `client_cert`: behind TLS, the client certificate the handshake
+/// verified (recorded base64, as `client_cert`), and every answer closes the connection, so each
+/// request shows the certificate the gateway presents at that moment.
+async fn upstream_connection<S: AsyncRead + AsyncWrite + Unpin>(
+    io: S,
+    seen: Arc<Mutex<Vec<Value>>>,
+    client_cert: Option<Option<Vec<u8>>>,
+) {
+    let mut io = BufReader::new(io);
     loop {
         let Some((line, headers)) = read_head(&mut io).await else { return };
         let mut parts = line.split(' ');
         let (method, target) = (parts.next().unwrap_or("").to_owned(), parts.next().unwrap_or("").to_owned());
         let Some(body) = read_body(&mut io, &headers).await else { return };
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-        let record = json!({
+        let mut record = json!({
             "method": method, "path": path, "query": query,
             "headers": headers.iter().map(|(n, v)| json!([n, v])).collect::<Vec<_>>(),
             "body": String::from_utf8_lossy(&body),
         });
+        if let Some(cert) = &client_cert {
+            record["client_cert"] = cert.as_ref().map_or(Value::Null, |der| json!(B64.encode(der)));
+        }
         seen.lock().unwrap().push(record.clone());
         if path.starts_with("/ws/") && find(&headers, "upgrade").is_some_and(|u| u.eq_ignore_ascii_case("websocket")) {
             websocket_echo(io, find(&headers, "sec-websocket-key").unwrap_or("")).await;
@@ -575,12 +682,17 @@ async fn upstream_connection(tcp: TcpStream, seen: Arc<Mutex<Vec<Value>>>) {
         } else {
             ("application/json", record.to_string())
         };
+        let close = if client_cert.is_some() { "connection: close\r\n" } else { "" };
         let head = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nx-upstream: echo\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nx-upstream: echo\r\n{close}\r\n",
             body.len()
         );
         let out = io.get_mut();
         if out.write_all(head.as_bytes()).await.is_err() || out.write_all(body.as_bytes()).await.is_err() {
+            return;
+        }
+        if client_cert.is_some() {
+            let _ = out.shutdown().await;
             return;
         }
     }
@@ -596,7 +708,7 @@ fn websocket_accept(key: &str) -> String {
 }
 
 /// Completes the handshake, then echoes one (short, masked) frame back unmasked.
-async fn websocket_echo(mut io: BufReader<TcpStream>, key: &str) {
+async fn websocket_echo<S: AsyncRead + AsyncWrite + Unpin>(mut io: BufReader<S>, key: &str) {
     let head = format!(
         "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {}\r\n\r\n",
         websocket_accept(key)
@@ -625,6 +737,110 @@ async fn websocket_echo(mut io: BufReader<TcpStream>, key: &str) {
     let _ = io.get_mut().write_all(&frame).await;
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), io.read_to_end(&mut rest)).await;
+}
+
+/// The echo upstream behind TLS (HTTP/1.1, one request per connection), with a server certificate
+/// for `127.0.0.1` from `issuer`, requiring a client certificate that chains to `client_ca`.
+struct TlsUpstream {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Value>>>,
+    /// Handshakes that failed (no client certificate, or one it does not trust).
+    refused: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TlsUpstream {
+    async fn start(issuer: &Ca, client_ca: &[u8]) -> TlsUpstream {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(rcgen::DnType::CommonName, "payments.internal");
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = p.signed_by(&key, issuer).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(rustls::pki_types::CertificateDer::from(client_ca.to_vec())).unwrap();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                vec![rustls::pki_types::CertificateDer::from(cert.der().to_vec())],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (s, r) = (seen.clone(), refused.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, s, r) = (acceptor.clone(), s.clone(), r.clone());
+                tokio::spawn(async move {
+                    match acceptor.accept(tcp).await {
+                        Ok(tls) => {
+                            let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec());
+                            upstream_connection(tls, s, Some(cert)).await;
+                        }
+                        Err(_) => {
+                            r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                });
+            }
+        });
+        TlsUpstream { addr, seen, refused }
+    }
+
+    fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    fn refused(&self) -> usize {
+        self.refused.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn saw(&self, needle: &str) -> bool {
+        self.seen.lock().unwrap().iter().any(|r| r["path"].as_str().unwrap_or("").contains(needle))
+    }
+}
+
+/// A CA certificate in PEM at `dir/name`, for `upstream_ca_file`.
+fn write_ca(dir: &Path, name: &str, ca: &Ca) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, ca.pem()).unwrap();
+    path
+}
+
+/// A certificate (DER) for messages and comparisons: its serial and the start of its SHA-256.
+fn cert_id(der: &[u8]) -> String {
+    format!("serial {} sha256 {}", cert_serial(der), &hex(&sha256(der))[..16])
+}
+
+fn cert_serial(der: &[u8]) -> String {
+    x509_parser::parse_x509_certificate(der).unwrap().1.raw_serial_as_string()
+}
+
+/// What a certificate (DER) says: (subject CN, issuer CN, extended key usages).
+fn cert_facts(der: &[u8]) -> (String, String, Vec<String>) {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+    let cn = |name: &x509_parser::x509::X509Name<'_>| {
+        name.iter_common_name().next().and_then(|c| c.as_str().ok()).unwrap_or("").to_owned()
+    };
+    let mut usages = Vec::new();
+    if let Ok(Some(eku)) = cert.extended_key_usage() {
+        if eku.value.server_auth {
+            usages.push("serverAuth".to_owned());
+        }
+        if eku.value.client_auth {
+            usages.push("clientAuth".to_owned());
+        }
+    }
+    (cn(cert.subject()), cn(cert.issuer()), usages)
 }
 
 /// The echo upstream's JSON: what it received.
@@ -898,6 +1114,15 @@ fn extra_route(path: &str, upstream: &str) -> String {
     format!("\n[[gateway.routes]]\npath = \"{path}\"\nupstream = \"{upstream}\"\nauth = [\"bearer\"]\n")
 }
 
+/// What a test adds to the fixture's configuration.
+#[derive(Debug, Default, Clone)]
+struct Extra {
+    /// Lines of the `[gateway]` table (each ending with a newline), e.g. `trusted_proxies`.
+    gateway: String,
+    /// `[[gateway.routes]]` after the base routes.
+    routes: String,
+}
+
 struct Fixture {
     dir: tempfile::TempDir,
     stub: Arc<Stub>,
@@ -921,12 +1146,21 @@ struct Fixture {
     down: String,
     /// Credentials that must never show in the gateway's output.
     secrets: Mutex<Vec<String>>,
+    /// What the test added to the configuration (kept by [`Fixture::config_with`]).
+    extra: Extra,
 }
 
 impl Fixture {
     async fn start() -> Fixture {
+        Fixture::start_with(new_ca("Portcullis Stub Issuing CA"), |_, _, _| Extra::default()).await
+    }
+
+    /// The fixture with a stub signing with `ca`. Before the gateway starts, `setup` prepares the
+    /// stub and says what to add to the configuration; it gets the stub, the directory for the
+    /// files it names, and the echo upstream's URL.
+    async fn start_with(ca: Ca, setup: impl FnOnce(&Stub, &Path, &str) -> Extra) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let stub = Stub::start(new_ca("Portcullis Stub Issuing CA")).await;
+        let stub = Stub::start(ca).await;
         let upstream = Upstream::start().await;
         let down = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -961,8 +1195,8 @@ impl Fixture {
         std::fs::write(dir.path().join("secret"), format!("{GATEWAY_SECRET}\n")).unwrap();
         let config = dir.path().join("gateway.toml");
         let upstream_url = format!("http://{}", upstream.addr);
-        let mut fx_config = String::new();
-        fx_config.push_str(&routes(&upstream_url, &down));
+        let extra = setup(&stub, dir.path(), &upstream_url);
+        let fx_config = format!("{}{}{}", extra.gateway, routes(&upstream_url, &down), extra.routes);
         std::fs::write(&config, Fixture::config_text(dir.path(), &stub.url, &fx_config)).unwrap();
         let gw = GatewayProcess::start(&config);
         let ca_der = stub.ca.der().to_vec();
@@ -983,6 +1217,7 @@ impl Fixture {
             mallory,
             down,
             secrets: Mutex::new(vec![GATEWAY_SECRET.to_owned()]),
+            extra,
         }
     }
 
@@ -1008,7 +1243,8 @@ mtls = "optional"
 
     /// The configuration with the base routes and `extra` (TOML) appended.
     fn config_with(&self, extra: &str) -> String {
-        let routes = format!("{}{extra}", routes(&self.upstream_url(), &self.down));
+        let routes =
+            format!("{}{}{}{extra}", self.extra.gateway, routes(&self.upstream_url(), &self.down), self.extra.routes);
         Fixture::config_text(self.dir.path(), &self.stub.url, &routes)
     }
 
@@ -1100,6 +1336,18 @@ mtls = "optional"
         self.curl(&args.iter().map(String::as_str).collect::<Vec<_>>()).await
     }
 
+    /// GET `path` with a bearer token and `headers`, from the local address `source` (127.0.0.x).
+    async fn get_from(&self, token: &str, source: &str, path: &str, headers: &[&str]) -> Http {
+        let auth = format!("Authorization: Bearer {token}");
+        let url = self.url(path);
+        let mut args = vec!["--interface", source, "-H", &auth];
+        for h in headers {
+            args.extend(["-H", h]);
+        }
+        args.push(&url);
+        self.curl(&args).await
+    }
+
     /// GET `path` with only a client certificate.
     async fn get_cert(&self, path: &str, cert: &Cert) -> Http {
         let mut args = cert.curl_args();
@@ -1172,6 +1420,39 @@ mtls = "optional"
         assert!(line.contains(&format!("status={status}")), "{line}");
     }
 
+    /// The access-log line of the request for `path` (unique to that request), once written.
+    #[track_caller]
+    fn access_line(&self, path: &str) -> String {
+        let field = format!("path={path} ");
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let out = self.gw.output();
+            if let Some(line) = out.lines().find(|l| l.contains("gateway request") && l.contains(&field)) {
+                return line.to_owned();
+            }
+            assert!(Instant::now() < deadline, "no access-log line for {path}:\n{out}");
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// `portcullis_gateway_requests_total{route, outcome}` from the ops endpoint (0 if absent).
+    async fn requests_total(&self, route: &str, outcome: &str) -> u64 {
+        let text = support::http().get(format!("{}/metrics", self.gw.ops)).send().await.unwrap().text().await.unwrap();
+        let (route, outcome) = (format!("route=\"{route}\""), format!("outcome=\"{outcome}\""));
+        text.lines()
+            .filter(|l| {
+                l.starts_with("portcullis_gateway_requests_total{") && l.contains(&route) && l.contains(&outcome)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum()
+    }
+
+    /// The status of the ops endpoint `/readyz`.
+    async fn readyz(&self) -> u16 {
+        support::http().get(format!("{}/readyz", self.gw.ops)).send().await.unwrap().status().as_u16()
+    }
+
     /// No credential the test used is in the gateway's output.
     #[track_caller]
     fn assert_no_secrets_logged(&self) {
@@ -1183,21 +1464,36 @@ mtls = "optional"
     }
 }
 
+/// The certificate the gateway presented on a raw connection ([`cert_id`]).
+fn presented(io: &BufReader<tokio_rustls::client::TlsStream<TcpStream>>) -> String {
+    cert_id(&io.get_ref().get_ref().1.peer_certificates().unwrap()[0])
+}
+
+/// A GET with a bearer token on a raw HTTP/1.1 connection (kept alive); the status.
+async fn raw_get<S: AsyncRead + AsyncWrite + Unpin>(io: &mut BufReader<S>, path: &str, token: &str) -> u16 {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n");
+    write_raw(io, request.as_bytes()).await;
+    read_response(io).await.unwrap_or_else(|| panic!("GET {path}: no response")).status
+}
+
 async fn write_raw<S: AsyncRead + AsyncWrite + Unpin>(io: &mut BufReader<S>, bytes: &[u8]) {
     io.get_mut().write_all(bytes).await.unwrap();
     io.get_mut().flush().await.unwrap();
 }
 
-/// Evaluates `$cond` (it may `.await`) every 100 ms until it holds; panics after `DEADLINE`.
-/// Returns how long it took.
+/// Evaluates `$cond` (it may `.await`) every 100 ms until it holds; panics after `DEADLINE` (or
+/// `$deadline`). Returns how long it took.
 macro_rules! eventually {
-    ($what:expr, $cond:expr) => {{
+    ($what:expr, $cond:expr) => {
+        eventually!($what, DEADLINE, $cond)
+    };
+    ($what:expr, $deadline:expr, $cond:expr) => {{
         let started = Instant::now();
         loop {
             if $cond {
                 break started.elapsed();
             }
-            assert!(started.elapsed() < DEADLINE, "{}: not within {:?}", $what, DEADLINE);
+            assert!(started.elapsed() < $deadline, "{}: not within {:?}", $what, $deadline);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }};
@@ -2074,4 +2370,358 @@ async fn early_refusals_of_requests_with_a_body_over_http2() {
         fx.curl(&["--http1.1", "-H", &auth, "--data-binary", &data, &fx.url(path)]).await.refused(status, "");
     }
     assert!(lost.is_empty(), "{} of 40 HTTP/2 refusals were lost:\n{}", lost.len(), lost.join("\n"));
+}
+
+/// A route to an HTTPS upstream (TOML), accepting any bearer token.
+fn https_route(path: &str, upstream: &str, ca_file: Option<&Path>, client_certificate: bool) -> String {
+    let ca = ca_file.map_or(String::new(), |f| format!("upstream_ca_file = \"{}\"\n", f.display()));
+    format!(
+        "\n[[gateway.routes]]\npath = \"{path}\"\nupstream = \"{upstream}\"\nauth = [\"bearer\"]\n{ca}\
+         upstream_client_certificate = {client_certificate}\n"
+    )
+}
+
+/// The client certificate the TLS upstream saw for this request ([`cert_id`]).
+#[track_caller]
+fn upstream_client_cert(echo: &Echo) -> String {
+    let b64 = echo.0["client_cert"].as_str().unwrap_or_else(|| panic!("no client certificate: {:?}", echo.0));
+    cert_id(&B64.decode(b64).unwrap())
+}
+
+/// Upstream mTLS: the gateway presents the platform transport certificate (issued by the control
+/// plane for purpose `upstream_client`: CN `portcullis-gateway`, clientAuth) to an HTTPS upstream
+/// that requires one from our CA; it trusts the upstream by the route's pinned CA, or by our CA
+/// when none is pinned; an upstream certificate from any other CA, or an upstream refusing a
+/// gateway that presents no certificate, is a 502 with `x-error`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_mtls_with_the_transport_certificate() {
+    let ca = new_ca("Portcullis Stub Issuing CA");
+    let owner_ca = new_ca("Payments Team CA");
+    let other_ca = new_ca("Some Other CA");
+    // Both require a client certificate from the stub's CA. `pinned` has its certificate from its
+    // owner's CA, `ours` a server-transport certificate from our CA.
+    let pinned = TlsUpstream::start(&owner_ca, ca.der()).await;
+    let ours = TlsUpstream::start(&ca, ca.der()).await;
+    let fx = Fixture::start_with(ca, |_, dir, _| {
+        let owner = write_ca(dir, "owner-ca.pem", &owner_ca);
+        let other = write_ca(dir, "other-ca.pem", &other_ca);
+        let routes = [
+            https_route("/up-mtls/", &pinned.url(), Some(&owner), true),
+            https_route("/up-wrong-ca/", &pinned.url(), Some(&other), true),
+            https_route("/up-no-cert/", &pinned.url(), Some(&owner), false),
+            https_route("/up-our-ca/", &ours.url(), None, true),
+            https_route("/up-unpinned/", &pinned.url(), None, true),
+        ];
+        Extra { routes: routes.concat(), ..Extra::default() }
+    })
+    .await;
+    let token = fx.token();
+
+    // ---- the transport certificate, asked for once at start ----
+    let transport = fx.stub.issued("upstream_client");
+    assert_eq!(transport.len(), 1, "one transport certificate at start: {transport:?}");
+    let (cn, issuer, usages) = cert_facts(&transport[0].der);
+    assert_eq!((cn.as_str(), issuer.as_str()), ("portcullis-gateway", "Portcullis Stub Issuing CA"));
+    assert_eq!(usages, ["clientAuth"]);
+
+    // ---- pinned CA, client certificate: the upstream sees the transport certificate ----
+    let echo = fx.get_bearer("/up-mtls/pay?x=1", &token).await.echo();
+    assert_eq!(echo.0["path"], "/up-mtls/pay");
+    assert_eq!(upstream_client_cert(&echo), transport[0].id(), "the upstream saw another certificate");
+    assert_ne!(upstream_client_cert(&echo), fx.stub.issued("server")[0].id(), "the server certificate as client");
+    echo.assert_identity(
+        "user-1",
+        "acme$web",
+        "acme",
+        "payments:reader,billing:viewer",
+        Some("payments/read openid"),
+        "bearer",
+    );
+    assert_eq!(echo.one("x-forwarded-proto").as_deref(), Some("https"));
+    // Unpinned: our CA is trusted, so an upstream with a certificate from it works too.
+    let echo = fx.get_bearer("/up-our-ca/pay", &token).await.echo();
+    assert_eq!(upstream_client_cert(&echo), transport[0].id());
+
+    // ---- no client certificate: the upstream refuses the handshake, 502 ----
+    // (First among the failures: no handshake has failed before, so the count is this one's.)
+    assert_eq!(pinned.refused(), 0);
+    fx.get_bearer("/up-no-cert/pay", &token).await.refused(502, "upstream");
+    assert!(!pinned.saw("/up-no-cert/"), "the upstream served a gateway without a certificate");
+    eventually!("the upstream refused the handshake without a client certificate", pinned.refused() > 0);
+
+    // ---- the upstream's certificate is not from the CA the route trusts: 502 ----
+    let id = fx.get_bearer("/up-wrong-ca/pay", &token).await.refused(502, "upstream");
+    fx.assert_access_log(&id, "/up-wrong-ca/", 502);
+    // Without a pinned CA only ours is trusted, not the owner's.
+    fx.get_bearer("/up-unpinned/pay", &token).await.refused(502, "upstream");
+    assert!(!pinned.saw("/up-wrong-ca/") && !pinned.saw("/up-unpinned/"), "a request reached an untrusted upstream");
+
+    // And the good route still works: one transport certificate throughout.
+    fx.get_bearer("/up-mtls/again", &token).await.echo();
+    assert_eq!(fx.stub.issued("upstream_client").len(), 1);
+    fx.assert_no_secrets_logged();
+}
+
+/// Certificate renewal without a restart. The stub hands out 5-day certificates, so the gateway
+/// renews both (server and transport) at its first renewal check, which runs as soon as it has
+/// started (later checks run every 60 s, too rarely for a test). The stub holds the renewal until
+/// the test has seen the first certificate served and opened a connection with it: after the
+/// renewal a new handshake presents the new certificate, the old connection keeps working, and
+/// the upstream sees the new transport certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_renewed_while_running() {
+    let ca = new_ca("Portcullis Stub Issuing CA");
+    let owner_ca = new_ca("Payments Team CA");
+    let upstream = TlsUpstream::start(&owner_ca, ca.der()).await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let fx = Fixture::start_with(ca, |stub, dir, _| {
+        stub.with(|st| {
+            st.first_lifetime = Some(5 * 86_400);
+            st.hold_renewals = Some(gate.clone());
+        });
+        let owner = write_ca(dir, "owner-ca.pem", &owner_ca);
+        Extra { routes: https_route("/up-mtls/", &upstream.url(), Some(&owner), true), ..Extra::default() }
+    })
+    .await;
+    let token = fx.token();
+    let first = fx.stub.issued("server");
+    let first_transport = fx.stub.issued("upstream_client");
+    assert_eq!((first.len(), first_transport.len()), (1, 1));
+    assert!(first[0].not_after < now() + 6 * 86_400);
+
+    // ---- the gateway asks for a renewal by itself (held by the stub) ----
+    eventually!("the gateway asks to renew its 5-day server certificate", fx.stub.hits("issue") >= 3);
+    let mut kept = fx.raw().await;
+    assert_eq!(presented(&kept), first[0].id(), "the certificate served before the renewal");
+    assert_eq!(raw_get(&mut kept, "/api/before-renewal", &token).await, 200);
+    let echo = fx.get_bearer("/up-mtls/before", &token).await.echo();
+    assert_eq!(upstream_client_cert(&echo), first_transport[0].id());
+
+    // ---- the renewal completes ----
+    gate.close();
+    fx.gw.wait_output("gateway server certificate renewed", 1, DEADLINE);
+    let renewed = fx.stub.issued("server");
+    assert_eq!(renewed.len(), 2, "{renewed:?}");
+    assert!(renewed[1].not_after > now() + 29 * 86_400);
+    let (cn, issuer, usages) = cert_facts(&renewed[1].der);
+    assert_eq!((cn.as_str(), issuer.as_str()), ("localhost", "Portcullis Stub Issuing CA"));
+    assert_eq!(usages, ["serverAuth"]);
+    // A new handshake gets the new certificate (another serial, another key).
+    assert_ne!(cert_serial(&renewed[1].der), cert_serial(&first[0].der));
+    let fresh = fx.raw().await;
+    assert_eq!(presented(&fresh), renewed[1].id(), "a new connection still gets the old certificate");
+    drop(fresh);
+    fx.get_bearer("/api/after-renewal", &token).await.echo();
+    // The connection opened before keeps its certificate and keeps working.
+    assert_eq!(raw_get(&mut kept, "/api/kept-after-renewal", &token).await, 200);
+    assert_eq!(presented(&kept), first[0].id());
+
+    // ---- the transport certificate, renewed after it: the next upstream connection shows it ----
+    eventually!("the transport certificate renewed", fx.stub.issued("upstream_client").len() == 2);
+    let transport = fx.stub.issued("upstream_client");
+    assert_ne!(transport[1].id(), transport[0].id());
+    eventually!("the upstream sees the renewed transport certificate", {
+        let echo = fx.get_bearer("/up-mtls/after", &token).await.echo();
+        upstream_client_cert(&echo) == transport[1].id()
+    });
+
+    // No restart, and nothing renewed twice.
+    assert_eq!(fx.gw.output().matches("gateway listening on").count(), 1);
+    assert_eq!(fx.stub.issued("server").len() + fx.stub.issued("upstream_client").len(), 4);
+}
+
+/// The control plane goes away (the stub stops listening) and comes back. Meanwhile credentials
+/// that need a live answer (API key, session, a client certificate not in the cache) get 503 with
+/// `Retry-After`, `x-error` and `x-error-id`; bearer tokens keep working on the cached keys (a
+/// verified one from the token cache, a new one checked locally); the gateway stays ready (its
+/// state is loaded, only live checks fail). Afterwards the same credentials work again and the
+/// change feed resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_outage_and_recovery() {
+    let fx = Fixture::start().await;
+    let (key, secret, session) = ("ak-outage", "as-outage-0123456789", "st-outage-0123456789abcdef");
+    fx.secret(session);
+    fx.stub.with(|s| {
+        let who = identity("user-ak", "acme$keys", &["payments:reader"], &["payments/read"]);
+        s.api_keys.insert(key.into(), (secret.into(), json!({ "valid": true, "identity": who })));
+        s.sessions.insert(session.into(), identity("user-web", "acme$portal", &[], &[]));
+    });
+    let cookie = format!("Cookie: portcullis_session={session}");
+    let claims = fx.claims();
+    let token = fx.sign(&fx.es, &claims);
+    fx.get_bearer("/api/before", &token).await.echo();
+
+    // ---- down ----
+    fx.stub.stop().await;
+    let r = fx.get_api_key("/api/key", key, secret).await;
+    let id = r.refused(503, "cannot be checked");
+    assert_eq!(r.header("retry-after"), Some("2"), "{r:#?}");
+    let r = fx.curl(&["-H", &cookie, &fx.url("/web/home")]).await;
+    r.refused(503, "cannot be checked");
+    assert!(r.header("retry-after").is_some(), "{r:#?}");
+    fx.get_cert("/mtls/outage", &fx.carol).await.refused(503, "cannot be checked");
+    // Bearer tokens need no live answer.
+    fx.get_bearer("/api/cached", &token).await.echo();
+    fx.get_bearer("/api/new-token", &fx.token()).await.echo();
+    assert_eq!(fx.readyz().await, 200, "the gateway still serves on its last good state");
+    fx.gw.wait_output("gateway change feed failed", 1, DEADLINE);
+    fx.assert_access_log(&id, "/api/", 503);
+    assert!(fx.requests_total("/api/", "unavailable").await >= 1);
+
+    // ---- back ----
+    let polls = fx.stub.hits("changes");
+    fx.stub.restart().await;
+    fx.get_api_key("/api/key", key, secret).await.echo().assert_identity(
+        "user-ak",
+        "acme$keys",
+        "acme",
+        "payments:reader",
+        Some("payments/read"),
+        "api_key",
+    );
+    fx.curl(&["-H", &cookie, &fx.url("/web/home")]).await.echo();
+    fx.get_cert("/mtls/back", &fx.carol).await.echo();
+    // The feed reconnects after its backoff (doubling from 0.5 s, at most 10 s), then news bites.
+    eventually!("the change feed polling again", Duration::from_secs(15), fx.stub.hits("changes") > polls);
+    fx.stub.push(FeedEvent {
+        revoked: vec![(claims["jti"].as_str().unwrap().to_owned(), claims["exp"].as_i64().unwrap())],
+        ..FeedEvent::default()
+    });
+    eventually!("a revocation after the outage", fx.get_bearer("/api/revoked", &token).await.code == 401);
+    fx.get_bearer("/api/revoked", &token).await.refused(401, "revoked");
+    assert_eq!(fx.readyz().await, 200);
+    fx.assert_no_secrets_logged();
+}
+
+/// Per-route rate limits (requests per minute): per identity (the same subject with any token,
+/// from any address) and per client address (counted before authentication, whoever the caller
+/// is). The request over the limit gets 429 with `Retry-After`, `x-error` and `x-error-id`;
+/// another identity or address, and other routes, are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_per_identity_and_per_ip() {
+    let fx = Fixture::start_with(new_ca("Portcullis Stub Issuing CA"), |_, _, upstream| Extra {
+        routes: format!(
+            "{}rate_limit = {{ per_identity = 3 }}\n{}rate_limit = {{ per_ip = 3 }}\n",
+            extra_route("/rl-identity/", upstream),
+            extra_route("/rl-ip/", upstream)
+        ),
+        ..Extra::default()
+    })
+    .await;
+    let user = |sub: &str| fx.token_with(|c| c["sub"] = json!(sub));
+    let alice = user("user-alice");
+    #[track_caller]
+    fn limited(r: &Http) {
+        r.refused(429, "too many requests");
+        let retry: u64 = r.header("retry-after").and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{r:#?}"));
+        assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    }
+
+    // ---- per identity ----
+    for i in 0..3 {
+        fx.get_bearer(&format!("/rl-identity/{i}"), &alice).await.echo();
+    }
+    let r = fx.get_bearer("/rl-identity/over", &alice).await;
+    limited(&r);
+    fx.assert_access_log(r.header("x-error-id").unwrap(), "/rl-identity/", 429);
+    assert!(!fx.upstream.saw("/rl-identity/over"));
+    // The identity, not the token, nor the address.
+    limited(&fx.get_bearer("/rl-identity/other-token", &user("user-alice")).await);
+    limited(&fx.get_from(&alice, "127.0.0.2", "/rl-identity/other-ip", &[]).await);
+    // Another identity, and the same identity on another route.
+    fx.get_bearer("/rl-identity/bob", &user("user-bob")).await.echo();
+    fx.get_bearer("/api/alice", &alice).await.echo();
+
+    // ---- per IP: whoever asks from 127.0.0.1 ----
+    for i in 0..3 {
+        fx.get_bearer(&format!("/rl-ip/{i}"), &user(&format!("user-{i}"))).await.echo();
+    }
+    limited(&fx.get_bearer("/rl-ip/over", &user("user-new")).await);
+    // Counted before authentication: no credential is still 429, not 401.
+    limited(&fx.curl(&[&fx.url("/rl-ip/anonymous")]).await);
+    // Another address is unaffected.
+    let r = fx.get_from(&alice, "127.0.0.2", "/rl-ip/elsewhere", &[]).await;
+    assert_eq!(r.echo().one("x-forwarded-for").as_deref(), Some("127.0.0.2"));
+    assert!(!fx.upstream.saw("/rl-ip/over") && !fx.upstream.saw("/rl-ip/anonymous"));
+
+    assert!(fx.requests_total("/rl-identity/", "rate_limited").await >= 3);
+    assert!(fx.requests_total("/rl-ip/", "rate_limited").await >= 2);
+}
+
+/// `trusted_proxies`: `x-forwarded-for`, `-proto` and `-host` are believed only from a trusted
+/// peer (here 127.0.0.2; the tests' usual 127.0.0.1 is not one), and a chain only if every
+/// element parses. The client address is the right-most one that is not a trusted proxy: the
+/// upstream gets the chain with the peer appended, the access log and the per-IP limit use that
+/// client. From an untrusted peer the headers are replaced by the gateway's own view. `Forwarded`
+/// (RFC 7239) and `x-real-ip` are never read and never forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusted_proxies_and_forwarded_headers() {
+    let fx = Fixture::start_with(new_ca("Portcullis Stub Issuing CA"), |_, _, upstream| Extra {
+        gateway: "trusted_proxies = [\"127.0.0.2\"]\n".into(),
+        routes: format!("{}rate_limit = {{ per_ip = 2 }}\n", extra_route("/xff-rl/", upstream)),
+    })
+    .await;
+    let token = fx.token();
+    let own_host = format!("localhost:{}", fx.gw.addr.port());
+    let spoof = [
+        "X-Forwarded-For: 203.0.113.7",
+        "X-Forwarded-Proto: http",
+        "X-Forwarded-Host: api.acme.test",
+        "Forwarded: for=198.51.100.1;proto=http;host=evil.example",
+        "X-Real-IP: 198.51.100.2",
+    ];
+    let client_ip = |path: &str| {
+        let line = fx.access_line(path);
+        after(&line, "client_ip=").unwrap_or_else(|| panic!("{line}")).to_owned()
+    };
+
+    // ---- an untrusted peer: its headers are replaced ----
+    let echo = fx.get_from(&token, "127.0.0.1", "/api/untrusted", &spoof).await.echo();
+    assert_eq!(echo.all("x-forwarded-for"), ["127.0.0.1"], "{:?}", echo.0);
+    assert_eq!(echo.all("x-forwarded-proto"), ["https"]);
+    assert_eq!(echo.all("x-forwarded-host"), [own_host.as_str()]);
+    assert!(echo.all("forwarded").is_empty() && echo.all("x-real-ip").is_empty(), "{:?}", echo.0);
+    assert_eq!(client_ip("/api/untrusted"), "127.0.0.1");
+
+    // ---- a trusted peer: believed, and its own address appended ----
+    let echo = fx.get_from(&token, "127.0.0.2", "/api/trusted", &spoof).await.echo();
+    assert_eq!(echo.all("x-forwarded-for"), ["203.0.113.7, 127.0.0.2"], "{:?}", echo.0);
+    assert_eq!(echo.all("x-forwarded-proto"), ["http"]);
+    assert_eq!(echo.all("x-forwarded-host"), ["api.acme.test"]);
+    assert!(echo.all("forwarded").is_empty() && echo.all("x-real-ip").is_empty(), "{:?}", echo.0);
+    assert_eq!(client_ip("/api/trusted"), "203.0.113.7");
+    // A chain through another trusted hop: the client is the right-most untrusted address, not
+    // whatever the client wrote at the left.
+    let chain = ["X-Forwarded-For: 6.6.6.6, 203.0.113.9, 127.0.0.2"];
+    let echo = fx.get_from(&token, "127.0.0.2", "/api/chain", &chain).await.echo();
+    assert_eq!(echo.all("x-forwarded-for"), ["6.6.6.6, 203.0.113.9, 127.0.0.2, 127.0.0.2"]);
+    assert_eq!(client_ip("/api/chain"), "203.0.113.9");
+    // Two headers are one chain, in order.
+    let two = ["X-Forwarded-For: 203.0.113.10", "X-Forwarded-For: 203.0.113.11"];
+    let echo = fx.get_from(&token, "127.0.0.2", "/api/two", &two).await.echo();
+    assert_eq!(echo.all("x-forwarded-for"), ["203.0.113.10, 203.0.113.11, 127.0.0.2"]);
+    assert_eq!(client_ip("/api/two"), "203.0.113.11");
+    // A chain with an element that does not parse is dropped whole; a bad proto is not believed.
+    let junk = ["X-Forwarded-For: junk, 203.0.113.7", "X-Forwarded-Proto: gopher"];
+    let echo = fx.get_from(&token, "127.0.0.2", "/api/junk", &junk).await.echo();
+    assert_eq!(echo.all("x-forwarded-for"), ["127.0.0.2"]);
+    assert_eq!(echo.all("x-forwarded-proto"), ["https"]);
+    assert_eq!(client_ip("/api/junk"), "127.0.0.2");
+
+    // ---- the per-IP limit keys on that client ----
+    for i in 0..2 {
+        fx.get_from(&token, "127.0.0.2", &format!("/xff-rl/a{i}"), &["X-Forwarded-For: 203.0.113.50"]).await.echo();
+    }
+    fx.get_from(&token, "127.0.0.2", "/xff-rl/a-over", &["X-Forwarded-For: 203.0.113.50"])
+        .await
+        .refused(429, "too many requests");
+    // Another client behind the same proxy.
+    fx.get_from(&token, "127.0.0.2", "/xff-rl/b", &["X-Forwarded-For: 203.0.113.51"]).await.echo();
+    // From an untrusted peer a new x-forwarded-for each time does not make a new client.
+    fx.get_from(&token, "127.0.0.1", "/xff-rl/c0", &["X-Forwarded-For: 203.0.113.60"]).await.echo();
+    fx.get_from(&token, "127.0.0.1", "/xff-rl/c1", &["X-Forwarded-For: 203.0.113.61"]).await.echo();
+    let r = fx.get_from(&token, "127.0.0.1", "/xff-rl/c-over", &["X-Forwarded-For: 203.0.113.62"]).await;
+    r.refused(429, "too many requests");
+    assert_eq!(client_ip("/xff-rl/c-over"), "127.0.0.1");
+    fx.assert_no_secrets_logged();
 }
