@@ -152,6 +152,7 @@ pub fn route_fixtures() -> Vec<ValidatedConfig> {
                 server_names: vec!["localhost".into()],
                 mtls: MtlsMode::Optional,
                 trusted_proxies: Vec::new(),
+                login: None,
                 routes,
             }
             .validate()

@@ -246,6 +246,9 @@ pub struct Session {
     pub ip: Option<String>,
     pub user_agent: Option<String>,
     pub revoked_at: Option<UnixTime>,
+    /// A gateway browser session: the SSO session it was signed in with. It is refused once
+    /// that one has ended, and never outlives it.
+    pub parent_id: Option<String>,
 }
 
 /// An API key: a public identifier (`api-key` header) and a secret (`api-secret`), of which
@@ -805,6 +808,8 @@ pub struct AuthorizationCode {
     pub issued_jti_expires_at: Option<UnixTime>,
     /// … and the refresh-token family, if any.
     pub issued_family: Option<String>,
+    /// Or, redeemed by a gateway for a browser session, that session's id.
+    pub issued_session: Option<String>,
 }
 
 impl std::fmt::Debug for AuthorizationCode {

@@ -365,9 +365,21 @@ pub trait Store: Send + Sync + 'static {
         issue: &CodeIssue,
         audit: &AuditEvent,
     ) -> StoreResult<bool>;
-    /// A replayed code: puts the access token its redemption issued on the revocation list
-    /// and revokes its refresh-token family; one transaction. Returns whether anything was
-    /// revoked (nothing when it was never redeemed or already revoked).
+    /// A gateway redeeming a code for a browser session: marks the code consumed — only if it
+    /// was not — with the session's id, inserts `session` (active, its `parent_id` the code's
+    /// SSO session) and records that the SSO session signed in to the code's client; one
+    /// transaction. `false` (nothing written) as for [`Self::redeem_authorization_code`].
+    async fn redeem_code_for_session(
+        &self,
+        code_hash: &SecretHash,
+        now: UnixTime,
+        session: &Session,
+        audit: &AuditEvent,
+    ) -> StoreResult<bool>;
+    /// A replayed code: puts the access token its redemption issued on the revocation list,
+    /// revokes its refresh-token family and the browser session it was redeemed for; one
+    /// transaction. Returns whether anything was revoked (nothing when it was never redeemed
+    /// or already revoked).
     async fn revoke_code_grant(&self, code_hash: &SecretHash, now: UnixTime, audit: &AuditEvent) -> StoreResult<bool>;
 
     async fn refresh_token_by_hash(&self, token_hash: &SecretHash) -> StoreResult<Option<RefreshToken>>;

@@ -886,6 +886,16 @@ mod tests {
         async fn issue(&self, _: CertificatePurpose, _: &[String]) -> Result<IssuedKeyPair, Unavailable> {
             Err(na())
         }
+        async fn browser_session(
+            &self,
+            _: &str,
+            _: &str,
+            _: &str,
+            _: &str,
+            _: Option<IpAddr>,
+        ) -> Result<crate::control::BrowserVerdict, Unavailable> {
+            Err(na())
+        }
     }
 
     struct H {

@@ -14,6 +14,10 @@
 //! mtls = "optional"                     # "required" | "optional" (default) | "off"
 //! trusted_proxies = ["10.0.0.0/8"]      # peers whose x-forwarded-* / forwarded are believed
 //!
+//! [gateway.login]                       # the browser sign-in of `session` routes
+//! client_id = "acme$gateway"            # standalone: defaults to the gateway's own client_id
+//! public_url = "https://gw.acme.test"   # default: https:// + first server name + listen port
+//!
 //! [[gateway.routes]]
 //! path = "/payments/"                   # prefix, matched on segment boundaries (below)
 //! methods = ["GET", "post"]             # omitted: every method of the fixed set; GET implies HEAD
@@ -107,9 +111,27 @@ pub struct GatewayConfig {
     /// Empty (default): such headers from clients are never believed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_proxies: Vec<String>,
+    /// `[gateway.login]`: the browser sign-in of `session` routes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login: Option<LoginConfig>,
     /// `[[gateway.routes]]`, in file order.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+}
+
+/// `[gateway.login]` as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginConfig {
+    /// The application (`org$app`) whose authorization codes the gateway redeems: enabled,
+    /// with the `authorization_code` grant and `<public_url>/.portcullis/callback` among its
+    /// redirect URIs. Omitted: a standalone gateway's own `client_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// The gateway's origin as browsers reach it (`https://host[:port]`, no path). Omitted:
+    /// `https://` + the first of `server_names` + the listen port (left out when 443).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
 }
 
 fn default_server_names() -> Vec<String> {
@@ -386,10 +408,20 @@ pub struct ValidatedConfig {
     server_names: Vec<String>,
     mtls: MtlsMode,
     trusted_proxies: Vec<IpNet>,
+    login: Login,
     /// In file order.
     routes: Vec<Route>,
     /// Indices into `routes`, longest path first, then by path, then file order.
     by_length: Vec<usize>,
+}
+
+/// `[gateway.login]`, checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Login {
+    /// `org$app`, when configured.
+    pub client_id: Option<String>,
+    /// `https://host[:port]`, lower-cased, no trailing `/`, when configured.
+    pub public_origin: Option<String>,
 }
 
 /// Why [`ValidatedConfig::route`] found no route.
@@ -419,6 +451,13 @@ impl ValidatedConfig {
     }
     pub fn trusted_proxies(&self) -> &[IpNet] {
         &self.trusted_proxies
+    }
+    pub fn login(&self) -> &Login {
+        &self.login
+    }
+    /// Whether any route accepts browser sessions (and so needs the sign-in flow).
+    pub fn has_session_routes(&self) -> bool {
+        self.routes.iter().any(|r| r.accepts(AuthMethod::Session))
     }
     pub fn is_trusted_proxy(&self, peer: IpAddr) -> bool {
         is_trusted_proxy(peer, &self.trusted_proxies)
@@ -517,6 +556,24 @@ impl GatewayConfig {
             trusted_proxies.push(c);
         }
 
+        let login = match &self.login {
+            None => Login::default(),
+            Some(l) => Login {
+                client_id: l
+                    .client_id
+                    .as_deref()
+                    .map(check_client_id)
+                    .transpose()
+                    .map_err(|m| top("login.client_id", m))?,
+                public_origin: l
+                    .public_url
+                    .as_deref()
+                    .map(check_public_origin)
+                    .transpose()
+                    .map_err(|m| top("login.public_url", m))?,
+            },
+        };
+
         let mut routes: Vec<Route> = Vec::with_capacity(self.routes.len());
         for (index, rc) in self.routes.iter().enumerate() {
             let route = rc.validate(index, self.mtls)?;
@@ -546,7 +603,7 @@ impl GatewayConfig {
             let key = |r: Option<&Route>| r.map(|r| (std::cmp::Reverse(r.path.len()), r.path.clone(), r.index));
             key(ra).cmp(&key(rb))
         });
-        Ok(ValidatedConfig { listen, server_names, mtls: self.mtls, trusted_proxies, routes, by_length })
+        Ok(ValidatedConfig { listen, server_names, mtls: self.mtls, trusted_proxies, login, routes, by_length })
     }
 }
 
@@ -826,6 +883,52 @@ fn check_server_name(n: &str) -> Result<String, String> {
             truncate(n)
         ))
     }
+}
+
+/// A client id `org$app`: two slugs (lower-case letters, digits, `-`; 1–63 characters each).
+fn check_client_id(id: &str) -> Result<String, String> {
+    let slug = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !s.starts_with('-')
+    };
+    match id.split_once('$') {
+        Some((org, app)) if slug(org) && slug(app) => Ok(id.to_owned()),
+        _ => Err(format!("invalid client id {:?}: expected org$app (e.g. acme$gateway)", truncate(id))),
+    }
+}
+
+/// An origin `https://host[:port]`: https only, a host name or IP literal, no user, path (but
+/// a lone `/`), query or fragment. Lower-cased, without the trailing `/`.
+fn check_public_origin(url: &str) -> Result<String, String> {
+    let expected = || format!("invalid public_url {:?}: expected https://host[:port] with no path", truncate(url));
+    let lower = url.to_ascii_lowercase();
+    let rest = lower.strip_prefix("https://").ok_or_else(expected)?;
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty() || authority.contains(['/', '?', '#', '@', '\\', ' ']) || authority.len() > 260 {
+        return Err(expected());
+    }
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (addr, after) = v6.split_once(']').ok_or_else(expected)?;
+            addr.parse::<std::net::Ipv6Addr>().map_err(|_| expected())?;
+            (None, after.strip_prefix(':'))
+        }
+        None => match authority.split_once(':') {
+            Some((h, p)) => (Some(h), Some(p)),
+            None => (Some(authority), None),
+        },
+    };
+    if let Some(h) = host {
+        check_server_name(h).map_err(|_| expected())?;
+    }
+    if let Some(p) = port
+        && !p.parse::<u16>().is_ok_and(|p| p > 0)
+    {
+        return Err(expected());
+    }
+    Ok(format!("https://{authority}"))
 }
 
 // ---- request paths --------------------------------------------------------------------------

@@ -105,6 +105,23 @@ pub struct Changes {
     pub reset: bool,
 }
 
+/// A browser session minted for the gateway's session cookie ([`ControlPlane::browser_session`]).
+pub struct BrowserSession {
+    /// The session token: the cookie's value. Never logged.
+    pub token: Zeroizing<String>,
+    /// Unix seconds; the cookie's lifetime.
+    pub expires_at: i64,
+}
+
+impl std::fmt::Debug for BrowserSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrowserSession").field("expires_at", &self.expires_at).finish_non_exhaustive()
+    }
+}
+
+/// The answer to a finished browser sign-in: a session, or why not.
+pub type BrowserVerdict = Result<BrowserSession, Refusal>;
+
 /// The interfaces of DESIGN §5 "a separate `portcullis gateway` …": the data plane's only way to
 /// reach the control plane. Implementations never panic and time out on their own (a call
 /// returns [`Unavailable`] rather than hanging longer than its documented bound).
@@ -136,6 +153,25 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// The application a client certificate (leaf DER, already verified against [`Self::trust`]
     /// by the TLS layer) was issued to, with that application's roles.
     async fn certificate(&self, leaf_der: &[u8]) -> Result<Verdict, Unavailable>;
+
+    /// The application this gateway authenticates to the control plane as, if any (a standalone
+    /// gateway's `client_id`): the default sign-in application of `session` routes.
+    fn own_client_id(&self) -> Option<&str> {
+        None
+    }
+
+    /// Finishes a browser sign-in: `code` came back to the gateway's callback `redirect_uri`
+    /// from an authorization request of application `client_id` with PKCE (`code_verifier`).
+    /// The control plane redeems it, once, for a session of the person who signed in, whose
+    /// token becomes the session cookie.
+    async fn browser_session(
+        &self,
+        client_id: &str,
+        code: &str,
+        code_verifier: &str,
+        redirect_uri: &str,
+        client_ip: Option<IpAddr>,
+    ) -> Result<BrowserVerdict, Unavailable>;
 
     /// A certificate from our CA for the gateway itself: a server certificate for `names` (DNS
     /// names or IP addresses), or the platform transport (client) certificate.

@@ -18,12 +18,14 @@ use async_trait::async_trait;
 use portcullis_core::Portcullis;
 use portcullis_core::crypto::signing::VerifyingKey;
 use portcullis_core::usecases::{
-    GatewayCertPurpose, GatewayChanges, GatewayIdentity, GatewayVerdict, MAX_CHANGES_WAIT,
+    GatewayCertPurpose, GatewayChanges, GatewayIdentity, GatewayRefusal, GatewayVerdict, MAX_CHANGES_WAIT,
 };
+use secrecy::ExposeSecret;
 
 use crate::config::AuthMethod;
 use crate::control::{
-    CertificatePurpose, Changes, ControlPlane, IssuedKeyPair, Refusal, RevokedToken, TrustBundle, Unavailable, Verdict,
+    BrowserSession, BrowserVerdict, CertificatePurpose, Changes, ControlPlane, IssuedKeyPair, Refusal, RevokedToken,
+    TrustBundle, Unavailable, Verdict,
 };
 use crate::policy::{Identity, PermissionGrants};
 
@@ -98,8 +100,12 @@ fn verdict(v: GatewayVerdict, auth_method: AuthMethod) -> Verdict {
         Ok(GatewayIdentity { subject, client_id, org, roles, scopes }) => {
             Ok(Identity { subject, client_id, org, roles, scopes, audiences: vec![], auth_method })
         }
-        Err(r) => Err(Refusal { status: r.status, message: r.message, retry_after_secs: r.retry_after_secs }),
+        Err(r) => Err(refusal(r)),
     }
+}
+
+fn refusal(r: GatewayRefusal) -> Refusal {
+    Refusal { status: r.status, message: r.message, retry_after_secs: r.retry_after_secs }
 }
 
 fn changes(c: GatewayChanges) -> Changes {
@@ -176,6 +182,29 @@ impl ControlPlane for InProcess {
             })
             .await?;
         Ok(verdict(v, AuthMethod::Session))
+    }
+
+    async fn browser_session(
+        &self,
+        client_id: &str,
+        code: &str,
+        code_verifier: &str,
+        redirect_uri: &str,
+        client_ip: Option<IpAddr>,
+    ) -> Result<BrowserVerdict, Unavailable> {
+        let (client_id, redirect_uri) = (client_id.to_owned(), redirect_uri.to_owned());
+        let (code, code_verifier) =
+            (zeroize::Zeroizing::new(code.to_owned()), zeroize::Zeroizing::new(code_verifier.to_owned()));
+        let v = self
+            .run("browser sign-in", CALL_TIMEOUT, move |core| async move {
+                core.gateway_browser_session(&client_id, &code, &code_verifier, &redirect_uri, client_ip).await
+            })
+            .await?;
+        Ok(v.map(|s| BrowserSession {
+            token: zeroize::Zeroizing::new(s.token.expose_secret().to_owned()),
+            expires_at: s.expires_at,
+        })
+        .map_err(refusal))
     }
 
     async fn certificate(&self, leaf_der: &[u8]) -> Result<Verdict, Unavailable> {

@@ -8,6 +8,8 @@
 //! - [`bearer`]: local access-token validation with the key, token and revocation caches;
 //! - [`config`]: the `[gateway]` TOML, validated, and route matching on a path that has no
 //!   second spelling (`..`, `%2f`, `;` and friends are refused, never normalised);
+//! - [`login`]: the browser sign-in of `session` routes (authorization code + PKCE, the
+//!   callback, the session and flow cookies);
 //! - [`policy`]: a route's roles (any/all), scopes, permissions and audience against an identity;
 //! - [`headers`]: identity-header spoofing (any case, `_`/`-`/`.`), hop-by-hop headers,
 //!   `x-forwarded-*` from trusted proxies only, XFCC, request-smuggling framing checks;
@@ -22,6 +24,7 @@ pub mod control;
 pub mod forward;
 pub mod headers;
 pub mod inprocess;
+pub mod login;
 pub mod policy;
 pub mod remote;
 pub mod respond;

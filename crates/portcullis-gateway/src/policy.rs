@@ -208,6 +208,7 @@ mod tests {
             server_names: vec!["localhost".into()],
             mtls: MtlsMode::Optional,
             trusted_proxies: vec![],
+            login: None,
             routes: vec![rc],
         };
         config.validate().unwrap().routes()[0].clone()

@@ -51,7 +51,8 @@ use zeroize::Zeroizing;
 
 use crate::config::AuthMethod;
 use crate::control::{
-    CertificatePurpose, Changes, ControlPlane, IssuedKeyPair, Refusal, RevokedToken, TrustBundle, Unavailable, Verdict,
+    BrowserSession, BrowserVerdict, CertificatePurpose, Changes, ControlPlane, IssuedKeyPair, Refusal, RevokedToken,
+    TrustBundle, Unavailable, Verdict,
 };
 use crate::policy::{Identity, PermissionGrants};
 
@@ -130,6 +131,7 @@ struct Endpoints {
     session_check: Url,
     certificate_check: Url,
     certificates: Url,
+    browser_sessions: Url,
 }
 
 /// The cached access token, as a ready (sensitive) `Authorization` header value.
@@ -213,6 +215,7 @@ impl Remote {
             changes: url("/api/v1/gateway/changes")?,
             api_key_check: url("/api/v1/gateway/api-keys/check")?,
             session_check: url("/api/v1/gateway/sessions/check")?,
+            browser_sessions: url("/api/v1/gateway/browser-sessions")?,
             certificate_check: url("/api/v1/gateway/certificates/check")?,
             certificates: url("/api/v1/gateway/certificates")?,
         };
@@ -469,6 +472,26 @@ struct ApiKeyCheck<'a> {
 }
 
 #[derive(Serialize)]
+struct BrowserSessionRequest<'a> {
+    client_id: &'a str,
+    code: &'a str,
+    code_verifier: &'a str,
+    redirect_uri: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_ip: Option<IpAddr>,
+}
+
+#[derive(Deserialize)]
+struct BrowserSessionAnswer {
+    valid: bool,
+    session_token: Option<String>,
+    expires_at: Option<i64>,
+    status: Option<u16>,
+    message: Option<String>,
+    retry_after: Option<u64>,
+}
+
+#[derive(Serialize)]
 struct SessionCheck<'a> {
     session_token: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -529,13 +552,15 @@ fn verdict(answer: VerdictAnswer, auth_method: AuthMethod, what: &str) -> Result
             auth_method,
         }));
     }
-    let status = answer.status.filter(|s| matches!(s, 401 | 403 | 429)).unwrap_or(401);
-    let message = answer
-        .message
-        .map(|m| clean(&m))
-        .filter(|m| !m.is_empty())
-        .unwrap_or_else(|| "the credential was refused".to_owned());
-    Ok(Err(Refusal { status, message, retry_after_secs: answer.retry_after }))
+    Ok(Err(refusal(answer.status, answer.message, answer.retry_after, "the credential was refused")))
+}
+
+/// A refusal as the wire has it: 401, 403 or 429 (anything else is a 401), a cleaned message
+/// (`default` when there is none).
+fn refusal(status: Option<u16>, message: Option<String>, retry_after: Option<u64>, default: &str) -> Refusal {
+    let status = status.filter(|s| matches!(s, 401 | 403 | 429)).unwrap_or(401);
+    let message = message.map(|m| clean(&m)).filter(|m| !m.is_empty()).unwrap_or_else(|| default.to_owned());
+    Refusal { status, message, retry_after_secs: retry_after }
 }
 
 fn purpose_str(p: CertificatePurpose) -> &'static str {
@@ -708,6 +733,48 @@ impl ControlPlane for Remote {
         let request = SessionCheck { session_token: token, client_ip };
         self.check(&self.endpoints.session_check, &request, AuthMethod::Session, "POST /api/v1/gateway/sessions/check")
             .await
+    }
+
+    fn own_client_id(&self) -> Option<&str> {
+        Some(&self.client_id)
+    }
+
+    async fn browser_session(
+        &self,
+        client_id: &str,
+        code: &str,
+        code_verifier: &str,
+        redirect_uri: &str,
+        client_ip: Option<IpAddr>,
+    ) -> Result<BrowserVerdict, Unavailable> {
+        const WHAT: &str = "POST /api/v1/gateway/browser-sessions";
+        let request = BrowserSessionRequest { client_id, code, code_verifier, redirect_uri, client_ip };
+        let body = Zeroizing::new(
+            serde_json::to_vec(&request).map_err(|e| Unavailable(format!("{WHAT}: encoding the request: {e}")))?,
+        );
+        let answer = self
+            .call(
+                Method::POST,
+                self.endpoints.browser_sessions.clone(),
+                Some(Bytes::copy_from_slice(&body)),
+                self.request_timeout,
+                StatusCode::OK,
+                WHAT,
+            )
+            .await?;
+        let answer: BrowserSessionAnswer = parse_json(&answer, WHAT)?;
+        if answer.valid {
+            let token = Zeroizing::new(
+                answer.session_token.ok_or_else(|| Unavailable(format!("{WHAT}: valid answer without a token")))?,
+            );
+            let expires_at =
+                answer.expires_at.ok_or_else(|| Unavailable(format!("{WHAT}: valid answer without expires_at")))?;
+            if token.is_empty() || token.len() > 512 || !token.bytes().all(|b| b.is_ascii_graphic() && b != b';') {
+                return Err(Unavailable(format!("{WHAT}: the session token is not a cookie value")));
+            }
+            return Ok(Ok(BrowserSession { token, expires_at }));
+        }
+        Ok(Err(refusal(answer.status, answer.message, answer.retry_after, "the sign-in was refused")))
     }
 
     async fn certificate(&self, leaf_der: &[u8]) -> Result<Verdict, Unavailable> {
@@ -1404,6 +1471,42 @@ mod tests {
         assert!(id.roles.is_empty() && id.scopes.is_empty());
         stub.set("/api/v1/gateway/sessions/check", canned(200, &json!({"valid": true})));
         assert!(remote.session("st", None).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn browser_sign_ins_send_the_code_and_read_a_session_or_a_refusal() {
+        let (stub, remote) = setup().await;
+        assert_eq!(remote.own_client_id(), Some(remote.client_id.as_str()));
+        let path = "/api/v1/gateway/browser-sessions";
+        let ip: IpAddr = "203.0.113.7".parse().unwrap();
+        stub.set(path, canned(200, &json!({"valid": true, "session_token": "pcs_tok", "expires_at": 1_900_000_000})));
+        let s = remote.browser_session("acme$gw", "c0de", "v3rifier", "https://gw/.portcullis/callback", Some(ip));
+        let s = s.await.unwrap().unwrap();
+        assert_eq!((s.token.as_str(), s.expires_at), ("pcs_tok", 1_900_000_000));
+        assert!(!format!("{s:?}").contains("pcs_tok"), "Debug hides the token");
+        let sent: Value = serde_json::from_slice(&stub.last(path).body).unwrap();
+        assert_eq!(
+            sent,
+            json!({"client_id": "acme$gw", "code": "c0de", "code_verifier": "v3rifier",
+                   "redirect_uri": "https://gw/.portcullis/callback", "client_ip": "203.0.113.7"})
+        );
+
+        // Refusals keep their status and cleaned message.
+        stub.set(path, canned(200, &json!({"valid": false, "status": 401, "message": "sign-in refused: used"})));
+        let r = remote.browser_session("acme$gw", "c", "v", "https://gw/cb", None).await.unwrap().unwrap_err();
+        assert_eq!((r.status, r.message.as_str()), (401, "sign-in refused: used"));
+        // A "valid" answer without a token, or with one that is no cookie value, is unusable.
+        for bad in [
+            json!({"valid": true, "expires_at": 1}),
+            json!({"valid": true, "session_token": "pcs_x"}),
+            json!({"valid": true, "session_token": "a;b", "expires_at": 1}),
+            json!({"valid": true, "session_token": "", "expires_at": 1}),
+        ] {
+            stub.set(path, canned(200, &bad));
+            assert!(remote.browser_session("acme$gw", "c", "v", "https://gw/cb", None).await.is_err(), "{bad}");
+        }
+        stub.set(path, canned(503, &json!({"error": "down"})));
+        assert!(remote.browser_session("acme$gw", "c", "v", "https://gw/cb", None).await.is_err());
     }
 
     #[tokio::test]

@@ -50,11 +50,21 @@ pub struct Refusal {
     pub location: Option<String>,
     /// `Allow` for 405s.
     pub allow: Option<String>,
+    /// `Set-Cookie` headers (the browser sign-in's flow cookie).
+    pub set_cookies: Vec<HeaderValue>,
 }
 
 impl Refusal {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into(), www_authenticate: None, retry_after: None, location: None, allow: None }
+        Self {
+            status,
+            message: message.into(),
+            www_authenticate: None,
+            retry_after: None,
+            location: None,
+            allow: None,
+            set_cookies: Vec::new(),
+        }
     }
 
     pub fn unauthorized(message: impl Into<String>, www_authenticate: String) -> Self {
@@ -108,6 +118,9 @@ impl Refusal {
             && let Ok(v) = HeaderValue::from_str(loc)
         {
             h.insert(header::LOCATION, v);
+        }
+        for c in &self.set_cookies {
+            h.append(header::SET_COOKIE, c.clone());
         }
         resp
     }

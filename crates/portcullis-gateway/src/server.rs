@@ -39,6 +39,7 @@ use crate::config::{AuthMethod, MtlsMode, Route, RouteError, RouteKind, Validate
 use crate::control::{CertificatePurpose, Changes, ControlPlane, Refusal as ControlRefusal, Unavailable};
 use crate::forward::{UpstreamClient, UpstreamFailure};
 use crate::headers::{self, ClientCert, IdentityHeaders, Proto};
+use crate::login;
 use crate::policy::{self, Identity, PermissionGrants};
 use crate::respond::{self, Body, Refusal, Shape};
 use crate::soap::SoapVersion;
@@ -269,6 +270,8 @@ pub struct Gateway {
     unrouted: Arc<RouteMetrics>,
     /// Where the change feed resumes (set by [`Gateway::prepare`]).
     cursor: Mutex<Option<String>>,
+    /// The listener's port once [`Gateway::serve`] runs (the default public origin's port).
+    bound_port: std::sync::atomic::AtomicU16,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -285,6 +288,7 @@ impl Gateway {
         control: Arc<dyn ControlPlane>,
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Self>, String> {
+        check_login(&config, control.as_ref())?;
         let transport_cert = Arc::new(CertSlot::default());
         // Routes are built again in `prepare`, once the CA anchors are known; this catches bad
         // files (a missing `upstream_ca_file`) before anything is fetched.
@@ -303,6 +307,7 @@ impl Gateway {
             ready: AtomicBool::new(false),
             unrouted: RouteMetrics::new("-"),
             cursor: Mutex::new(None),
+            bound_port: std::sync::atomic::AtomicU16::new(0),
         }))
     }
 
@@ -387,6 +392,7 @@ impl Gateway {
                 "listen, server_names and mtls take effect only after a restart; routes were not reloaded".into()
             );
         }
+        check_login(&config, self.control.as_ref())?;
         if config.routes().iter().any(|r| r.upstream.https && r.upstream_client_certificate)
             && self.transport_cert.not_after().is_none()
         {
@@ -550,6 +556,9 @@ impl Gateway {
     /// shared socket (nginx's model): a connection, its requests and the upstream connections
     /// they use stay on one thread. Background work stays on the caller's runtime.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()> + Send) {
+        if let Ok(addr) = listener.local_addr() {
+            self.bound_port.store(addr.port(), Ordering::Relaxed);
+        }
         let auth = match self.runtime().config.mtls() {
             MtlsMode::Off => ClientAuth::Off,
             MtlsMode::Optional => ClientAuth::Optional,
@@ -734,7 +743,7 @@ impl Gateway {
 
         if let Some(own) = req.uri().path().strip_prefix(OWN_PREFIX) {
             log.outcome = Some("own");
-            return self.own_endpoint(own, conn).map_err(|r| (r, Shape::Json));
+            return self.own_endpoint(own, &req, conn, config).await.map_err(|r| (r, Shape::Json));
         }
 
         let framing = headers::check_framing(req.headers()).map_err(|e| {
@@ -779,7 +788,19 @@ impl Gateway {
 
         let who = match self.authenticate(route, &req, conn, forwarded.client_ip).await {
             Ok(who) => who,
-            Err((outcome, r)) => return Err(fail(log, outcome, r)),
+            Err((outcome, r)) => {
+                // A browser with no (or a dead) session goes to the sign-in page instead.
+                let r = if r.status == StatusCode::UNAUTHORIZED
+                    && route.accepts(AuthMethod::Session)
+                    && !carries_api_credential(req.headers())
+                    && login::is_navigation(req.method(), req.headers())
+                {
+                    self.to_sign_in(config, &req).unwrap_or(r)
+                } else {
+                    r
+                };
+                return Err(fail(log, outcome, r));
+            }
         };
         log.who = Some(who.clone());
         let identity = who.identity();
@@ -937,9 +958,156 @@ impl Gateway {
         Ok(resp.map(|b| b.map_err(|e| -> respond::BoxError { Box::new(e) }).boxed()))
     }
 
-    /// `/.portcullis/healthz` (alive) and `/.portcullis/readyz` (keys, trust, grants and the
-    /// server certificate loaded).
-    fn own_endpoint(&self, path: &str, _conn: &Connection) -> Result<Response<Body>, Refusal> {
+    /// The browser sign-in settings: the application and this gateway's public origin.
+    fn login_settings(&self, config: &ValidatedConfig) -> Option<(String, String)> {
+        let login = config.login();
+        let client_id = login.client_id.clone().or_else(|| self.control.own_client_id().map(str::to_owned))?;
+        let origin = match &login.public_origin {
+            Some(o) => o.clone(),
+            None => {
+                let name = config.server_names().first()?;
+                let host = if name.contains(':') { format!("[{name}]") } else { name.clone() };
+                match self.bound_port.load(Ordering::Relaxed) {
+                    0 => return None,
+                    443 => format!("https://{host}"),
+                    port => format!("https://{host}:{port}"),
+                }
+            }
+        };
+        Some((client_id, origin))
+    }
+
+    /// The redirect (302) that starts a browser sign-in for `req`.
+    fn to_sign_in(&self, config: &ValidatedConfig, req: &Request<()>) -> Option<Refusal> {
+        let (client_id, origin) = self.login_settings(config)?;
+        let back = req.uri().path_and_query().map_or("/", http::uri::PathAndQuery::as_str);
+        match login::start(self.control.issuer(), &client_id, &origin, back) {
+            Ok(started) => {
+                let mut r = Refusal::new(StatusCode::FOUND, "sign-in required: continue at the sign-in page");
+                r.location = Some(started.location);
+                r.set_cookies.push(started.set_cookie);
+                Some(r)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not start a browser sign-in");
+                None
+            }
+        }
+    }
+
+    /// `/.portcullis/callback`: the end of a browser sign-in (see [`crate::login`]).
+    async fn sign_in_callback(
+        &self,
+        req: &Request<()>,
+        conn: &Connection,
+        config: &ValidatedConfig,
+    ) -> Result<Response<Body>, Refusal> {
+        if req.method() != http::Method::GET {
+            let mut r = Refusal::new(StatusCode::METHOD_NOT_ALLOWED, "the sign-in callback takes GET only");
+            r.allow = Some("GET".into());
+            return Err(r);
+        }
+        let Some((client_id, origin)) = self.login_settings(config) else {
+            return Err(Refusal::new(StatusCode::NOT_FOUND, "browser sign-in is not configured on this gateway"));
+        };
+        let bad = |m: String| Refusal::new(StatusCode::BAD_REQUEST, m);
+        let (code, state, iss) = match login::callback_params(req.uri().query()).map_err(bad)? {
+            login::CallbackParams::Code { code, state, iss } => (code, state, iss),
+            login::CallbackParams::Refused { error, description, state } => {
+                let mut r = Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "the sign-in was not completed: {}{}",
+                        error.chars().take(64).collect::<String>(),
+                        description
+                            .map(|d| format!(" ({})", d.chars().take(200).collect::<String>()))
+                            .unwrap_or_default()
+                    ),
+                );
+                if let Some(clear) = state.as_deref().and_then(|s| login::clear_flow_cookie(s).ok()) {
+                    r.set_cookies.push(clear);
+                }
+                return Err(r);
+            }
+        };
+        // RFC 9207: an answer that names another issuer is not ours to redeem.
+        if iss.as_deref().is_some_and(|i| i != self.control.issuer()) {
+            return Err(bad("the sign-in answer names another issuer".into()));
+        }
+        let Some(flow) = login::flow_of(req.headers(), &state) else {
+            return Err(bad(
+                "this sign-in was not started in this browser or took longer than 10 minutes: open the page again"
+                    .into(),
+            ));
+        };
+        let client_ip =
+            headers::forwarded_for(req.headers(), conn.peer.ip(), Proto::Https, None, config.trusted_proxies())
+                .client_ip;
+        let redirect_uri = format!("{origin}{}", login::CALLBACK_PATH);
+        let clear_flow =
+            login::clear_flow_cookie(&state).map_err(|e| Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+        let verdict = self
+            .control
+            .browser_session(&client_id, &code, &flow.verifier, &redirect_uri, Some(client_ip))
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "control plane could not finish a browser sign-in");
+                unavailable()
+            })?;
+        let session = match verdict {
+            Ok(s) => s,
+            Err(ControlRefusal { status, message, retry_after_secs }) => {
+                let mut r = match status {
+                    429 => too_many(retry_after_secs.unwrap_or(60)),
+                    403 => Refusal::new(StatusCode::FORBIDDEN, message),
+                    _ => Refusal::new(StatusCode::UNAUTHORIZED, message),
+                };
+                r.set_cookies.push(clear_flow);
+                return Err(r);
+            }
+        };
+        let max_age = session.expires_at - self.clock.now();
+        let cookie = login::session_set_cookie(&session.token, max_age)
+            .map_err(|e| Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+        let mut resp = Response::new(respond::full(Bytes::new()));
+        *resp.status_mut() = StatusCode::SEE_OTHER;
+        let h = resp.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(&flow.return_to) {
+            h.insert(header::LOCATION, v);
+        }
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.append(header::SET_COOKIE, cookie);
+        h.append(header::SET_COOKIE, clear_flow);
+        Ok(resp)
+    }
+
+    /// `/.portcullis/healthz` (alive), `/.portcullis/readyz` (keys, trust, grants and the
+    /// server certificate loaded), `/.portcullis/callback` (browser sign-in) and
+    /// `/.portcullis/logout` (ends the session cookie, then the control plane's sign-out).
+    async fn own_endpoint(
+        &self,
+        path: &str,
+        req: &Request<()>,
+        conn: &Connection,
+        config: &ValidatedConfig,
+    ) -> Result<Response<Body>, Refusal> {
+        if path == "callback" {
+            return self.sign_in_callback(req, conn, config).await;
+        }
+        if path == "logout" {
+            let mut resp = Response::new(respond::full(Bytes::new()));
+            *resp.status_mut() = StatusCode::SEE_OTHER;
+            let h = resp.headers_mut();
+            let to = format!("{}/oauth2/logout", self.control.issuer().trim_end_matches('/'));
+            if let Ok(v) = HeaderValue::from_str(&to) {
+                h.insert(header::LOCATION, v);
+            }
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            if let Ok(c) = login::clear_session_cookie() {
+                h.append(header::SET_COOKIE, c);
+            }
+            return Ok(resp);
+        }
         let text = |status: StatusCode, body: &'static str| {
             let mut r = Response::new(respond::full(body));
             *r.status_mut() = status;
@@ -1115,6 +1283,22 @@ struct Outcome {
     error: Option<String>,
 }
 
+/// Whether the request carries a credential meant for an API (a bearer token or an API key):
+/// such requests get a 401, never the sign-in redirect.
+fn carries_api_credential(h: &http::HeaderMap) -> bool {
+    h.contains_key(header::AUTHORIZATION) || h.contains_key(API_KEY) || h.contains_key(API_SECRET)
+}
+
+/// `session` routes need a sign-in application: the configured one or the gateway's own.
+fn check_login(config: &ValidatedConfig, control: &dyn ControlPlane) -> Result<(), String> {
+    if config.has_session_routes() && config.login().client_id.is_none() && control.own_client_id().is_none() {
+        return Err("routes accept `session` but no sign-in application is set: add [gateway.login] client_id \
+                    (an application with the authorization_code grant)"
+            .into());
+    }
+    Ok(())
+}
+
 fn too_many(retry_after: u64) -> Refusal {
     Refusal::new(StatusCode::TOO_MANY_REQUESTS, "too many requests; retry later").with_retry_after(Some(retry_after))
 }
@@ -1166,25 +1350,20 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
         .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()))
 }
 
-/// The value of the gateway session cookie, when exactly one is sent.
+/// The value of the gateway session cookie: the sign-in's `__Host-portcullis_session`, else
+/// `portcullis_session`; `None` when neither is sent or the one used is sent twice.
 fn session_cookie(h: &http::HeaderMap) -> Option<String> {
-    let mut found = None;
-    for v in h.get_all(header::COOKIE) {
-        for pair in v.to_str().ok()?.split(';') {
-            if let Some((name, value)) = pair.trim().split_once('=')
-                && name == SESSION_COOKIE
-            {
-                if found.is_some() {
-                    return None;
-                }
-                found = Some(value.trim_matches('"').to_owned());
-            }
+    for name in [login::HOST_SESSION_COOKIE, SESSION_COOKIE] {
+        let mut values = login::cookies(h).filter(|(n, _)| *n == name).map(|(_, v)| v);
+        if let Some(first) = values.next() {
+            return values.next().is_none().then(|| first.to_owned());
         }
     }
-    found
+    None
 }
 
-/// Removes the gateway session cookie from every `Cookie` header (the upstream never sees it).
+/// Removes the gateway's cookies (session and sign-in flow) from every `Cookie` header (the
+/// upstream never sees them).
 fn strip_session_cookie(h: &mut http::HeaderMap) {
     let values: Vec<HeaderValue> = h.get_all(header::COOKIE).iter().cloned().collect();
     if values.is_empty() {
@@ -1196,7 +1375,7 @@ fn strip_session_cookie(h: &mut http::HeaderMap) {
         let kept: Vec<&str> = s
             .split(';')
             .map(str::trim)
-            .filter(|p| !p.is_empty() && p.split_once('=').is_none_or(|(n, _)| n != SESSION_COOKIE))
+            .filter(|p| !p.is_empty() && p.split_once('=').is_none_or(|(n, _)| !login::is_gateway_cookie(n.trim())))
             .collect();
         if !kept.is_empty()
             && let Ok(v) = HeaderValue::from_str(&kept.join("; "))

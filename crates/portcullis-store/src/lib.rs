@@ -210,6 +210,7 @@ macro_rules! sql_store {
                     ip: r.try_get("ip").map_err(db_err)?,
                     user_agent: r.try_get("user_agent").map_err(db_err)?,
                     revoked_at: r.try_get("revoked_at").map_err(db_err)?,
+                    parent_id: r.try_get("parent_id").map_err(db_err)?,
                 })
             }
 
@@ -341,6 +342,7 @@ macro_rules! sql_store {
                     issued_jti: r.try_get("issued_jti").map_err(db_err)?,
                     issued_jti_expires_at: r.try_get("issued_jti_expires_at").map_err(db_err)?,
                     issued_family: r.try_get("issued_family").map_err(db_err)?,
+                    issued_session: r.try_get("issued_session").map_err(db_err)?,
                 })
             }
 
@@ -922,22 +924,7 @@ macro_rules! sql_store {
 
             async fn create_session(&self, session: &Session, v: &Verification, mail: Option<&QueuedMail>, audit: &AuditEvent) -> StoreResult<()> {
                 let mut tx = self.pool.begin().await.map_err(db_err)?;
-                sqlx::query("INSERT INTO sessions (id, user_id, org_id, token_hash, state, created_at, verified_at, last_used_at, expires_at, ip, user_agent, revoked_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)")
-                    .bind(&session.id)
-                    .bind(&session.user_id)
-                    .bind(&session.org_id)
-                    .bind(session.token_hash.0.to_vec())
-                    .bind(session.state.as_str())
-                    .bind(session.created_at)
-                    .bind(session.verified_at)
-                    .bind(session.last_used_at)
-                    .bind(session.expires_at)
-                    .bind(&session.ip)
-                    .bind(&session.user_agent)
-                    .bind(session.revoked_at)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db_err)?;
+                Self::insert_session(&mut *tx, session).await?;
                 Self::insert_verification(&mut *tx, v).await?;
                 if let Some(mail) = mail {
                     Self::insert_mail(&mut *tx, mail).await?;
@@ -1769,22 +1756,35 @@ macro_rules! sql_store {
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(db_err)?;
-                let Some(row) = row else { return Ok(false) };
-                let session_id: String = row.try_get("session_id").map_err(db_err)?;
-                let client_id: String = row.try_get("client_id").map_err(db_err)?;
-                if !Self::lock_active_session(&mut tx, &session_id).await? {
+                if !Self::code_signed_in(&mut tx, row, now).await? {
                     return Ok(false);
                 }
                 if let Some(refresh) = &issue.refresh {
                     Self::insert_refresh_token(&mut *tx, refresh).await?;
                 }
-                sqlx::query("INSERT INTO session_clients (session_id, client_id, first_at) VALUES ($1, $2, $3) ON CONFLICT (session_id, client_id) DO NOTHING")
-                    .bind(&session_id)
-                    .bind(&client_id)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db_err)?;
+                Self::insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)?;
+                Ok(true)
+            }
+
+            async fn redeem_code_for_session(&self, code_hash: &SecretHash, now: UnixTime, session: &Session, audit: &AuditEvent) -> StoreResult<bool> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                // As in redeem_authorization_code: conditional, and the transaction's first
+                // statement.
+                let row = sqlx::query(
+                    "UPDATE authorization_codes SET consumed_at = $1, issued_session = $2 \
+                     WHERE code_hash = $3 AND consumed_at IS NULL RETURNING session_id, client_id",
+                )
+                .bind(now)
+                .bind(&session.id)
+                .bind(code_hash.0.to_vec())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+                if !Self::code_signed_in(&mut tx, row, now).await? {
+                    return Ok(false);
+                }
+                Self::insert_session(&mut *tx, session).await?;
                 Self::insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok(true)
@@ -1795,7 +1795,7 @@ macro_rules! sql_store {
                 // Once per redeemed code (marked first, so concurrent replays revoke once).
                 let row = sqlx::query(
                     "UPDATE authorization_codes SET grant_revoked_at = $1 WHERE code_hash = $2 AND consumed_at IS NOT NULL AND grant_revoked_at IS NULL \
-                     RETURNING client_id, issued_jti, issued_jti_expires_at, issued_family",
+                     RETURNING client_id, issued_jti, issued_jti_expires_at, issued_family, issued_session",
                 )
                 .bind(now)
                 .bind(code_hash.0.to_vec())
@@ -1819,6 +1819,15 @@ macro_rules! sql_store {
                 }
                 if let Some(family) = &family {
                     Self::revoke_family(&mut *tx, family, now).await?;
+                }
+                let browser: Option<String> = row.try_get("issued_session").map_err(db_err)?;
+                if let Some(id) = &browser {
+                    sqlx::query("UPDATE sessions SET state = 'revoked', revoked_at = $1 WHERE id = $2 AND state IN ('pending', 'active')")
+                        .bind(now)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_err)?;
                 }
                 Self::insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)?;
@@ -2164,6 +2173,30 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            async fn insert_session<'c, E>(ex: E, session: &Session) -> StoreResult<()>
+            where
+                E: sqlx::Executor<'c, Database = <$pool as PoolDb>::Db>,
+            {
+                sqlx::query("INSERT INTO sessions (id, user_id, org_id, token_hash, state, created_at, verified_at, last_used_at, expires_at, ip, user_agent, revoked_at, parent_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)")
+                    .bind(&session.id)
+                    .bind(&session.user_id)
+                    .bind(&session.org_id)
+                    .bind(session.token_hash.0.to_vec())
+                    .bind(session.state.as_str())
+                    .bind(session.created_at)
+                    .bind(session.verified_at)
+                    .bind(session.last_used_at)
+                    .bind(session.expires_at)
+                    .bind(&session.ip)
+                    .bind(&session.user_agent)
+                    .bind(session.revoked_at)
+                    .bind(&session.parent_id)
+                    .execute(ex)
+                    .await
+                    .map_err(db_err)?;
+                Ok(())
+            }
+
             async fn insert_verification<'c, E>(ex: E, v: &Verification) -> StoreResult<()>
             where
                 E: sqlx::Executor<'c, Database = <$pool as PoolDb>::Db>,
@@ -2225,6 +2258,27 @@ macro_rules! sql_store {
             /// the transaction ends, so a concurrent sign-out (which updates the session first)
             /// either finished before (then `false`) or waits, and then sees — and revokes — what
             /// this transaction inserts. (Expiry and existence are the core's checks.)
+            /// After a code's conditional consumption (`row`: what it returned, `session_id` and
+            /// `client_id`): locks the code's SSO session, which must still be active, and
+            /// records that the session signed in to the client. `false` when no code was
+            /// consumed or the session has ended; the caller then drops the transaction.
+            async fn code_signed_in(conn: &mut <<$pool as PoolDb>::Db as sqlx::Database>::Connection, row: Option<$row>, now: UnixTime) -> StoreResult<bool> {
+                let Some(row) = row else { return Ok(false) };
+                let session_id: String = row.try_get("session_id").map_err(db_err)?;
+                let client_id: String = row.try_get("client_id").map_err(db_err)?;
+                if !Self::lock_active_session(&mut *conn, &session_id).await? {
+                    return Ok(false);
+                }
+                sqlx::query("INSERT INTO session_clients (session_id, client_id, first_at) VALUES ($1, $2, $3) ON CONFLICT (session_id, client_id) DO NOTHING")
+                    .bind(&session_id)
+                    .bind(&client_id)
+                    .bind(now)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(db_err)?;
+                Ok(true)
+            }
+
             async fn lock_active_session(conn: &mut <<$pool as PoolDb>::Db as sqlx::Database>::Connection, session_id: &str) -> StoreResult<bool> {
                 let r = sqlx::query("UPDATE sessions SET last_used_at = last_used_at WHERE id = $1 RETURNING state")
                     .bind(session_id)

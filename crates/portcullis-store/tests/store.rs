@@ -95,6 +95,7 @@ contract_tests!(
     invited_users_get_an_address_a_link_and_then_a_password,
     authorization_codes_are_redeemed_once_with_what_they_issued,
     concurrent_code_redemptions_one_wins,
+    codes_are_redeemed_once_for_a_gateway_browser_session,
     replayed_codes_revoke_their_access_token_and_family,
     refresh_tokens_rotate_once_and_families_are_revoked_together,
     concurrent_refresh_rotations_one_wins,
@@ -1369,6 +1370,7 @@ fn session(u: &User, token: u8) -> Session {
         ip: Some("2001:db8::7".into()),
         user_agent: Some("curl/8 «ü»".into()),
         revoked_at: None,
+        parent_id: None,
     }
 }
 
@@ -3572,6 +3574,7 @@ fn code(app: &Application, u: &User, sess: &Session, seed: u8) -> AuthorizationC
         issued_jti: None,
         issued_jti_expires_at: None,
         issued_family: None,
+        issued_session: None,
     }
 }
 
@@ -3635,6 +3638,7 @@ fn code_template() -> AuthorizationCode {
         issued_jti: None,
         issued_jti_expires_at: None,
         issued_family: None,
+        issued_session: None,
     }
 }
 
@@ -3833,6 +3837,7 @@ async fn authorization_codes_are_redeemed_once_with_what_they_issued(s: Arc<dyn 
         issued_jti: Some("jti-1".into()),
         issued_jti_expires_at: Some(NOW + 900),
         issued_family: Some("fam-1".into()),
+        issued_session: None,
         ..c.clone()
     };
     assert_eq!(s.authorization_code(&c.code_hash).await.unwrap().as_ref(), Some(&redeemed));
@@ -3861,6 +3866,7 @@ async fn authorization_codes_are_redeemed_once_with_what_they_issued(s: Arc<dyn 
             issued_jti: Some("jti-3".into()),
             issued_jti_expires_at: Some(NOW + 902),
             issued_family: None,
+            issued_session: None,
             ..bare.clone()
         })
     );
@@ -3875,6 +3881,71 @@ async fn authorization_codes_are_redeemed_once_with_what_they_issued(s: Arc<dyn 
     );
     assert!(s.session_clients(&f.bob_session.id).await.unwrap().is_empty());
     assert!(s.session_clients(&new_id()).await.unwrap().is_empty());
+}
+
+/// A gateway browser session made from ann's SSO session, its token hash `hash(seed)`.
+fn browser_session(f: &Oidc, seed: u8) -> Session {
+    Session {
+        state: CredentialState::Active,
+        verified_at: Some(NOW + 5),
+        created_at: NOW + 5,
+        last_used_at: NOW + 5,
+        parent_id: Some(f.ann_session.id.clone()),
+        user_agent: Some("gateway acme$web".into()),
+        ..session(&f.ann, seed)
+    }
+}
+
+async fn codes_are_redeemed_once_for_a_gateway_browser_session(s: Arc<dyn Store>) {
+    let f = seed_oidc(&*s).await;
+    let c = code(&f.app, &f.ann, &f.ann_session, 0xa1);
+    s.insert_authorization_code(&c, &audit(Some(&f.org.id), "oauth.authorize")).await.unwrap();
+
+    // Redeemed: the code records the session, which is stored as given (parent included), and
+    // the SSO session is recorded as signed in to the client.
+    let browser = browser_session(&f, 0x31);
+    let ev = audit(Some(&f.org.id), "gateway.session.create");
+    assert!(s.redeem_code_for_session(&c.code_hash, NOW + 5, &browser, &ev).await.unwrap());
+    assert!(audited(&*s, &ev).await);
+    let redeemed =
+        AuthorizationCode { consumed_at: Some(NOW + 5), issued_session: Some(browser.id.clone()), ..c.clone() };
+    assert_eq!(s.authorization_code(&c.code_hash).await.unwrap().as_ref(), Some(&redeemed));
+    assert_eq!(s.session(&browser.id).await.unwrap().as_ref(), Some(&browser), "every field round-trips");
+    assert_eq!(s.session_by_token(&hash(0x31)).await.unwrap().as_ref(), Some(&browser));
+    assert_eq!(s.session_clients(&f.ann_session.id).await.unwrap(), vec!["acme$web".to_owned()]);
+
+    // Again (or as an access-token redemption): false, nothing written.
+    let second = browser_session(&f, 0x32);
+    let again = audit(Some(&f.org.id), "gateway.session.create");
+    assert!(!s.redeem_code_for_session(&c.code_hash, NOW + 6, &second, &again).await.unwrap());
+    let issue = CodeIssue { jti: "jti-x".into(), jti_expires_at: NOW + 900, refresh: None };
+    assert!(!s.redeem_authorization_code(&c.code_hash, NOW + 6, &issue, &again).await.unwrap());
+    assert!(!audited(&*s, &again).await);
+    assert_eq!(s.session(&second.id).await.unwrap(), None);
+    assert_eq!(s.authorization_code(&c.code_hash).await.unwrap().as_ref(), Some(&redeemed));
+    assert!(!s.redeem_code_for_session(&hash(0xaf), NOW, &second, &again).await.unwrap());
+
+    // The replay revokes the browser session (and nothing else of ann's).
+    let replay = audit(Some(&f.org.id), "oauth.code.replay");
+    assert!(s.revoke_code_grant(&c.code_hash, NOW + 7, &replay).await.unwrap());
+    assert!(audited(&*s, &replay).await);
+    let revoked = s.session(&browser.id).await.unwrap().unwrap();
+    assert_eq!((revoked.state, revoked.revoked_at), (CredentialState::Revoked, Some(NOW + 7)));
+    assert_eq!(s.session(&f.ann_session.id).await.unwrap().unwrap().state, CredentialState::Active);
+    assert!(!s.revoke_code_grant(&c.code_hash, NOW + 8, &audit(None, "oauth.code.replay")).await.unwrap(), "once");
+
+    // A code whose SSO session was signed out: refused, nothing written.
+    let c2 = code(&f.app, &f.bob, &f.bob_session, 0xa2);
+    s.insert_authorization_code(&c2, &audit(None, "oauth.authorize")).await.unwrap();
+    assert!(s.revoke_session(&f.bob_session.id, NOW + 9, &audit(None, "session.revoke")).await.unwrap());
+    let late = Session { parent_id: Some(f.bob_session.id.clone()), ..session(&f.bob, 0x33) };
+    assert!(
+        !s.redeem_code_for_session(&c2.code_hash, NOW + 10, &late, &audit(None, "gateway.session.create"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.session(&late.id).await.unwrap(), None);
+    assert_eq!(s.authorization_code(&c2.code_hash).await.unwrap().unwrap().consumed_at, None);
 }
 
 async fn concurrent_code_redemptions_one_wins(s: Arc<dyn Store>) {

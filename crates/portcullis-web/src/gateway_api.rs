@@ -127,6 +127,27 @@ pub struct SessionCheck {
     pub client_ip: Option<String>,
 }
 
+/// `POST /api/v1/gateway/browser-sessions`. The code and verifier never reach a log.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrowserSessionRequest {
+    pub client_id: String,
+    pub code: SecretString,
+    pub code_verifier: SecretString,
+    pub redirect_uri: String,
+    #[serde(default)]
+    pub client_ip: Option<String>,
+}
+
+impl std::fmt::Debug for BrowserSessionRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrowserSessionRequest")
+            .field("client_id", &self.client_id)
+            .field("redirect_uri", &self.redirect_uri)
+            .finish_non_exhaustive()
+    }
+}
+
 /// `POST /api/v1/gateway/certificates/check`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -215,6 +236,47 @@ pub async fn check_certificate(
         .filter(|d| !d.is_empty())
         .ok_or_else(|| ApiError::BadRequest("certificate must be the DER of the leaf, standard base64".into()))?;
     verdict_response(s.core.gateway_certificate(&der).await)
+}
+
+/// `POST /api/v1/gateway/browser-sessions`: a gateway finishing a browser sign-in redeems the
+/// authorization code its own application was given. 200 `{"valid": true, "session_token",
+/// "expires_at"}`, or a refusal as the checks give it.
+pub async fn browser_session(
+    State(s): State<AppState>,
+    GatewayCaller(who, _): GatewayCaller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let req: BrowserSessionRequest = json_body(&headers, body).await?;
+    let ip = client_ip(req.client_ip.as_deref())?;
+    // A gateway redeems only its own application's codes.
+    if req.client_id != who.client_id {
+        return Err(ApiError::Core(Error::Forbidden(format!(
+            "a gateway redeems only codes of its own application ({}); sign-in application {:?} refused",
+            who.client_id,
+            req.client_id.chars().take(64).collect::<String>()
+        ))));
+    }
+    let v = s
+        .core
+        .gateway_browser_session(
+            &req.client_id,
+            req.code.expose_secret(),
+            req.code_verifier.expose_secret(),
+            &req.redirect_uri,
+            ip,
+        )
+        .await;
+    let body = match v {
+        Ok(Ok(session)) => serde_json::json!({
+            "valid": true,
+            "session_token": session.token.expose_secret(),
+            "expires_at": session.expires_at,
+        }),
+        Ok(Err(r)) => return verdict_response(Ok(Err(r))),
+        Err(e) => return verdict_response(Err(e)),
+    };
+    Ok(no_store(StatusCode::OK, body))
 }
 
 /// `POST /api/v1/gateway/certificates` → 201 `{"chain_pem", "not_after"}`.

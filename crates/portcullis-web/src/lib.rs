@@ -122,6 +122,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/gateway/changes", get(gateway_api::changes))
         .route("/api/v1/gateway/api-keys/check", post(gateway_api::check_api_key))
         .route("/api/v1/gateway/sessions/check", post(gateway_api::check_session))
+        .route("/api/v1/gateway/browser-sessions", post(gateway_api::browser_session))
         .route("/api/v1/gateway/certificates/check", post(gateway_api::check_certificate))
         .route("/api/v1/gateway/certificates", post(gateway_api::issue_certificate))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))

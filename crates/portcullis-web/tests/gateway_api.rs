@@ -251,12 +251,13 @@ async fn revoked_token(e: &Env, f: &Fx) -> Value {
 
 // ---- who may call --------------------------------------------------------------------------------
 
-const ENDPOINTS: [(&str, &str); 7] = [
+const ENDPOINTS: [(&str, &str); 8] = [
     ("GET", "/api/v1/gateway/trust"),
     ("GET", "/api/v1/gateway/grants"),
     ("GET", "/api/v1/gateway/changes?wait=0"),
     ("POST", "/api/v1/gateway/api-keys/check"),
     ("POST", "/api/v1/gateway/sessions/check"),
+    ("POST", "/api/v1/gateway/browser-sessions"),
     ("POST", "/api/v1/gateway/certificates/check"),
     ("POST", "/api/v1/gateway/certificates"),
 ];

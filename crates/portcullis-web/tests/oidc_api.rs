@@ -2001,3 +2001,94 @@ async fn a_refresh_token_revoked_at_the_revocation_endpoint_no_longer_works() {
     let r = refresh(e, &f.spa, &rt).await;
     assert_eq!((r.0, r.1.get("error")), (StatusCode::BAD_REQUEST, Some(&json!("invalid_grant"))), "public client");
 }
+
+// ---- gateway browser sessions ------------------------------------------------------------------
+
+/// `POST /api/v1/gateway/browser-sessions`: a gateway (an application with
+/// `portcullis:gateway`) finishing a browser sign-in redeems its own code, with PKCE, once, for
+/// a session that lives only as long as the SSO session it was signed in with.
+#[tokio::test]
+async fn a_gateway_redeems_its_own_codes_once_for_sessions_that_end_with_the_sign_in() {
+    const GW_CB: &str = "https://gw.acme.test/.portcullis/callback";
+    let f = fx().await;
+    let e = &f.e;
+    let gw = app(
+        e,
+        &f.admin,
+        json!({
+            "slug": "gw", "name": "Gateway", "grant_types": ["authorization_code", "client_credentials"],
+            "roles": ["portcullis:gateway"], "redirect_uris": [GW_CB], "first_party": true,
+            "token_endpoint_auth_method": "client_secret_basic",
+        }),
+        GW_CB,
+    )
+    .await;
+    let (s, t) = token(e, &gw, &[("grant_type", "client_credentials")]).await;
+    assert_eq!(s, StatusCode::OK, "{t}");
+    let gw_token = t["access_token"].as_str().unwrap().to_owned();
+    let (s, t) = token(e, &f.worker, &[("grant_type", "client_credentials")]).await;
+    assert_eq!(s, StatusCode::OK, "{t}");
+    let not_a_gateway = t["access_token"].as_str().unwrap().to_owned();
+
+    let mut b = Browser::new(e);
+    let p = pkce();
+    let authz = Authz::new(&gw, Some(&p)).set("scope", "openid");
+    let code = code_for(&mut b, e, &gw, &authz).await;
+    let redeem_as = |bearer: String, client_id: String, code: String, verifier: String| async move {
+        let body = json!({
+            "client_id": client_id, "code": code, "code_verifier": verifier, "redirect_uri": GW_CB,
+            "client_ip": "203.0.113.9",
+        });
+        api(e, "POST", "/api/v1/gateway/browser-sessions", &bearer, Some(body)).await
+    };
+    let check = |session: String| {
+        let gw_token = gw_token.clone();
+        async move {
+            api(e, "POST", "/api/v1/gateway/sessions/check", &gw_token, Some(json!({ "session_token": session }))).await
+        }
+    };
+
+    // Only gateways, and only for their own application; nothing is consumed by a refusal.
+    let (s, _) =
+        redeem_as(not_a_gateway.to_string(), f.worker.id.to_string(), code.to_string(), p.verifier.to_string()).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "a plain application's token is not for this server");
+    let (s, v) = redeem_as(gw_token.to_string(), f.web.id.to_string(), code.to_string(), p.verifier.to_string()).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    let (s, v) =
+        redeem_as(gw_token.to_string(), gw.id.to_string(), code.to_string(), pkce().verifier.to_string()).await;
+    assert_eq!((s, &v["valid"], &v["status"]), (StatusCode::OK, &json!(false), &json!(401)), "{v}");
+    assert!(v["message"].as_str().unwrap().contains("code_verifier"), "{v}");
+
+    // Redeemed: a session of ann, valid at once.
+    let (s, v) = redeem_as(gw_token.to_string(), gw.id.to_string(), code.to_string(), p.verifier.to_string()).await;
+    assert_eq!((s, &v["valid"]), (StatusCode::OK, &json!(true)), "{v}");
+    let session = v["session_token"].as_str().unwrap().to_owned();
+    assert!(v["expires_at"].as_i64().unwrap() > e.clock.now());
+    let (s, v) = check(session.clone()).await;
+    assert_eq!((s, &v["valid"], &v["identity"]["subject"]), (StatusCode::OK, &json!(true), &json!(f.ann)), "{v}");
+
+    // The code again: refused, and the session it gave is revoked.
+    let (_, v) = redeem_as(gw_token.to_string(), gw.id.to_string(), code.to_string(), p.verifier.to_string()).await;
+    assert_eq!((&v["valid"], &v["status"]), (&json!(false), &json!(401)), "{v}");
+    assert!(v["message"].as_str().unwrap().contains("already used"), "{v}");
+    let (_, v) = check(session.clone()).await;
+    assert_eq!(v["valid"], false, "{v}");
+
+    // A code requested without PKCE is not redeemed for a session.
+    let bare = code_for(&mut b, e, &gw, &Authz::new(&gw, None).set("scope", "openid")).await;
+    let (_, v) = redeem_as(gw_token.to_string(), gw.id.to_string(), bare.to_string(), p.verifier.to_string()).await;
+    assert_eq!(v["valid"], false, "{v}");
+
+    // A second sign-in (SSO: no password); then the SSO session ends, and so does this one.
+    let p2 = pkce();
+    let code2 = code_for(&mut b, e, &gw, &Authz::new(&gw, Some(&p2)).set("scope", "openid")).await;
+    let (_, v) = redeem_as(gw_token.to_string(), gw.id.to_string(), code2.to_string(), p2.verifier.to_string()).await;
+    let session2 = v["session_token"].as_str().unwrap().to_owned();
+    assert_eq!(check(session2.clone()).await.1["valid"], true);
+    let sso = b.cookie(SSO).unwrap();
+    let (s, v) = api(e, "DELETE", "/api/v1/sessions/current", &sso, None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    let (_, v) = check(session2.clone()).await;
+    assert_eq!(v["valid"], false, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("sign-in this session belongs to has ended"), "{v}");
+}

@@ -17,7 +17,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Client, Cred, PAYMENTS_AUD, Server, Stream, admin_token, create_acme_payments, http, send};
+use support::{Client, Cred, PAYMENTS_AUD, Server, Sink, Stream, admin_token, create_acme_payments, http, send};
 
 /// How long a revocation may take to reach the gateway.
 const PROPAGATION: Duration = Duration::from_secs(5);
@@ -177,6 +177,15 @@ path = "/admin/"
 upstream = "{up}"
 auth = ["bearer"]
 require_roles = ["payments:admin"]
+
+[gateway.login]
+client_id = "acme$gw"
+
+[[gateway.routes]]
+path = "/web/"
+upstream = "{up}"
+auth = ["session"]
+require_roles = ["payments:reader"]
 "#
     )
 }
@@ -188,6 +197,7 @@ struct Setup {
     c: Client,
     admin: String,
     gw: Gw,
+    sink: Sink,
     _echo: tokio::task::JoinHandle<()>,
 }
 
@@ -196,7 +206,10 @@ async fn setup() -> Setup {
     let (up, echo) = start_echo().await;
     let config = write(&dir.path().join("portcullis.toml"), &gateway_config(&up));
     let data = dir.path().join("data");
-    let s = Server::start(&data, &["--config", config.to_str().unwrap()], &[]);
+    let sink = Sink::start(0);
+    let envs = sink.envs();
+    let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let s = Server::start(&data, &["--config", config.to_str().unwrap()], &envs);
     let out = s.wait_output(Stream::All, "gateway listening on https://", Duration::from_secs(30));
     let addr = out
         .lines()
@@ -211,7 +224,7 @@ async fn setup() -> Setup {
     let admin = admin_token(&s).await;
     create_acme_payments(&c, &admin).await;
     let gw = Gw { url: format!("https://localhost:{port}"), ca, dir: dir.path().to_owned() };
-    Setup { _dir: dir, s, c, admin, gw, _echo: echo }
+    Setup { _dir: dir, s, c, admin, gw, sink, _echo: echo }
 }
 
 /// An application of `acme` with `roles` and `scopes`; returns (client_id, secret).
@@ -467,4 +480,179 @@ async fn certificate_bound_tokens_need_their_certificate() {
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.upstream_header("x-portcullis-subject").as_deref(), Some(id.as_str()));
     assert!(r.upstream_header("x-forwarded-client-cert").unwrap().contains("acme$other"));
+}
+
+// ------------------------------------------------------------------------ browser sign-in --
+
+const RP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/oidc_rp.mjs");
+
+/// The e2e suite's fetch-based browser (`oidc_rp.mjs browse`) from `url` on the gateway, with
+/// the cookie jar `jar`, signing in as `user` at the control plane when asked; it trusts the
+/// gateway's certificate through our CA.
+async fn browse(st: &Setup, url: &str, jar: &Path, user: Option<&Value>, extra: Value) -> Value {
+    let mut arg = json!({
+        "issuer": st.s.url,
+        "url": format!("{}{url}", st.gw.url),
+        "jar": jar,
+        "sink_dir": st.sink.dir.path(),
+        "also_origins": [st.gw.url],
+    });
+    if let Some(u) = user {
+        arg["user"] = u.clone();
+    }
+    for (k, v) in extra.as_object().unwrap() {
+        arg[k] = v.clone();
+    }
+    let out = tokio::process::Command::new("node")
+        .arg(RP)
+        .arg("browse")
+        .arg(arg.to_string())
+        .env("NODE_EXTRA_CA_CERTS", &st.gw.ca)
+        .env("NO_PROXY", "*")
+        .env("no_proxy", "*")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("cannot run node ({e}); scripts/test.sh installs Node.js"));
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("oidc_rp.mjs printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(v["ok"], true, "the browser failed: {v:#}");
+    v
+}
+
+/// A person of `acme` with `roles`, as the browser script wants it.
+async fn person(st: &Setup, name: &str, roles: &[&str]) -> (String, Value) {
+    let email = format!("{name}@acme.test");
+    let password = format!("{name}-pw-{}", support::random_hex(12));
+    let r =
+        st.c.post(
+            "/api/v1/organisations/acme/users",
+            &Cred::Bearer(&st.admin),
+            &json!({ "email": email, "name": name, "password": password, "roles": roles }),
+        )
+        .await;
+    r.expect(201);
+    (r.str("id"), json!({ "email": email, "password": password }))
+}
+
+/// The trace entries of requests to the gateway.
+fn at_gateway<'a>(st: &Setup, v: &'a Value) -> Vec<&'a Value> {
+    v["trace"].as_array().unwrap().iter().filter(|e| e["url"].as_str().unwrap().starts_with(&st.gw.url)).collect()
+}
+
+/// The value of cookie `name` in the browser's jar file.
+fn jar_cookie(jar: &Path, name: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(jar).ok()?).ok()?;
+    v["cookies"][name]["value"].as_str().map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_routes_sign_in_at_the_control_plane_and_come_back_with_a_session_cookie() {
+    let st = setup().await;
+    let gw = &st.gw;
+    // The gateway's sign-in application: the code flow, its callback registered exactly.
+    let callback = format!("{}/.portcullis/callback", gw.url);
+    let r =
+        st.c.post(
+            "/api/v1/organisations/acme/applications",
+            &Cred::Bearer(&st.admin),
+            &json!({
+                "slug": "gw", "name": "Gateway", "grant_types": ["authorization_code"],
+                "redirect_uris": [callback], "token_endpoint_auth_method": "client_secret_basic",
+                "first_party": true,
+            }),
+        )
+        .await;
+    r.expect(201);
+    let (ann_id, ann) = person(&st, "ann", &["payments:reader"]).await;
+    let (_, bob) = person(&st, "bob", &[]).await;
+
+    // An API call without a credential is told so (401), not sent to an HTML page.
+    gw.curl("/web/report", &["-H", "Accept: application/json"]).refused(401, "accepts session");
+    let r = gw
+        .curl("/web/report", &["-H", "Accept: text/html", "-H", "Sec-Fetch-Mode: cors", "-H", "Sec-Fetch-Dest: empty"]);
+    assert_eq!(r.status, 401, "{r:?}");
+
+    // A browser: to the sign-in page, password and emailed code, back with a cookie.
+    let jar = gw.dir.join("jar-ann.json");
+    let v = browse(&st, "/web/report?month=2026-11&q=a%20b", &jar, Some(&ann), json!({})).await;
+    let steps = at_gateway(&st, &v);
+    let first = steps[0];
+    assert_eq!(first["status"], 302, "{first:#}");
+    assert!(first["x_error"].as_str().unwrap().contains("sign-in required"), "{first:#}");
+    assert!(first["x_error_id"].is_string());
+    let to = first["location"].as_str().unwrap();
+    assert!(to.starts_with(&format!("{}/oauth2/authorize?", st.s.url)), "{to}");
+    for p in ["client_id=acme%24gw", "code_challenge_method=S256", "response_type=code", "state="] {
+        assert!(to.contains(p), "{to} lacks {p}");
+    }
+    let flow_cookie = first["set_cookie"][0].as_str().unwrap().to_owned();
+    assert!(flow_cookie.starts_with("__Host-portcullis_login_"), "{flow_cookie}");
+    let cb = steps.iter().find(|e| e["path"] == "/.portcullis/callback").expect("the callback was reached");
+    assert_eq!(cb["status"], 303, "{cb:#}");
+    assert_eq!(cb["location"], "/web/report?month=2026-11&q=a%20b", "back to the URL first asked for");
+    let set: Vec<&str> = cb["set_cookie"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    let session_cookie = set.iter().find(|c| c.starts_with("__Host-portcullis_session=")).expect("a session cookie");
+    for attr in ["HttpOnly", "Secure", "SameSite=Lax", "Path=/"] {
+        assert!(session_cookie.contains(attr), "{session_cookie} lacks {attr}");
+    }
+    assert!(set.iter().any(|c| c.starts_with("__Host-portcullis_login_") && c.contains("Max-Age=0")), "{set:?}");
+    // The page itself, as the upstream saw it: ann, by session; none of the gateway's cookies.
+    let last = steps.last().unwrap();
+    assert_eq!(last["status"], 200, "{last:#}");
+    let echo: Value = serde_json::from_str(v["stop"]["text"].as_str().unwrap()).unwrap();
+    assert_eq!(echo["path"], "/web/report");
+    assert_eq!(echo["headers"]["x-portcullis-subject"], ann_id.as_str());
+    assert_eq!(echo["headers"]["x-portcullis-auth-method"], "session");
+    assert_eq!(echo["headers"]["x-portcullis-roles"], "payments:reader");
+    assert!(!echo["headers"]["cookie"].as_str().unwrap_or("").contains("portcullis"), "{echo:#}");
+    let token = jar_cookie(&jar, "__Host-portcullis_session").unwrap();
+
+    // Next time the cookie is enough: no redirect.
+    let v = browse(&st, "/web/again", &jar, None, json!({})).await;
+    let steps = at_gateway(&st, &v);
+    assert_eq!((steps.len(), steps[0]["status"].as_u64()), (1, Some(200)), "{v:#}");
+    // And for curl with the cookie.
+    let with_cookie = format!("Cookie: __Host-portcullis_session={token}");
+    assert_eq!(gw.curl("/web/x", &["-H", &with_cookie]).status, 200);
+
+    // The callback refuses what this browser did not start (CSRF), naming the problem.
+    let replay = cb["url"].as_str().unwrap().trim_start_matches(gw.url.as_str()).to_owned();
+    gw.curl(&replay, &[]).refused(400, "not started in this browser");
+    gw.curl("/.portcullis/callback?error=access_denied&state=x", &[]).refused(403, "access_denied");
+    gw.curl("/.portcullis/callback?code=a&code=b&state=s", &[]).refused(400, "repeats");
+    // The same code again, even with the flow cookie: the control plane refuses the replay and
+    // revokes the session it gave, so the cookie stops working within seconds.
+    let flow_pair = flow_cookie.split(';').next().unwrap();
+    gw.curl(&replay, &["-H", &format!("Cookie: {flow_pair}")]).refused(401, "already used");
+    gw.eventually("the replayed code's session to be refused", || {
+        gw.curl("/web/x", &["-H", &with_cookie, "-H", "Accept: application/json"]).status == 401
+    });
+
+    // Signed in again; bob (no role) is signed in but refused the route.
+    let jar2 = gw.dir.join("jar-ann-2.json");
+    browse(&st, "/web/report", &jar2, Some(&ann), json!({})).await;
+    let token2 = jar_cookie(&jar2, "__Host-portcullis_session").unwrap();
+    assert_ne!(token, token2);
+    let jar_bob = gw.dir.join("jar-bob.json");
+    let v = browse(&st, "/web/report", &jar_bob, Some(&bob), json!({})).await;
+    let last = *at_gateway(&st, &v).last().unwrap();
+    assert_eq!(last["status"], 403, "{last:#}");
+    assert!(last["x_error"].as_str().unwrap().contains("payments:reader"), "{last:#}");
+
+    // Signing out at the control plane ends the gateway's session too (it belongs to the SSO
+    // session), and /.portcullis/logout clears the cookie and goes to that sign-out.
+    let with_cookie2 = format!("Cookie: __Host-portcullis_session={token2}");
+    assert_eq!(gw.curl("/web/x", &["-H", &with_cookie2]).status, 200);
+    let r = gw.curl("/.portcullis/logout", &["-H", &with_cookie2]);
+    assert_eq!(r.status, 303, "{r:?}");
+    assert_eq!(r.header("location").unwrap(), format!("{}/oauth2/logout", st.s.url));
+    assert!(r.header("set-cookie").unwrap().starts_with("__Host-portcullis_session=; "), "{r:?}");
+    let v = browse(&st, "/.portcullis/logout", &jar2, None, json!({ "confirm_logout": true })).await;
+    assert!(v["trace"].as_array().unwrap().iter().any(|e| e["page"] == "logout-confirmation"), "{v:#}");
+    gw.eventually("the session of a signed-out SSO session to be refused", || {
+        gw.curl("/web/x", &["-H", &with_cookie2, "-H", "Accept: application/json"]).status == 401
+    });
+    let r = gw.curl("/web/x", &["-H", &with_cookie2, "-H", "Accept: text/html"]);
+    assert_eq!(r.status, 302, "a dead session in a browser goes back to the sign-in page: {r:?}");
 }

@@ -266,7 +266,7 @@ impl From<&ApiKey> for ApiKeyView {
 // ---- helpers ----------------------------------------------------------------------------
 
 /// A new opaque token: `prefix` + 256 bits, base64url.
-fn new_token(prefix: &str) -> Result<SecretString> {
+pub(crate) fn new_token(prefix: &str) -> Result<SecretString> {
     let s = crate::crypto::secrets::generate_secret()?;
     Ok(SecretString::from(format!("{prefix}{}", s.expose_secret())))
 }
@@ -698,6 +698,7 @@ impl Portcullis {
             ip: ctx.ip.clone(),
             user_agent: user_agent.map(|u| u.chars().filter(|c| !c.is_control()).take(256).collect()),
             revoked_at: None,
+            parent_id: None,
         };
         let mut v = self.new_verification(VerificationPurpose::Session, &user, &session.id, &code);
         v.sealed_token = Some(self.vault.seal(&token_purpose(&v.id), token.expose_secret().as_bytes())?);
@@ -918,7 +919,14 @@ impl Portcullis {
                 Some("session expired (idle)")
             }
             CredentialState::Active if !e.user.enabled => Some("user is disabled"),
-            CredentialState::Active => None,
+            CredentialState::Active => match &s.parent_id {
+                // A gateway browser session lives only as long as its SSO session.
+                Some(parent) => match self.store.session(parent).await? {
+                    Some(p) if p.state == CredentialState::Active && p.expires_at > now => None,
+                    _ => Some("the sign-in this session belongs to has ended"),
+                },
+                None => None,
+            },
         };
         if let Some(why) = why {
             let action =

@@ -33,8 +33,9 @@ use zeroize::Zeroizing;
 use super::*;
 use crate::crypto::jwk::ClientKeyMaterial;
 use crate::crypto::signing::VerifyingKey;
-use crate::model::{AuditMark, CertificateType, OrgRoleGrant};
+use crate::model::{AuditMark, CertificateType, CredentialState, GrantType, OrgRoleGrant, Session};
 use crate::pki::{self, PlatformUse};
+use secrecy::{ExposeSecret, SecretString};
 
 /// Longest a `changes` call waits for news.
 pub const MAX_CHANGES_WAIT: Duration = Duration::from_secs(30);
@@ -84,6 +85,19 @@ pub struct GatewayRefusal {
 
 /// The answer about one credential.
 pub type GatewayVerdict = std::result::Result<GatewayIdentity, GatewayRefusal>;
+
+/// A browser session minted for a gateway's cookie ([`Portcullis::gateway_browser_session`]).
+pub struct GatewayBrowserSession {
+    /// The session token: shown once (the cookie), stored only as a keyed hash.
+    pub token: SecretString,
+    pub expires_at: UnixTime,
+}
+
+impl std::fmt::Debug for GatewayBrowserSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayBrowserSession").field("expires_at", &self.expires_at).finish_non_exhaustive()
+    }
+}
 
 /// What client certificates are checked against: every unexpired CA certificate (root and
 /// issuing, DER) and each issuing CA's current CRL (DER).
@@ -270,6 +284,7 @@ pub const FEED_ACTIONS: &[(&str, FeedEffect)] = &[
     ("certificate.issue", NOTHING),
     ("certificate.renew", NOTHING),
     ("gateway.certificate.issue", NOTHING),
+    ("gateway.session.create", NOTHING),
     // Recorded only as failures (refused credentials, wrong codes): reads.
     ("client.authenticate", NOTHING),
     ("api.authenticate", NOTHING),
@@ -413,7 +428,11 @@ fn identity_of(p: Principal) -> GatewayIdentity {
 }
 
 fn refuse(status: u16, message: impl Into<String>) -> GatewayVerdict {
-    Err(GatewayRefusal { status, message: message.into(), retry_after_secs: None })
+    Err(refusal(status, message))
+}
+
+fn refusal(status: u16, message: impl Into<String>) -> GatewayRefusal {
+    GatewayRefusal { status, message: message.into(), retry_after_secs: None }
 }
 
 /// A use case's error as a verdict: a refusal of the credential, or `Err` when the control
@@ -554,6 +573,77 @@ impl Portcullis {
             roles: app.roles.iter().map(ToString::to_string).collect(),
             scopes: vec![],
         }))
+    }
+
+    /// A gateway's browser sign-in, finished: `code` came back to the gateway's callback
+    /// `redirect_uri` from `/oauth2/authorize`, requested by `client_id` (the gateway's own
+    /// application: enabled, with the `authorization_code` grant) with PKCE. The code is
+    /// redeemed — once, like at the token endpoint, a replay revoking what it gave — for a new
+    /// session of the signed-in person: active at once (the sign-in was complete), ending no
+    /// later than the SSO session it was signed in with, and refused as soon as that one ends
+    /// ([`Session::parent_id`]). Its token is the gateway's session cookie.
+    pub async fn gateway_browser_session(
+        &self,
+        client_id: &str,
+        code: &str,
+        code_verifier: &str,
+        redirect_uri: &str,
+        client_ip: Option<IpAddr>,
+    ) -> Result<std::result::Result<GatewayBrowserSession, GatewayRefusal>> {
+        let ctx = client_context(client_ip);
+        let Some(entry) = self.client(client_id).await? else {
+            return Ok(Err(refusal(401, format!("the gateway's sign-in application {client_id} does not exist"))));
+        };
+        let app = &entry.app;
+        if !app.enabled || !app.grant_types.contains(&GrantType::AuthorizationCode) {
+            return Ok(Err(refusal(
+                403,
+                format!("application {client_id} is disabled or lacks the authorization_code grant"),
+            )));
+        }
+        let redeemable = match self.redeemable_code(app, code, Some(redirect_uri), Some(code_verifier), &ctx).await {
+            Ok(r) => r,
+            Err(e) if e.code == crate::error::OAuthErrorCode::ServerError => {
+                return Err(Error::Internal(e.internal.unwrap_or(e.description)));
+            }
+            Err(e) => return Ok(Err(refusal(401, format!("sign-in refused: {}", e.description)))),
+        };
+        if redeemable.row.code_challenge.is_none() {
+            return Ok(Err(refusal(401, "sign-in refused: the authorization request carried no PKCE challenge")));
+        }
+        let now = self.now();
+        let sso = &redeemable.session;
+        let token = super::auth::new_token(super::auth::SESSION_TOKEN_PREFIX)?;
+        let session = Session {
+            id: new_id(),
+            user_id: redeemable.user.id.clone(),
+            org_id: redeemable.user.org_id.clone(),
+            token_hash: SecretHash::of(self.vault.as_ref(), token.expose_secret()),
+            state: CredentialState::Active,
+            created_at: now,
+            verified_at: Some(now),
+            last_used_at: now,
+            expires_at: sso.expires_at.min(now + self.settings.auth.session_lifetime),
+            ip: ctx.ip.clone(),
+            user_agent: Some(format!("gateway {client_id}")),
+            revoked_at: None,
+            // One level: a session minted from another gateway session belongs to that one's
+            // SSO session.
+            parent_id: Some(sso.parent_id.clone().unwrap_or_else(|| sso.id.clone())),
+        };
+        let ev = self.audit(
+            &ctx,
+            &redeemable.user.id,
+            Some(&redeemable.user.org_id),
+            "gateway.session.create",
+            &session.id,
+            serde_json::json!({ "client_id": client_id, "sso_session_id": sso.id }),
+        );
+        if !self.store.redeem_code_for_session(&redeemable.hash, now, &session, &ev).await? {
+            let replay = self.code_replayed(&ctx, app, &redeemable.row, &redeemable.hash, now).await;
+            return Ok(Err(refusal(401, format!("sign-in refused: {}", replay.description))));
+        }
+        Ok(Ok(GatewayBrowserSession { token, expires_at: session.expires_at }))
     }
 
     // ---- the change feed ----------------------------------------------------------------------
@@ -821,6 +911,7 @@ mod tests {
             ("certificate.issue", ""),
             ("certificate.renew", ""),
             ("gateway.certificate.issue", ""),
+            ("gateway.session.create", ""),
             ("client.authenticate", ""),
             ("api.authenticate", ""),
             ("session.authenticate", ""),

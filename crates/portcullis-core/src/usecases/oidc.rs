@@ -251,6 +251,15 @@ pub trait LogoutNotifier: Send + Sync {
     async fn notify(&self, uri: &str, logout_token: &str) -> std::result::Result<(), String>;
 }
 
+/// A code that may be redeemed ([`Portcullis::redeemable_code`]), with its keyed hash, user and
+/// SSO session.
+pub(crate) struct RedeemableCode {
+    pub row: AuthorizationCode,
+    pub hash: SecretHash,
+    pub user: User,
+    pub session: crate::model::Session,
+}
+
 impl Portcullis {
     // ---- the authorization endpoint --------------------------------------------------------
 
@@ -362,6 +371,7 @@ impl Portcullis {
             issued_jti: None,
             issued_jti_expires_at: None,
             issued_family: None,
+            issued_session: None,
         };
         let ev = self.audit(
             ctx,
@@ -759,59 +769,12 @@ impl Portcullis {
         ctx: &RequestContext,
     ) -> Result<super::oauth::TokenResponse, OAuthError> {
         let app = &entry.app;
-        let invalid_grant = |d: &str| OAuthError::new(OAuthErrorCode::InvalidGrant, d);
         let code = params.code.as_deref().ok_or_else(|| OAuthError::invalid_request("code is required"))?;
-        if code.len() > 128 {
-            return Err(invalid_grant("unknown, expired or used code"));
-        }
-        let hash = SecretHash::of(self.vault.as_ref(), &format!("code\0{code}"));
-        let Some(row) = self.store.authorization_code(&hash).await.map_err(Error::from)? else {
-            return Err(invalid_grant("unknown, expired or used code"));
-        };
+        let RedeemableCode { row, hash, user, session } = self
+            .redeemable_code(app, code, params.redirect_uri.as_deref(), params.code_verifier.as_deref(), ctx)
+            .await?;
         let now = self.now();
-        if row.consumed_at.is_some() {
-            // RFC 6749 §4.1.2: a replay revokes what the first redemption issued.
-            return Err(self.code_replayed(ctx, app, &row, &hash, now).await);
-        }
-        if row.expires_at <= now {
-            return Err(invalid_grant("the code has expired"));
-        }
-        if row.client_id != app.client_id.as_str() {
-            return Err(invalid_grant("the code was issued to another client"));
-        }
-        match params.redirect_uri.as_deref() {
-            Some(u) if u == row.redirect_uri => {}
-            Some(_) => return Err(invalid_grant("redirect_uri differs from the authorization request's")),
-            None => return Err(OAuthError::invalid_request("redirect_uri is required")),
-        }
-        match (&row.code_challenge, params.code_verifier.as_deref()) {
-            (Some(_), None) => {
-                return Err(invalid_grant("code_verifier is required (the request carried a code_challenge)"));
-            }
-            (None, Some(_)) => {
-                return Err(invalid_grant("code_verifier sent, but the request carried no code_challenge"));
-            }
-            (Some(_), Some(v)) if !plausible_verifier(v) => {
-                return Err(OAuthError::invalid_request(
-                    "code_verifier must be 43-128 characters of A-Z a-z 0-9 - . _ ~",
-                ));
-            }
-            (Some(c), Some(v)) => {
-                let computed = b64url(&sha256(v.as_bytes()));
-                if aws_lc_rs::constant_time::verify_slices_are_equal(computed.as_bytes(), c.as_bytes()).is_err() {
-                    return Err(invalid_grant("code_verifier does not match the code_challenge"));
-                }
-            }
-            (None, None) => {}
-        }
-        let user = self.store.user(&row.org_id, &row.user_id).await.map_err(Error::from)?.filter(|u| u.enabled);
-        let session = self.store.session(&row.session_id).await.map_err(Error::from)?;
-        let (Some(user), Some(session)) = (user, session) else {
-            return Err(invalid_grant("the user is gone or disabled"));
-        };
-        if session.state != CredentialState::Active || session.expires_at <= now {
-            return Err(invalid_grant("the sign-in session has ended"));
-        }
+
         let scopes: Vec<&str> = row.scope.split(' ').filter(|s| !s.is_empty()).collect();
         let (access_token, jti, exp, scope) = self.user_access_token(entry, &user, &scopes, cnf).await?;
         let refresh = if app.grant_types.contains(&GrantType::RefreshToken)
@@ -872,6 +835,73 @@ impl Portcullis {
             id_token,
             refresh_token: refresh.map(|(t, _)| t),
         })
+    }
+
+    /// An authorization code presented by `app`, checked: known, unused (a replay revokes what
+    /// the first redemption issued), unexpired, issued to `app` for `redirect_uri`, its PKCE
+    /// verifier matching, its user enabled and its SSO session active. Nothing is written
+    /// except on a replay.
+    pub(crate) async fn redeemable_code(
+        &self,
+        app: &crate::model::Application,
+        code: &str,
+        redirect_uri: Option<&str>,
+        code_verifier: Option<&str>,
+        ctx: &RequestContext,
+    ) -> Result<RedeemableCode, OAuthError> {
+        let invalid_grant = |d: &str| OAuthError::new(OAuthErrorCode::InvalidGrant, d);
+        if code.len() > 128 {
+            return Err(invalid_grant("unknown, expired or used code"));
+        }
+        let hash = SecretHash::of(self.vault.as_ref(), &format!("code\0{code}"));
+        let Some(row) = self.store.authorization_code(&hash).await.map_err(Error::from)? else {
+            return Err(invalid_grant("unknown, expired or used code"));
+        };
+        let now = self.now();
+        if row.consumed_at.is_some() {
+            // RFC 6749 §4.1.2: a replay revokes what the first redemption issued.
+            return Err(self.code_replayed(ctx, app, &row, &hash, now).await);
+        }
+        if row.expires_at <= now {
+            return Err(invalid_grant("the code has expired"));
+        }
+        if row.client_id != app.client_id.as_str() {
+            return Err(invalid_grant("the code was issued to another client"));
+        }
+        match redirect_uri {
+            Some(u) if u == row.redirect_uri => {}
+            Some(_) => return Err(invalid_grant("redirect_uri differs from the authorization request's")),
+            None => return Err(OAuthError::invalid_request("redirect_uri is required")),
+        }
+        match (&row.code_challenge, code_verifier) {
+            (Some(_), None) => {
+                return Err(invalid_grant("code_verifier is required (the request carried a code_challenge)"));
+            }
+            (None, Some(_)) => {
+                return Err(invalid_grant("code_verifier sent, but the request carried no code_challenge"));
+            }
+            (Some(_), Some(v)) if !plausible_verifier(v) => {
+                return Err(OAuthError::invalid_request(
+                    "code_verifier must be 43-128 characters of A-Z a-z 0-9 - . _ ~",
+                ));
+            }
+            (Some(c), Some(v)) => {
+                let computed = b64url(&sha256(v.as_bytes()));
+                if aws_lc_rs::constant_time::verify_slices_are_equal(computed.as_bytes(), c.as_bytes()).is_err() {
+                    return Err(invalid_grant("code_verifier does not match the code_challenge"));
+                }
+            }
+            (None, None) => {}
+        }
+        let user = self.store.user(&row.org_id, &row.user_id).await.map_err(Error::from)?.filter(|u| u.enabled);
+        let session = self.store.session(&row.session_id).await.map_err(Error::from)?;
+        let (Some(user), Some(session)) = (user, session) else {
+            return Err(invalid_grant("the user is gone or disabled"));
+        };
+        if session.state != CredentialState::Active || session.expires_at <= now {
+            return Err(invalid_grant("the sign-in session has ended"));
+        }
+        Ok(RedeemableCode { row, hash, user, session })
     }
 
     /// `grant_type=refresh_token`: single use, rotated; a reused token revokes its family.
@@ -969,7 +999,7 @@ impl Portcullis {
     }
 
     /// A code presented again: what its first redemption issued is revoked (RFC 6749 §4.1.2).
-    async fn code_replayed(
+    pub(crate) async fn code_replayed(
         &self,
         ctx: &RequestContext,
         app: &crate::model::Application,

@@ -29,8 +29,13 @@
 //   userinfo     {client, access_token, sub?}           -> {userinfo}
 //   logout       {client, jar, id_token_hint?, post_logout_redirect_uri?, state?, params?,
 //                 confirm_logout?, raw_url?}            -> {trace, stop}
-//   browse       {url, jar, user?, sink_dir?, consent?, register?, confirm_logout?}
+//   browse       {url, jar, user?, sink_dir?, consent?, register?, confirm_logout?, also_origins?}
 //                                                       -> {trace, stop}
+//                `also_origins`: other origins whose redirects are followed too (a gateway's
+//                browser sign-in goes there and back); with it every request accepts
+//                `text/html` as a navigation does (Node's fetch always sends
+//                `Sec-Fetch-Mode: cors`, and no `Sec-Fetch-Dest`). Their TLS is trusted
+//                through NODE_EXTRA_CA_CERTS.
 //   totp-enrol   {jar, user, sink_dir?}                 -> {secret, step, trace, stop}
 //   submit       {url, jar, pick: {field?|action?}, set?: {}, remove?: [], button?}
 //                fetch a page, change its form and post it once, without following
@@ -256,6 +261,7 @@ class Browser {
     this.trace = [];
     this.handled = {};
     this.user = opts.user ?? null;
+    this.alsoOrigins = new Set(opts.also_origins ?? []);
     // Mail already there when this run started is never taken for a code.
     this.seenMail = new Set(this.user && opts.sink_dir ? mailsTo(opts.sink_dir, this.user.email).map((m) => m.n) : []);
     this.lastTotpStep = this.user?.totp_after_step ?? null;
@@ -264,6 +270,9 @@ class Browser {
 
   async request(method, url, body) {
     const headers = { 'user-agent': 'portcullis-oidc-e2e/1' };
+    if (this.alsoOrigins.size > 0) {
+      headers.accept = 'text/html,application/xhtml+xml;q=0.9,*/*;q=0.8';
+    }
     const cookie = this.jar.header(url);
     if (cookie) headers.cookie = cookie;
     if (body !== undefined) headers['content-type'] = 'application/x-www-form-urlencoded';
@@ -330,7 +339,7 @@ class Browser {
         if (this.isCallback(next)) {
           return { kind: 'callback', url: next, params: Object.fromEntries(new URL(next).searchParams), method: 'GET' };
         }
-        if (new URL(next).origin !== this.origin) {
+        if (new URL(next).origin !== this.origin && !this.alsoOrigins.has(new URL(next).origin)) {
           return { kind: 'external', url: next, params: Object.fromEntries(new URL(next).searchParams) };
         }
         if (entry.status === 307 || entry.status === 308) {
