@@ -490,12 +490,17 @@ const RP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/oidc_rp.mjs");
 /// the cookie jar `jar`, signing in as `user` at the control plane when asked; it trusts the
 /// gateway's certificate through our CA.
 async fn browse(st: &Setup, url: &str, jar: &Path, user: Option<&Value>, extra: Value) -> Value {
+    browse_via(st, &st.gw, url, jar, user, extra).await
+}
+
+/// [`browse`] through the gateway `gw`.
+async fn browse_via(st: &Setup, gw: &Gw, url: &str, jar: &Path, user: Option<&Value>, extra: Value) -> Value {
     let mut arg = json!({
         "issuer": st.s.url,
-        "url": format!("{}{url}", st.gw.url),
+        "url": format!("{}{url}", gw.url),
         "jar": jar,
         "sink_dir": st.sink.dir.path(),
-        "also_origins": [st.gw.url],
+        "also_origins": [gw.url],
     });
     if let Some(u) = user {
         arg["user"] = u.clone();
@@ -507,7 +512,7 @@ async fn browse(st: &Setup, url: &str, jar: &Path, user: Option<&Value>, extra: 
         .arg(RP)
         .arg("browse")
         .arg(arg.to_string())
-        .env("NODE_EXTRA_CA_CERTS", &st.gw.ca)
+        .env("NODE_EXTRA_CA_CERTS", &gw.ca)
         .env("NO_PROXY", "*")
         .env("no_proxy", "*")
         .stdin(std::process::Stdio::null())
@@ -537,7 +542,12 @@ async fn person(st: &Setup, name: &str, roles: &[&str]) -> (String, Value) {
 
 /// The trace entries of requests to the gateway.
 fn at_gateway<'a>(st: &Setup, v: &'a Value) -> Vec<&'a Value> {
-    v["trace"].as_array().unwrap().iter().filter(|e| e["url"].as_str().unwrap().starts_with(&st.gw.url)).collect()
+    at(&st.gw, v)
+}
+
+/// The trace entries of requests to `gw`.
+fn at<'a>(gw: &Gw, v: &'a Value) -> Vec<&'a Value> {
+    v["trace"].as_array().unwrap().iter().filter(|e| e["url"].as_str().unwrap().starts_with(&gw.url)).collect()
 }
 
 /// The value of cookie `name` in the browser's jar file.
@@ -655,4 +665,154 @@ async fn browser_routes_sign_in_at_the_control_plane_and_come_back_with_a_sessio
     });
     let r = gw.curl("/web/x", &["-H", &with_cookie2, "-H", "Accept: text/html"]);
     assert_eq!(r.status, 302, "a dead session in a browser goes back to the sign-in page: {r:?}");
+}
+
+/// `portcullis gateway`, killed when dropped.
+struct Standalone {
+    child: std::process::Child,
+    output: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Standalone {
+    fn start(config: &Path, secret: &str) -> (Standalone, u16) {
+        let mut child = support::portcullis_command(&[("PORTCULLIS_GATEWAY_CLIENT_SECRET", secret)], false)
+            .arg("gateway")
+            .arg("--config")
+            .arg(config)
+            .spawn()
+            .unwrap();
+        let output = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        for stream in [
+            Box::new(child.stderr.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stdout.take().unwrap()),
+        ] {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(stream).lines().map_while(Result::ok) {
+                    let mut o = output.lock().unwrap();
+                    o.push_str(&line);
+                    o.push('\n');
+                }
+            });
+        }
+        let me = Standalone { child, output };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = me.output.lock().unwrap().clone();
+            if let Some(port) = out
+                .lines()
+                .find_map(|l| l.split("gateway listening on https://").nth(1))
+                .and_then(|a| a.split(|c: char| c.is_whitespace() || c == '"').next())
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+            {
+                return (me, port);
+            }
+            assert!(Instant::now() < deadline, "the standalone gateway did not start:\n{out}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Standalone {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A standalone `portcullis gateway` against the real control plane over HTTP: its own
+/// application (client_credentials, role `portcullis:gateway`) fetches keys, trust, grants and
+/// the feed, checks a bearer token locally, and signs a browser in through the control plane
+/// (`/api/v1/gateway/browser-sessions`), whose sign-out then reaches it through the feed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_gateway_serves_tokens_and_browser_sign_in_from_the_real_control_plane() {
+    let st = setup().await;
+    let (up, _echo) = start_echo().await;
+    let r =
+        st.c.post(
+            "/api/v1/organisations/acme/applications",
+            &Cred::Bearer(&st.admin),
+            &json!({
+                "slug": "edge", "name": "Edge gateway", "grant_types": ["client_credentials", "authorization_code"],
+                "roles": ["portcullis:gateway"], "redirect_uris": ["https://localhost/.portcullis/callback"],
+                "token_endpoint_auth_method": "client_secret_basic", "first_party": true,
+            }),
+        )
+        .await;
+    r.expect(201);
+    let secret = r.str("client_secret");
+    let config = write(
+        &st.gw.dir.join("edge.toml"),
+        &format!(
+            r#"
+issuer = "{issuer}"
+client_id = "acme$edge"
+ops_listen = "127.0.0.1:0"
+
+[gateway]
+listen = "127.0.0.1:0"
+server_names = ["localhost"]
+mtls = "off"
+
+[[gateway.routes]]
+path = "/pay/"
+upstream = "{up}"
+auth = ["bearer"]
+require_roles = ["payments:reader"]
+audience = "{PAYMENTS_AUD}"
+
+[[gateway.routes]]
+path = "/web/"
+upstream = "{up}"
+auth = ["session"]
+require_roles = ["payments:reader"]
+"#,
+            issuer = st.s.url
+        ),
+    );
+    let (edge, port) = Standalone::start(&config, &secret);
+    let gw = Gw { url: format!("https://localhost:{port}"), ca: st.gw.ca.clone(), dir: st.gw.dir.clone() };
+    // Its callback, registered exactly now that the port is known.
+    let callback = format!("{}/.portcullis/callback", gw.url);
+    let r =
+        st.c.call(
+            reqwest::Method::PATCH,
+            "/api/v1/organisations/acme/applications/edge",
+            &Cred::Bearer(&st.admin),
+            Some(&json!({ "redirect_uris": [callback] })),
+        )
+        .await;
+    r.expect(200);
+
+    // A bearer token, checked locally with the keys fetched over HTTP.
+    let (id, app_secret) = application(&st, "edge-reader", &["payments:reader"], &["payments/read"]).await;
+    let tok = token(&st, &id, &app_secret, Some(PAYMENTS_AUD)).await;
+    let r = gw.bearer("/pay/x", &tok);
+    assert_eq!(r.status, 200, "{r:?}\n{}", edge.output.lock().unwrap());
+    assert_eq!(r.upstream_header("x-portcullis-subject").as_deref(), Some(id.as_str()));
+
+    // A browser signs in through the control plane and comes back with a session.
+    let (ann_id, ann) = person(&st, "ann", &["payments:reader"]).await;
+    let jar = gw.dir.join("jar-edge.json");
+    let v = browse_via(&st, &gw, "/web/home?x=1", &jar, Some(&ann), json!({})).await;
+    let steps = at(&gw, &v);
+    assert_eq!(steps[0]["status"], 302, "{v:#}");
+    assert!(steps[0]["location"].as_str().unwrap().contains("client_id=acme%24edge"), "{v:#}");
+    assert_eq!(steps.last().unwrap()["status"], 200, "{v:#}\n{}", edge.output.lock().unwrap());
+    let echo: Value = serde_json::from_str(v["stop"]["text"].as_str().unwrap()).unwrap();
+    assert_eq!((echo["path"].as_str(), echo["query"].as_str()), (Some("/web/home"), Some("x=1")));
+    assert_eq!(echo["headers"]["x-portcullis-subject"], ann_id.as_str());
+    let cookie =
+        format!("Cookie: __Host-portcullis_session={}", jar_cookie(&jar, "__Host-portcullis_session").unwrap());
+    assert_eq!(gw.curl("/web/y", &["-H", &cookie]).status, 200);
+
+    // Signing out at the control plane reaches the standalone gateway through the feed.
+    let v = browse_via(&st, &gw, "/.portcullis/logout", &jar, None, json!({ "confirm_logout": true })).await;
+    assert!(v["trace"].as_array().unwrap().iter().any(|e| e["page"] == "logout-confirmation"), "{v:#}");
+    let took = gw.eventually("the signed-out session to be refused by the standalone gateway", || {
+        gw.curl("/web/y", &["-H", &cookie, "-H", "Accept: application/json"]).status == 401
+    });
+    eprintln!("sign-out reached the standalone gateway in {took:?}");
 }
