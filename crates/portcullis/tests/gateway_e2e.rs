@@ -816,3 +816,45 @@ require_roles = ["payments:reader"]
     });
     eprintln!("sign-out reached the standalone gateway in {took:?}");
 }
+
+/// `session` routes without a sign-in application are a configuration error: `serve` does not
+/// start (inside serve the gateway has no application of its own to default to).
+#[test]
+fn session_routes_without_a_sign_in_application_stop_serve_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        &dir.path().join("portcullis.toml"),
+        r#"
+[gateway]
+listen = "127.0.0.1:0"
+
+[[gateway.routes]]
+path = "/web/"
+upstream = "http://127.0.0.1:9"
+auth = ["session"]
+"#,
+    );
+    let mut child = support::portcullis_command(&[], true)
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--config")
+        .arg(&config)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("serve kept running with session routes and no sign-in application");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("no sign-in application") && err.contains("[gateway.login] client_id"), "{err}");
+}
