@@ -303,6 +303,17 @@ pub fn render<T: Template>(status: StatusCode, page: &T, form_actions: &[String]
     }
 }
 
+/// The admin portal's Content-Security-Policy: the pages' one, plus `connect-src 'self'` for
+/// the live checks of `/assets/portal.js` (same-origin `fetch` only).
+pub const PORTAL_CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self' data:; script-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+/// [`render`] for the admin portal's pages: the same headers with [`PORTAL_CSP`].
+pub fn render_portal<T: Template>(status: StatusCode, page: &T) -> Response {
+    let mut r = render(status, page, &[]);
+    r.headers_mut().insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(PORTAL_CSP));
+    r
+}
+
 /// An HTML error page with a new error id, shown on the page and sent as `x-error-id`;
 /// `x-error` carries the message. A 5xx logs `message` under the id and shows (and sends)
 /// only a generic text.

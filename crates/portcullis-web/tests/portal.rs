@@ -293,6 +293,11 @@ async fn an_org_admin_sees_and_changes_only_their_organisation() {
     let acme = sign_in(&e, "admin@acme.test").await;
     let dash = get(&e, &acme, "/portal").await;
     assert_eq!(dash.status, StatusCode::OK, "{}", dash.snippet());
+    assert_eq!(
+        dash.headers.get(header::CONTENT_SECURITY_POLICY).unwrap(),
+        portcullis_web::pages::PORTAL_CSP,
+        "the sign-in pages' policy plus connect-src 'self' for the live check"
+    );
     assert!(dash.body.contains("href=\"/portal/orgs/acme/applications\""));
     assert!(!dash.body.contains("globex") && !dash.body.contains("Globex"), "no trace of another organisation");
 
@@ -480,7 +485,10 @@ async fn an_application_is_created_its_secret_shown_once_and_it_gets_a_token() {
         page.body.contains("href=\"/applications/acme$billing/jwks.json\"")
             || page.body.contains("href=\"/applications/acme&#36;billing/jwks.json\"")
     );
-    assert!(page.element("curl-command").contains("acme$billing:$CLIENT_SECRET"));
+    assert_eq!(
+        page.element("curl-command"),
+        format!("curl -s -u 'acme$billing':\"$CLIENT_SECRET\" -d grant_type=client_credentials {ISS}/oauth2/token")
+    );
     assert!(get(&e, &acme, "/portal/orgs/acme/applications").await.body.contains("acme$billing"));
 
     // The same id again: the form comes back with the error and its id.

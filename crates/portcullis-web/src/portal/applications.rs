@@ -229,26 +229,34 @@ struct SecretPage {
 }
 
 /// The ready `curl` for a token with the client credentials grant, when the application has
-/// that grant and a secret-based method (`secret` may be a placeholder).
-fn curl_command(issuer: &str, app: &Application, secret: &str) -> Option<String> {
+/// that grant and a secret-based or certificate method. With `secret` it is pasted in (single
+/// quotes); without, the command reads the shell variable `$CLIENT_SECRET` (double quotes, so
+/// the shell expands it; the client id's `$` stays in single quotes).
+fn curl_command(issuer: &str, app: &Application, secret: Option<&str>) -> Option<String> {
     use portcullis_core::model::{AuthMethod, GrantType};
     if !app.grant_types.contains(&GrantType::ClientCredentials) {
         return None;
     }
     let token = format!("{}/oauth2/token", issuer.trim_end_matches('/'));
     let id = app.client_id.as_str();
-    match app.auth_method {
-        AuthMethod::ClientSecretBasic => {
-            Some(format!("curl -s -u '{id}:{secret}' -d grant_type=client_credentials {token}"))
+    match (app.auth_method, secret) {
+        (AuthMethod::ClientSecretBasic, Some(s)) => {
+            Some(format!("curl -s -u '{id}:{s}' -d grant_type=client_credentials {token}"))
         }
-        AuthMethod::ClientSecretPost => Some(format!(
-            "curl -s -d grant_type=client_credentials -d 'client_id={id}' -d 'client_secret={secret}' {token}"
+        (AuthMethod::ClientSecretBasic, None) => {
+            Some(format!("curl -s -u '{id}':\"$CLIENT_SECRET\" -d grant_type=client_credentials {token}"))
+        }
+        (AuthMethod::ClientSecretPost, Some(s)) => {
+            Some(format!("curl -s -d grant_type=client_credentials -d 'client_id={id}' -d 'client_secret={s}' {token}"))
+        }
+        (AuthMethod::ClientSecretPost, None) => Some(format!(
+            "curl -s -d grant_type=client_credentials -d 'client_id={id}' -d \"client_secret=$CLIENT_SECRET\" {token}"
         )),
-        AuthMethod::TlsClientAuth => Some(format!(
+        (AuthMethod::TlsClientAuth, _) => Some(format!(
             "curl -s --cert {slug}.pem --key {slug}.key -d grant_type=client_credentials -d 'client_id={id}' {token}",
             slug = app.slug
         )),
-        AuthMethod::PrivateKeyJwt | AuthMethod::None => None,
+        (AuthMethod::PrivateKeyJwt | AuthMethod::None, _) => None,
     }
 }
 
@@ -283,7 +291,7 @@ pub async fn create(v: Visit, Path(org): Path<String>, body: Body) -> Response {
             let page = SecretPage {
                 shell: v.shell(Some(&o), Nav::Applications).await,
                 org: o.slug.to_string(),
-                curl: secret.as_deref().and_then(|s| curl_command(v.s.core.issuer(), &created.app, s)),
+                curl: secret.as_deref().and_then(|s| curl_command(v.s.core.issuer(), &created.app, Some(s))),
                 app: ApplicationView::new(&created.app, o.slug.as_str()),
                 secret,
                 rotated: false,
@@ -358,7 +366,7 @@ pub async fn detail(v: Visit, Path((org, app)): Path<(String, String)>) -> Respo
     let page = DetailPage {
         shell: v.shell(Some(&o), Nav::Applications).await,
         org: o.slug.to_string(),
-        curl: curl_command(&issuer, &a, "$CLIENT_SECRET"),
+        curl: curl_command(&issuer, &a, None),
         created: short_time(&portcullis_core::clock::rfc3339(a.created_at)),
         jwks_url: format!("{issuer}{}", view.certificate_jwks_uri),
         app: view,
@@ -460,7 +468,7 @@ pub async fn rotate(v: Visit, Path((org, app)): Path<(String, String)>, body: Bo
             let page = SecretPage {
                 shell: v.shell(Some(&o), Nav::Applications).await,
                 org: o.slug.to_string(),
-                curl: curl_command(v.s.core.issuer(), &a, &secret),
+                curl: curl_command(v.s.core.issuer(), &a, Some(&secret)),
                 previous_until: a.previous_secret_expires_at.map(|t| short_time(&portcullis_core::clock::rfc3339(t))),
                 app: ApplicationView::new(&a, o.slug.as_str()),
                 secret: Some(secret),

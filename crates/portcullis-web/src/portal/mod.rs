@@ -284,7 +284,7 @@ impl Visit {
 
     /// An HTML page with the CSRF cookie when the browser had none.
     pub fn page<T: Template>(&self, status: StatusCode, page: &T) -> Response {
-        oidc::with_cookies(pages::render(status, page, &[]), [self.csrf.set_cookie.clone()])
+        oidc::with_cookies(pages::render_portal(status, page), [self.csrf.set_cookie.clone()])
     }
 
     /// A page that shows `err` (already in its shell): `status`, `x-error` and `x-error-id`.
