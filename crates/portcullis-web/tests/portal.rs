@@ -813,3 +813,284 @@ async fn the_portal_assets_are_served() {
     assert_eq!(js.headers.get(header::CONTENT_TYPE).unwrap(), "text/javascript; charset=utf-8");
     assert!(js.body.contains("data-copy"));
 }
+
+// ---- users -----------------------------------------------------------------------------------
+
+/// The id of the acme user with this address.
+async fn user_id(e: &Env, email: &str) -> String {
+    e.core
+        .search_users(&platform(), "acme", Some(email), portcullis_core::model::Page::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|u| u.email.as_str() == email)
+        .unwrap()
+        .id
+}
+
+#[tokio::test]
+async fn users_are_invited_searched_given_roles_disabled_and_signed_out() {
+    let e = world().await;
+    let acme = sign_in(&e, "admin@acme.test").await;
+    let token = csrf(&e);
+
+    // The list, searchable.
+    let list = get(&e, &acme, "/portal/orgs/acme/users").await;
+    assert!(list.body.contains("dev@acme.test") && list.body.contains("admin@acme.test"));
+    let found = get(&e, &acme, "/portal/orgs/acme/users?q=dev").await;
+    assert!(found.body.contains(">dev@acme.test</a>") && !found.body.contains(">admin@acme.test</a>"));
+    assert!(get(&e, &acme, "/portal/orgs/acme/users?q=nobody").await.body.contains("No user matches"));
+
+    // An invitation: a user without a password and a mail with the link.
+    let invite = get(&e, &acme, "/portal/orgs/acme/users/invite").await;
+    assert!(
+        invite.body.contains("value=\"payments:reader\"") && invite.body.contains("value=\"portcullis:org-admin\"")
+    );
+    let r = post(
+        &e,
+        &acme,
+        "/portal/orgs/acme/users",
+        &[("csrf_token", &token), ("email", "new@acme.test"), ("name", "New Person"), ("roles", "payments:reader")],
+    )
+    .await;
+    let page = r.see_other().to_owned();
+    assert!(page.ends_with("?notice=user-invited"), "{page}");
+    e.core.deliver_mail().await.unwrap();
+    let links = |e: &Env| {
+        e.mailer.sent().into_iter().filter(|m| m.to == "new@acme.test" && m.text.contains("/invite?token=")).count()
+    };
+    assert_eq!(links(&e), 1);
+    let user = get(&e, &acme, &page).await;
+    assert!(user.body.contains("badge-expired\">invited") && user.body.contains("id=\"resend\""));
+    let id = user_id(&e, "new@acme.test").await;
+    // The same address again: the form comes back with the error.
+    let r =
+        post(&e, &acme, "/portal/orgs/acme/users", &[("csrf_token", &token), ("email", "new@acme.test"), ("name", "")])
+            .await;
+    r.assert_refused(StatusCode::CONFLICT);
+    assert!(r.body.contains("value=\"new@acme.test\""));
+    // Another link.
+    let r = post(&e, &acme, &format!("/portal/orgs/acme/users/{id}/invitation"), &[("csrf_token", &token)]).await;
+    assert!(r.see_other().ends_with("?notice=user-reinvited"));
+    e.core.deliver_mail().await.unwrap();
+    assert_eq!(links(&e), 2);
+
+    // Roles: the form sets exactly the checked ones.
+    let dev = user_id(&e, "dev@acme.test").await;
+    let r = post(
+        &e,
+        &acme,
+        &format!("/portal/orgs/acme/users/{dev}/roles"),
+        &[("csrf_token", &token), ("roles", "payments:reader")],
+    )
+    .await;
+    assert!(r.see_other().ends_with("?notice=user-roles"));
+    let roles = |id: String| {
+        let e = &e;
+        async move {
+            e.core
+                .user(&platform(), "acme", &id)
+                .await
+                .unwrap()
+                .roles
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(roles(dev.clone()).await, ["payments:reader"]);
+    post(&e, &acme, &format!("/portal/orgs/acme/users/{dev}/roles"), &[("csrf_token", &token)]).await;
+    assert!(roles(dev.clone()).await.is_empty());
+    // A role no service defines is refused, with nothing else changed.
+    let r = post(
+        &e,
+        &acme,
+        &format!("/portal/orgs/acme/users/{dev}/roles"),
+        &[("csrf_token", &token), ("roles", "made:up")],
+    )
+    .await;
+    r.assert_refused(StatusCode::BAD_REQUEST);
+    // The platform admin role is not offered to an org admin, and not taken when sent.
+    let r = post(
+        &e,
+        &acme,
+        &format!("/portal/orgs/acme/users/{dev}/roles"),
+        &[("csrf_token", &token), ("roles", "portcullis:admin")],
+    )
+    .await;
+    r.assert_refused(StatusCode::BAD_REQUEST);
+    assert!(roles(dev.clone()).await.is_empty());
+
+    // Sessions: the dev signs in; the admin sees it and ends it.
+    let dev_browser = sign_in(&e, "dev@acme.test").await;
+    let page = get(&e, &acme, &format!("/portal/orgs/acme/users/{dev}")).await;
+    let revoke_link = format!("/portal/orgs/acme/users/{dev}/sessions/");
+    assert!(page.body.contains(&revoke_link) && page.body.contains("Sign out everywhere"));
+    let r = post(&e, &acme, &format!("/portal/orgs/acme/users/{dev}/sessions/revoke"), &[("csrf_token", &token)]).await;
+    assert!(r.see_other().ends_with("?notice=sessions-revoked"));
+    assert!(e.core.account_session(dev_browser.sso.as_deref().unwrap()).await.is_err(), "the dev's session ended");
+
+    // Disable (after a confirmation) and enable.
+    assert!(get(&e, &acme, &format!("/portal/orgs/acme/users/{dev}/disable")).await.body.contains("Disable user"));
+    let r = post(&e, &acme, &format!("/portal/orgs/acme/users/{dev}/disable"), &[("csrf_token", &token)]).await;
+    assert!(r.see_other().ends_with("?notice=user-disabled"));
+    assert!(!e.core.user(&platform(), "acme", &dev).await.unwrap().enabled);
+    post(&e, &acme, &format!("/portal/orgs/acme/users/{dev}/enable"), &[("csrf_token", &token)]).await;
+    assert!(e.core.user(&platform(), "acme", &dev).await.unwrap().enabled);
+    // No second factor to reset: the page says so with an id.
+    post(&e, &acme, &format!("/portal/orgs/acme/users/{dev}/reset-totp"), &[("csrf_token", &token)])
+        .await
+        .assert_refused(StatusCode::NOT_FOUND);
+
+    // Another organisation's users are out of reach.
+    let globex_admin = user_id_in(&e, "globex", "admin@globex.test").await;
+    get(&e, &acme, &format!("/portal/orgs/globex/users/{globex_admin}")).await.assert_refused(StatusCode::FORBIDDEN);
+    get(&e, &acme, &format!("/portal/orgs/acme/users/{globex_admin}")).await.assert_refused(StatusCode::NOT_FOUND);
+    post(&e, &acme, &format!("/portal/orgs/acme/users/{globex_admin}/disable"), &[("csrf_token", &token)])
+        .await
+        .assert_refused(StatusCode::NOT_FOUND);
+}
+
+async fn user_id_in(e: &Env, org: &str, email: &str) -> String {
+    e.core
+        .search_users(&platform(), org, Some(email), portcullis_core::model::Page::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .next()
+        .unwrap()
+        .id
+}
+
+#[tokio::test]
+async fn user_actions_need_a_recent_sign_in() {
+    let e = world().await;
+    let acme = sign_in(&e, "admin@acme.test").await;
+    let dev = user_id(&e, "dev@acme.test").await;
+    e.clock.advance(11 * 60);
+    for what in ["disable", "reset-totp", "sessions/revoke"] {
+        let path = format!("/portal/orgs/acme/users/{dev}/{what}");
+        let r = post(&e, &acme, &path, &[("csrf_token", &csrf(&e))]).await;
+        assert!(r.see_other().starts_with("/login?reauth=1&return_to=%2Fportal%2Forgs%2Facme%2Fusers%2F"), "{what}");
+    }
+    assert!(e.core.user(&platform(), "acme", &dev).await.unwrap().enabled);
+}
+
+// ---- audit -----------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_audit_log_filters_by_actor_action_outcome_and_day() {
+    let e = world().await;
+    let acme = sign_in(&e, "admin@acme.test").await;
+    let ctx = RequestContext::default();
+    assert!(
+        e.core
+            .browser_login(&ctx, "dev@acme.test", SecretString::from("wrong-password-123"), None, None)
+            .await
+            .is_err()
+    );
+    let admin = user_id(&e, "admin@acme.test").await;
+
+    let all = get(&e, &acme, "/portal/orgs/acme/audit").await;
+    assert_eq!(all.status, StatusCode::OK);
+    assert!(all.body.contains("<code>user.create</code>") && all.body.contains("<code>session.login</code>"));
+    let failures = get(&e, &acme, "/portal/orgs/acme/audit?outcome=failure").await;
+    assert!(failures.body.contains("session.login") && !failures.body.contains("<code>user.create</code>"));
+    let mine = get(&e, &acme, &format!("/portal/orgs/acme/audit?actor={admin}&action=session.")).await;
+    assert!(mine.body.contains("session.verify") && !mine.body.contains("user.create"));
+    // The clock of the tests is 2030-03-17: that day has events, the day before none.
+    let day = |d: &str| format!("/portal/orgs/acme/audit?from={d}&to={d}");
+    assert!(get(&e, &acme, &day("2030-03-17")).await.body.contains("<code>user.create</code>"));
+    assert!(get(&e, &acme, &day("2030-03-16")).await.body.contains("No event matches"));
+    get(&e, &acme, "/portal/orgs/acme/audit?from=yesterday").await.assert_refused(StatusCode::BAD_REQUEST);
+    get(&e, &acme, "/portal/orgs/acme/audit?outcome=maybe").await.assert_refused(StatusCode::BAD_REQUEST);
+    get(&e, &acme, "/portal/orgs/globex/audit").await.assert_refused(StatusCode::FORBIDDEN);
+}
+
+// ---- API keys --------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn api_keys_are_created_activated_with_the_mailed_code_and_revoked() {
+    let e = world().await;
+    let acme = sign_in(&e, "admin@acme.test").await;
+    let token = csrf(&e);
+    let list = get(&e, &acme, "/portal/api-keys").await;
+    assert!(list.body.contains("You have no API key yet") && list.body.contains("value=\"portcullis:org-admin\""));
+
+    let r = post(
+        &e,
+        &acme,
+        "/portal/api-keys",
+        &[("csrf_token", &token), ("name", "ci"), ("expires", ""), ("roles", "portcullis:org-admin")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.snippet());
+    let (key, secret) = (r.element("api-key"), r.element("api-secret"));
+    let verification =
+        r.body.split("name=\"verification_id\" value=\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
+    // Pending until the code is entered.
+    let call = |key: String, secret: String| {
+        let e = &e;
+        async move {
+            let req = Request::get("/api/v1/organisations/acme")
+                .header("api-key", key)
+                .header("api-secret", secret)
+                .body(Body::empty())
+                .unwrap();
+            send(e, req).await.status
+        }
+    };
+    assert_eq!(call(key.clone(), secret.clone()).await, StatusCode::UNAUTHORIZED);
+    e.core.deliver_mail().await.unwrap();
+    let mail = e.mailer.sent().into_iter().rfind(|m| m.to == "admin@acme.test").unwrap();
+    let code = mail
+        .text
+        .split_whitespace()
+        .find(|w| w.len() == 6 && w.bytes().all(|b| b.is_ascii_digit()))
+        .unwrap()
+        .to_owned();
+    let wrong = post(
+        &e,
+        &acme,
+        "/portal/api-keys/verify",
+        &[("csrf_token", &token), ("verification_id", &verification), ("code", "000000")],
+    )
+    .await;
+    wrong.assert_refused(StatusCode::UNAUTHORIZED);
+    assert!(wrong.body.contains(&format!("name=\"verification_id\" value=\"{verification}\"")), "the form again");
+    assert!(!wrong.body.contains(&secret));
+    let r = post(
+        &e,
+        &acme,
+        "/portal/api-keys/verify",
+        &[("csrf_token", &token), ("verification_id", &verification), ("code", &code)],
+    )
+    .await;
+    assert_eq!(r.see_other(), "/portal/api-keys?notice=key-activated");
+    assert_eq!(call(key.clone(), secret.clone()).await, StatusCode::OK);
+    let list = get(&e, &acme, "/portal/api-keys").await;
+    assert!(list.body.contains(&key) && list.body.contains("badge-ok\">active") && !list.body.contains(&secret));
+
+    // A role the admin does not hold: refused in the page.
+    let r = post(
+        &e,
+        &acme,
+        "/portal/api-keys",
+        &[("csrf_token", &token), ("name", "x"), ("expires", ""), ("roles", "portcullis:admin")],
+    )
+    .await;
+    r.assert_refused(StatusCode::FORBIDDEN);
+    assert!(r.body.contains("not one of yours") && r.body.contains("id=\"new-key\""), "the form again");
+
+    // Revocation.
+    let id = list.body.split("/portal/api-keys/").nth(1).unwrap().split('/').next().unwrap().to_owned();
+    assert!(get(&e, &acme, &format!("/portal/api-keys/{id}/revoke")).await.body.contains("Revoke API key"));
+    let r = post(&e, &acme, &format!("/portal/api-keys/{id}/revoke"), &[("csrf_token", &token)]).await;
+    assert_eq!(r.see_other(), "/portal/api-keys?notice=key-revoked");
+    assert_eq!(call(key, secret).await, StatusCode::UNAUTHORIZED);
+    // Someone else's key is not found.
+    let globex = sign_in(&e, "admin@globex.test").await;
+    post(&e, &globex, &format!("/portal/api-keys/{id}/revoke"), &[("csrf_token", &token)])
+        .await
+        .assert_refused(StatusCode::NOT_FOUND);
+}

@@ -4,7 +4,8 @@
 //! headless Chromium driven by npm `playwright-core` from `tests/portal/portal.mjs`. The browser
 //! signs in with the mailed code, creates an application, runs the New Certificate wizard with a
 //! CSR made by `openssl` from the command the page shows, downloads the certificate and its chain
-//! and revokes it. Then, outside the browser: `curl` gets a token with the secret the page
+//! and revokes it; it invites a user and creates, activates (with the mailed code) and revokes an
+//! API key. Then, outside the browser: `curl` gets a token with the secret the page
 //! showed, and `openssl verify` checks the downloaded certificate against the downloaded chain,
 //! and against the CRL once revoked.
 //!
@@ -85,6 +86,7 @@ async fn the_portal_in_a_real_browser() {
         "org": "acme",
         "email": ADMIN_EMAIL,
         "password": ADMIN_PW,
+        "invitee": "invited@acme.test",
         "sink_dir": sink.dir.path().display().to_string(),
         "work": work.path().display().to_string(),
         "shots": shots,
@@ -190,6 +192,24 @@ async fn the_portal_in_a_real_browser() {
     for a in ["application.create", "certificate.issue", "certificate.revoke"] {
         assert!(actions.contains(&a), "{a} in {actions:?}");
     }
+
+    // The invited person got a link; the API key worked only between activation and revocation.
+    assert_eq!(v["invited_badge"], "invited");
+    let invitation = sink.next_mail("invited@acme.test", "", std::time::Duration::from_secs(15)).await;
+    assert!(invitation.part("text/plain").contains("/invite?token="), "{}", invitation.part("text/plain"));
+    assert_eq!(
+        (v["key_state_after_activation"].as_str(), v["key_state_after_revocation"].as_str()),
+        (Some("active"), Some("revoked"))
+    );
+    let r = reqwest::Client::new()
+        .get(format!("{}/api/v1/organisations/acme", s.url))
+        .header("api-key", v["api_key"].as_str().unwrap())
+        .header("api-secret", v["api_secret"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "a revoked key is refused");
+    assert!(v["audit_rows"].as_u64().unwrap() >= 2, "the issue and the revocation: {}", v["audit_rows"]);
 
     assert!(v["screenshots"].as_array().unwrap().len() >= 10, "{}", v["screenshots"]);
     s.assert_no_logged_errors();

@@ -18,9 +18,12 @@
 // would buy nothing.
 #![allow(clippy::result_large_err)]
 
+mod api_keys;
 mod applications;
+mod audit;
 mod certificates;
 mod dashboard;
+mod users;
 
 use std::sync::Arc;
 
@@ -74,6 +77,26 @@ pub fn routes() -> Router<AppState> {
         .route(&format!("{org}/certificates/{{id}}/{{file}}"), get(c::download))
         .route(&format!("{org}/certificates/{{id}}/revoke"), get(c::revoke_confirm).post(c::revoke))
         .route(&format!("{org}/certificates/{{id}}/renew"), get(c::renew_form).post(c::renew))
+        .route(&format!("{org}/users"), get(users::list).post(users::invite))
+        .route(&format!("{org}/users/invite"), get(users::invite_form))
+        .route(&format!("{org}/users/{{id}}"), get(users::detail))
+        .route(&format!("{org}/users/{{id}}/roles"), post(users::set_roles))
+        .route(&format!("{org}/users/{{id}}/invitation"), post(users::resend))
+        .route(&format!("{org}/users/{{id}}/disable"), get(users::disable_confirm).post(users::disable))
+        .route(&format!("{org}/users/{{id}}/enable"), post(users::enable))
+        .route(&format!("{org}/users/{{id}}/reset-totp"), get(users::reset_totp_confirm).post(users::reset_totp))
+        .route(
+            &format!("{org}/users/{{id}}/sessions/revoke"),
+            get(users::revoke_sessions_confirm).post(users::revoke_sessions),
+        )
+        .route(
+            &format!("{org}/users/{{id}}/sessions/{{session}}/revoke"),
+            get(users::revoke_session_confirm).post(users::revoke_session),
+        )
+        .route(&format!("{org}/audit"), get(audit::list))
+        .route("/portal/api-keys", get(api_keys::list).post(api_keys::create))
+        .route("/portal/api-keys/verify", post(api_keys::verify))
+        .route("/portal/api-keys/{id}/revoke", get(api_keys::revoke_confirm).post(api_keys::revoke))
 }
 
 async fn css() -> Response {
@@ -107,6 +130,9 @@ pub enum Nav {
     Dashboard,
     Applications,
     Certificates,
+    Users,
+    Audit,
+    ApiKeys,
 }
 
 /// An error shown in the page, with the id also sent as `x-error-id`.
@@ -194,6 +220,16 @@ fn notice_text(key: &str) -> Option<&'static str> {
         "cert-issued" => "The certificate was issued. Download it and its chain below.",
         "cert-revoked" => "The certificate was revoked and the CRL re-signed.",
         "cert-renewed" => "The certificate was renewed. The old one stays valid until it expires or is revoked.",
+        "user-invited" => "The invitation is on its way: the link works once and expires in 7 days.",
+        "user-reinvited" => "A new invitation link is on its way; the previous one no longer works.",
+        "user-roles" => "The user's roles are saved. Removed roles count at once for their sessions and API keys.",
+        "user-disabled" => "The user is disabled and signed out everywhere.",
+        "user-enabled" => "The user is enabled.",
+        "user-totp-reset" => "The second factor is reset: the next sign-in uses a code sent by email.",
+        "sessions-revoked" => "Every session of the user was revoked.",
+        "session-revoked" => "The session was revoked.",
+        "key-activated" => "The API key is active.",
+        "key-revoked" => "The API key was revoked.",
         _ => return None,
     })
 }

@@ -9,7 +9,8 @@
 // tests/e2e/oidc_rp.mjs does), creates an application through the form (the client id checked
 // live, the secret read from the page), runs the whole New Certificate wizard (the openssl
 // command copied from the page and run in `work`, the CSR file uploaded, the certificate and
-// chain downloaded), revokes the certificate with a reason, and saves screenshots of the main
+// chain downloaded), revokes the certificate with a reason, invites a user, creates an API key
+// (activated with the mailed code) and revokes it, and saves screenshots of the main
 // pages to `shots`. It prints one JSON object: what the test checks outside the browser (the
 // secret, the downloaded files), every document the browser loaded with its security headers,
 // and every console error, page error or CSP violation.
@@ -200,6 +201,45 @@ async function main() {
     await shot('certificates');
     await page.goto(`${base}/portal/orgs/${org}/applications`);
     await shot('applications');
+
+    // ---- a user, invited ------------------------------------------------------------------
+    await page.goto(`${base}/portal/orgs/${org}/users`);
+    await page.getByRole('link', { name: 'Invite user' }).click();
+    await page.getByLabel('Email address').fill(a.invitee);
+    await page.getByLabel('Name').fill('Invited Person');
+    await page.locator('input[name=roles][value="payments:reader"]').check();
+    await shot('user-invite');
+    await Promise.all([page.waitForURL(/notice=user-invited/), page.locator('#send-invitation').click()]);
+    out.invited_badge = await page.locator('h1 .badge').textContent();
+    step('user invited');
+    await shot('user');
+    await page.goto(`${base}/portal/orgs/${org}/users`);
+    await shot('users');
+
+    // ---- an API key: created, activated with the mailed code, revoked --------------------
+    const seenKeyMail = new Set(mailsTo(a.sink_dir, a.email).map((m) => m.n));
+    await page.locator('a[href="/portal/api-keys"]').click();
+    await page.getByLabel('Name').fill('ci pipeline');
+    await Promise.all([page.waitForLoadState('load'), page.locator('#create-key').click()]);
+    await page.locator('#api-secret').waitFor();
+    out.api_key = (await page.locator('#api-key').textContent()).trim();
+    out.api_secret = (await page.locator('#api-secret').textContent()).trim();
+    await shot('api-key-created');
+    await page.getByLabel('Code from the email').fill(await mailedCode(seenKeyMail));
+    await Promise.all([page.waitForURL(/notice=key-activated/), page.locator('#activate-key').click()]);
+    out.key_state_after_activation = await page.locator('#api-keys .badge').first().textContent();
+    step('API key activated');
+    await shot('api-keys');
+    await page.getByRole('link', { name: /^Revoke/ }).first().click();
+    await Promise.all([page.waitForURL(/notice=key-revoked/), page.locator('#confirm-button').click()]);
+    out.key_state_after_revocation = await page.locator('#api-keys .badge').first().textContent();
+    step('API key revoked');
+
+    // ---- the audit log -------------------------------------------------------------------
+    await page.goto(`${base}/portal/orgs/${org}/audit?action=certificate.`);
+    out.audit_rows = await page.locator('#audit tbody tr').count();
+    await page.goto(`${base}/portal/orgs/${org}/audit`);
+    await shot('audit');
 
     // ---- small screens -------------------------------------------------------------------
     await page.setViewportSize({ width: 390, height: 844 });
