@@ -104,6 +104,22 @@ ensure_node_deps() {
         || die "openid-client still not importable after npm install"
 }
 
+# The portal's browser test drives Debian's `chromium` with npm `playwright-core` (pinned by
+# crates/portcullis/tests/portal/package-lock.json; it downloads no browser of its own).
+ensure_portal_browser() {
+    local dir=crates/portcullis/tests/portal
+    ensure_cmd chromium chromium
+    if (cd "$dir" && node -e 'import("playwright-core").then(() => process.exit(0), () => process.exit(1))') \
+        >/dev/null 2>&1; then
+        info "playwright-core present"
+        return
+    fi
+    info "npm ci in $dir"
+    npm ci --no-audit --no-fund --prefix "$dir" </dev/null || die "npm ci in $dir failed"
+    (cd "$dir" && node -e 'import("playwright-core").then(() => process.exit(0), () => process.exit(1))') \
+        || die "playwright-core still not importable after npm ci"
+}
+
 ensure_cargo() {
     if ! command -v cargo >/dev/null 2>&1 && [[ -f "${CARGO_HOME:-$HOME/.cargo}/env" ]]; then
         # shellcheck disable=SC1091
@@ -269,6 +285,7 @@ main() {
     ensure_cmd psql postgresql-client   # the PostgreSQL e2e test creates its database with psql
     ensure_python_deps
     ensure_node_deps
+    ensure_portal_browser
 
     section "PostgreSQL"
     ensure_postgres

@@ -546,6 +546,18 @@ pub struct OrgRoleGrant {
     pub permission: PermissionName,
 }
 
+/// What the portal's dashboard shows of an organisation (see `Store::organisation_counts`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct OrganisationCounts {
+    pub applications: u64,
+    pub users: u64,
+    /// Active (not revoked, not expired) certificates whose `not_after` is before a bound.
+    pub certificates_expiring: u64,
+    /// Failed password or second-factor steps of sign-ins (`session.login`, `session.verify`)
+    /// since a bound.
+    pub failed_sign_ins: u64,
+}
+
 /// Criteria for querying audit events; `None` matches everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -456,4 +456,18 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes codes expired before `before`, refresh tokens expired before `before`, and
     /// logout deliveries delivered or given up before `before`. Returns how many rows.
     async fn purge_oidc(&self, before: UnixTime) -> StoreResult<u64>;
+
+    // ---- the portal -------------------------------------------------------------------------
+
+    /// The dashboard's counts for one organisation: its applications and users; its active
+    /// certificates (not revoked, `not_after > now`) with `not_after < expiring_before`; and
+    /// its audit events with outcome `failure` and action `session.login` or `session.verify`
+    /// at or after `failures_since`.
+    async fn organisation_counts(
+        &self,
+        org_id: &str,
+        now: UnixTime,
+        expiring_before: UnixTime,
+        failures_since: UnixTime,
+    ) -> StoreResult<OrganisationCounts>;
 }

@@ -2075,6 +2075,42 @@ macro_rules! sql_store {
                 tx.commit().await.map_err(db_err)?;
                 Ok(n)
             }
+
+            // ---- the portal -------------------------------------------------------------------
+
+            async fn organisation_counts(
+                &self,
+                org_id: &str,
+                now: UnixTime,
+                expiring_before: UnixTime,
+                failures_since: UnixTime,
+            ) -> StoreResult<OrganisationCounts> {
+                let r = sqlx::query(
+                    "SELECT \
+                       (SELECT COUNT(*) FROM applications WHERE org_id = $1) AS applications, \
+                       (SELECT COUNT(*) FROM users WHERE org_id = $1) AS users, \
+                       (SELECT COUNT(*) FROM certificates WHERE org_id = $1 AND revoked_at IS NULL \
+                          AND not_after > $2 AND not_after < $3) AS expiring, \
+                       (SELECT COUNT(*) FROM audit_events WHERE org_id = $1 AND outcome = 'failure' \
+                          AND action IN ('session.login', 'session.verify') AND at >= $4) AS failures",
+                )
+                .bind(org_id)
+                .bind(now)
+                .bind(expiring_before)
+                .bind(failures_since)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db_err)?;
+                let n = |col: &str| -> StoreResult<u64> {
+                    u64::try_from(r.try_get::<i64, _>(col).map_err(db_err)?).map_err(|_| corrupt("count"))
+                };
+                Ok(OrganisationCounts {
+                    applications: n("applications")?,
+                    users: n("users")?,
+                    certificates_expiring: n("expiring")?,
+                    failed_sign_ins: n("failures")?,
+                })
+            }
         }
 
         impl $store {

@@ -110,6 +110,7 @@ contract_tests!(
     audit_marks_follow_positions_and_fetch_skipped_ones,
     revoked_tokens_since_filter_by_revocation_and_expiry,
     all_role_grants_span_organisations,
+    organisation_counts_count_only_what_the_dashboard_shows,
 );
 
 /// Databases left at schema v2 with rows in it, then opened (and so migrated) by the store.
@@ -4913,4 +4914,67 @@ async fn all_role_grants_span_organisations(s: Arc<dyn Store>) {
     }
     per_org.sort();
     assert_eq!(s.all_role_grants().await.unwrap(), per_org);
+}
+
+// ------------------------------------------------------------------------------- portal --
+
+async fn organisation_counts_count_only_what_the_dashboard_shows(s: Arc<dyn Store>) {
+    let acme = seed_org(&*s, "acme").await;
+    let other = seed_org(&*s, "other").await;
+    let zero = OrganisationCounts::default();
+    assert_eq!(s.organisation_counts(&acme.id, NOW, NOW + 30 * DAY, NOW - 100).await.unwrap(), zero);
+
+    seed_issuer(&*s, "ca-1").await;
+    let web = seed_app(&*s, &acme, "web").await;
+    seed_app(&*s, &acme, "batch").await;
+    let elsewhere = seed_app(&*s, &other, "web").await;
+    for (org, email) in [(&acme, "a@acme.example"), (&acme, "b@acme.example"), (&acme, "c@acme.example")] {
+        s.create_user(&user(&org.id, email), &audit(Some(&org.id), "user.create")).await.unwrap();
+    }
+    s.create_user(&user(&other.id, "a@other.example"), &audit(Some(&other.id), "user.create")).await.unwrap();
+
+    use CertificateType::Transport;
+    // Counted: active, expiring before the bound.
+    add_cert(&*s, &issued(&web, "ca-1", "01", Transport, NOW, NOW + DAY)).await;
+    add_cert(&*s, &issued(&web, "ca-1", "02", Transport, NOW, NOW + 30 * DAY - 1)).await;
+    // Not counted: at the bound, later, already expired, revoked, another organisation's.
+    add_cert(&*s, &issued(&web, "ca-1", "03", Transport, NOW, NOW + 30 * DAY)).await;
+    add_cert(&*s, &issued(&web, "ca-1", "04", Transport, NOW, NOW + 90 * DAY)).await;
+    add_cert(&*s, &issued(&web, "ca-1", "05", Transport, NOW - 10 * DAY, NOW)).await;
+    add_cert(
+        &*s,
+        &IssuedCertificate {
+            revoked_at: Some(NOW - 1),
+            revocation_reason: Some(RevocationReason::Superseded),
+            ..issued(&web, "ca-1", "06", Transport, NOW, NOW + DAY)
+        },
+    )
+    .await;
+    add_cert(&*s, &issued(&elsewhere, "ca-1", "07", Transport, NOW, NOW + DAY)).await;
+
+    let event = |org: &Organisation, action: &str, outcome: &str, at: UnixTime| AuditEvent {
+        at,
+        outcome: outcome.into(),
+        ..audit(Some(&org.id), action)
+    };
+    for ev in [
+        // Counted: failed password and code steps since the bound (inclusive).
+        event(&acme, "session.login", "failure", NOW - 100),
+        event(&acme, "session.verify", "failure", NOW),
+        event(&acme, "session.login", "failure", NOW + 5),
+        // Not counted: before the bound, successes, other actions, another organisation's.
+        event(&acme, "session.login", "failure", NOW - 101),
+        event(&acme, "session.login", "success", NOW),
+        event(&acme, "session.authenticate", "failure", NOW),
+        event(&acme, "session.login.reset_failures", "failure", NOW),
+        event(&other, "session.login", "failure", NOW),
+    ] {
+        s.append_audit(&ev).await.unwrap();
+    }
+
+    let counts = s.organisation_counts(&acme.id, NOW, NOW + 30 * DAY, NOW - 100).await.unwrap();
+    assert_eq!(counts, OrganisationCounts { applications: 2, users: 3, certificates_expiring: 2, failed_sign_ins: 3 });
+    let counts = s.organisation_counts(&other.id, NOW, NOW + 30 * DAY, NOW - 100).await.unwrap();
+    assert_eq!(counts, OrganisationCounts { applications: 1, users: 1, certificates_expiring: 1, failed_sign_ins: 1 });
+    assert_eq!(s.organisation_counts("no-such-org", NOW, NOW + DAY, 0).await.unwrap(), zero);
 }

@@ -12,6 +12,7 @@ pub mod oauth;
 pub mod oidc;
 pub mod pages;
 pub mod pki;
+pub mod portal;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -125,6 +126,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/gateway/browser-sessions", post(gateway_api::browser_session))
         .route("/api/v1/gateway/certificates/check", post(gateway_api::check_certificate))
         .route("/api/v1/gateway/certificates", post(gateway_api::issue_certificate))
+        .merge(portal::routes())
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(middleware::from_fn(observe))
         .with_state(state)

@@ -28,12 +28,12 @@ const PENDING_COOKIE: &str = "portcullis_login";
 /// Page forms are small.
 const FORM_LIMIT: usize = 16 * 1024;
 
-fn secure(s: &AppState) -> bool {
+pub(crate) fn secure(s: &AppState) -> bool {
     pages::secure_issuer(s.core.issuer())
 }
 
 /// A form's fields; `Err` is the error page (wrong content type, too big).
-async fn form_pairs(headers: &HeaderMap, body: Body) -> Result<Vec<(String, String)>, Response> {
+pub(crate) async fn form_pairs(headers: &HeaderMap, body: Body) -> Result<Vec<(String, String)>, Response> {
     if !has_media_type(headers, "application/x-www-form-urlencoded") {
         return Err(pages::error_page(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -68,7 +68,7 @@ async fn csrf_form<const N: usize>(
 }
 
 /// The one value of a page form's field (`""` when absent; `None` when it is repeated).
-fn field<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+pub(crate) fn field<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
     let mut it = pairs.iter().filter(|(k, _)| k == name).map(|(_, v)| v.as_str());
     let first = it.next().unwrap_or("");
     if it.next().is_some() { None } else { Some(first) }
@@ -79,19 +79,19 @@ fn query_pairs(uri: &Uri) -> Vec<(String, String)> {
 }
 
 /// The first value of query parameter `name` (`""` when absent).
-fn query_param(uri: &Uri, name: &str) -> String {
+pub(crate) fn query_param(uri: &Uri, name: &str) -> String {
     form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.into_owned())
         .unwrap_or_default()
 }
 
-fn encode(pairs: &[(String, String)]) -> String {
+pub(crate) fn encode(pairs: &[(String, String)]) -> String {
     form_urlencoded::Serializer::new(String::new()).extend_pairs(pairs).finish()
 }
 
 /// 303 See Other (RFC 9700 §4.12: never 307 after a credential POST).
-fn see_other(to: &str) -> Response {
+pub(crate) fn see_other(to: &str) -> Response {
     let mut r = StatusCode::SEE_OTHER.into_response();
     if let Ok(v) = HeaderValue::from_str(to) {
         r.headers_mut().insert(header::LOCATION, v);
@@ -101,11 +101,11 @@ fn see_other(to: &str) -> Response {
 }
 
 /// To the sign-in page, coming back to `return_to` afterwards.
-fn to_login(return_to: &str) -> Response {
+pub(crate) fn to_login(return_to: &str) -> Response {
     see_other(&format!("/login?{}", encode(&[("return_to".to_owned(), return_to.to_owned())])))
 }
 
-fn with_cookies(mut r: Response, cookies: impl IntoIterator<Item = Option<HeaderValue>>) -> Response {
+pub(crate) fn with_cookies(mut r: Response, cookies: impl IntoIterator<Item = Option<HeaderValue>>) -> Response {
     for c in cookies.into_iter().flatten() {
         r.headers_mut().append(header::SET_COOKIE, c);
     }
@@ -141,20 +141,20 @@ fn error_page(e: Error) -> Response {
 
 /// The status and the message of a core error: public text, or for a 5xx the internals for
 /// [`pages::error_page`] to log.
-fn status_of(e: Error) -> (StatusCode, String) {
+pub(crate) fn status_of(e: Error) -> (StatusCode, String) {
     let d = crate::error::describe(e);
     let msg = if d.status.is_server_error() { d.internal.unwrap_or(d.public) } else { d.public };
     (d.status, msg)
 }
 
-fn csrf_refused() -> Response {
+pub(crate) fn csrf_refused() -> Response {
     pages::error_page(
         StatusCode::FORBIDDEN,
         "the form expired or came from another site (CSRF check failed): reload the page and try again",
     )
 }
 
-fn sso<'a>(s: &AppState, headers: &'a HeaderMap) -> Option<&'a str> {
+pub(crate) fn sso<'a>(s: &AppState, headers: &'a HeaderMap) -> Option<&'a str> {
     pages::cookie(headers, &pages::cookie_name(SSO_COOKIE, secure(s)))
 }
 
@@ -296,7 +296,13 @@ fn login_page(
 pub async fn login_form(State(s): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
     let get = |k: &str| query_param(&uri, k);
     let return_to = pages::safe_return_to(&get("return_to"));
-    let notice = (get("invited") == "1").then(|| "Your password is set. Sign in to continue.".to_owned());
+    let notice = if get("invited") == "1" {
+        Some("Your password is set. Sign in to continue.".to_owned())
+    } else if get("reauth") == "1" {
+        Some("This change needs a recent sign-in. Sign in again to continue.".to_owned())
+    } else {
+        None
+    };
     let csrf = pages::csrf(&s.core, &headers, secure(&s));
     let page = login_page(&csrf, &return_to, &get("login_hint"), None, notice);
     with_cookies(pages::render(StatusCode::OK, &page, &[]), [csrf.set_cookie])

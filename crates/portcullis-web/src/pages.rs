@@ -303,6 +303,17 @@ pub fn render<T: Template>(status: StatusCode, page: &T, form_actions: &[String]
     }
 }
 
+/// The admin portal's Content-Security-Policy: the pages' one, plus `connect-src 'self'` for
+/// the live checks of `/assets/portal.js` (same-origin `fetch` only).
+pub const PORTAL_CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self' data:; script-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+/// [`render`] for the admin portal's pages: the same headers with [`PORTAL_CSP`].
+pub fn render_portal<T: Template>(status: StatusCode, page: &T) -> Response {
+    let mut r = render(status, page, &[]);
+    r.headers_mut().insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(PORTAL_CSP));
+    r
+}
+
 /// An HTML error page with a new error id, shown on the page and sent as `x-error-id`;
 /// `x-error` carries the message. A 5xx logs `message` under the id and shows (and sends)
 /// only a generic text.
@@ -331,7 +342,7 @@ pub fn error_page(status: StatusCode, message: &str) -> Response {
     resp
 }
 
-fn asset(content_type: &'static str, body: &'static str) -> Response {
+pub(crate) fn asset(content_type: &'static str, body: &'static str) -> Response {
     let mut resp = body.into_response();
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -460,15 +471,15 @@ pub fn csrf_ok(core: &Portcullis, headers: &HeaderMap, secure: bool, form_token:
 
 const MAX_RETURN_TO: usize = 4096;
 
-/// `s` when it is a same-origin path starting `/oauth2/authorize?`, or `/account` (alone, or
-/// followed by `/…` or `?…`), at most 4096 bytes of printable ASCII (no `\`, no control
-/// characters, no whitespace), with no `.`/`..` path segment; otherwise `/account`.
+/// `s` when it is a same-origin path starting `/oauth2/authorize?`, or `/account` or `/portal`
+/// (alone, or followed by `/…` or `?…`), at most 4096 bytes of printable ASCII (no `\`, no
+/// control characters, no whitespace), with no `.`/`..` path segment; otherwise `/account`.
 pub fn safe_return_to(s: &str) -> String {
     const FALLBACK: &str = "/account";
-    let prefix_ok = s.starts_with("/oauth2/authorize?")
-        || s == "/account"
-        || s.starts_with("/account/")
-        || s.starts_with("/account?");
+    let under = |root: &str| {
+        s.strip_prefix(root).is_some_and(|rest| rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
+    };
+    let prefix_ok = s.starts_with("/oauth2/authorize?") || under("/account") || under("/portal");
     let chars_ok =
         s.len() <= MAX_RETURN_TO && !s.starts_with("//") && s.bytes().all(|b| b.is_ascii_graphic() && b != b'\\');
     let path = s.split(['?', '#']).next().unwrap_or("");
@@ -837,6 +848,9 @@ mod tests {
             "/account",
             "/account/totp",
             "/account?tab=1",
+            "/portal",
+            "/portal/orgs/acme/applications/web/delete",
+            "/portal/orgs/acme/certificates?status=active&page=2",
         ] {
             assert_eq!(safe_return_to(good), good);
         }
@@ -851,6 +865,10 @@ mod tests {
             "/oauth2/authorize",
             "/oauth2/authorizeX?a=1",
             "/accounts",
+            "/portals",
+            "/portal/../account",
+            "//portal",
+            "/portal\\evil",
             "/account/\r\nLocation: x",
             "/account\t",
             "/account/\u{0}",

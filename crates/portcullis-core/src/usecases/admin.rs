@@ -10,7 +10,10 @@ use super::*;
 use crate::crypto::secrets::{SecretHash, generate_secret};
 use crate::crypto::signing::Algorithm;
 use crate::ids::{ClientId, Email, PermissionName};
-use crate::model::{AuditEvent, AuditFilter, AuthMethod, GrantType, Page, RoleGrant, User};
+use crate::model::{AuditEvent, AuditFilter, AuthMethod, GrantType, OrganisationCounts, Page, RoleGrant, User};
+
+/// "Expiring soon" on the portal's dashboard: within this many days.
+pub const EXPIRING_SOON_DAYS: i64 = 30;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -344,6 +347,26 @@ impl Portcullis {
         }
         who.ensure_admin(&who.org)?;
         Ok(vec![self.organisation_or_404(&who.org).await?])
+    }
+
+    /// The portal's dashboard: the organisations `who` administers (every one for a platform
+    /// admin, else their own), each with its counts: certificates expiring within
+    /// [`EXPIRING_SOON_DAYS`] and failed sign-ins since the start of the current UTC day.
+    pub async fn organisation_overview(
+        &self,
+        who: &Principal,
+        page: Page,
+    ) -> Result<Vec<(Organisation, OrganisationCounts)>> {
+        let orgs = self.organisations(who, page).await?;
+        let now = self.now();
+        let day_start = now - now.rem_euclid(86_400);
+        let mut out = Vec::with_capacity(orgs.len());
+        for org in orgs {
+            let counts =
+                self.store.organisation_counts(&org.id, now, now + EXPIRING_SOON_DAYS * 86_400, day_start).await?;
+            out.push((org, counts));
+        }
+        Ok(out)
     }
 
     // ---- services and roles ---------------------------------------------------------------

@@ -650,11 +650,18 @@ impl Portcullis {
 
     /// Changing the second factor needs a recent sign-in, not just a session cookie.
     fn fresh_sign_in(&self, who: &super::auth::SessionEntry) -> Result<()> {
-        let at = who.session.verified_at.unwrap_or(who.session.created_at);
-        if self.now() - at > FRESH_SIGN_IN {
+        if !self.recent_sign_in(who) {
             return Err(Error::Unauthenticated("sign in again to change your second factor".into()));
         }
         Ok(())
+    }
+
+    /// Whether the session's sign-in (its second factor) was within the last 10 minutes: what
+    /// sensitive changes (a second factor, the portal's secret rotations, deletions and
+    /// revocations) ask for beyond a valid session.
+    pub fn recent_sign_in(&self, who: &super::auth::SessionEntry) -> bool {
+        let at = who.session.verified_at.unwrap_or(who.session.created_at);
+        self.now() - at <= FRESH_SIGN_IN
     }
 
     /// `DELETE /api/v1/organisations/{org}/users/{id}/totp`: an admin resets a user's second
