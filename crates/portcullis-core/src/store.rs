@@ -37,6 +37,8 @@ pub trait Store: Send + Sync + 'static {
     async fn organisation(&self, slug: &str) -> StoreResult<Option<Organisation>>;
     async fn organisation_by_id(&self, id: &str) -> StoreResult<Option<Organisation>>;
     async fn organisations(&self, page: Page) -> StoreResult<Vec<Organisation>>;
+    /// Organisations whose slug or name contains `query` (case-insensitive), by slug.
+    async fn search_organisations(&self, query: &str, page: Page) -> StoreResult<Vec<Organisation>>;
     /// Replaces the organisation's allowed DNS domains; `false` if there is no such organisation.
     async fn set_organisation_domains(
         &self,
@@ -66,6 +68,9 @@ pub trait Store: Send + Sync + 'static {
     async fn create_application(&self, app: &Application, audit: &AuditEvent) -> StoreResult<()>;
     async fn application(&self, client_id: &str) -> StoreResult<Option<Application>>;
     async fn applications(&self, org_id: &str, page: Page) -> StoreResult<Vec<Application>>;
+    /// The organisation's applications whose slug or name contains `query`
+    /// (case-insensitive), by slug.
+    async fn search_applications(&self, org_id: &str, query: &str, page: Page) -> StoreResult<Vec<Application>>;
     /// Replaces the row with `app.id` if its `updated_at` still equals `expected_updated_at`
     /// (optimistic concurrency); `Conflict` otherwise.
     async fn update_application(
@@ -86,6 +91,10 @@ pub trait Store: Send + Sync + 'static {
     async fn search_users(&self, org_id: &str, query: &str, page: Page) -> StoreResult<Vec<User>>;
     /// Enabled users of the organisation holding `role` (at most `max`), e.g. its admins.
     async fn users_with_role(&self, org_id: &str, role: &str, max: u32) -> StoreResult<Vec<User>>;
+    /// Users of the organisation holding `role` (enabled or not), by email: who holds what.
+    async fn role_users(&self, org_id: &str, role: &str, page: Page) -> StoreResult<Vec<User>>;
+    /// Applications of the organisation holding `role`, by slug.
+    async fn role_applications(&self, org_id: &str, role: &str, page: Page) -> StoreResult<Vec<Application>>;
     /// Every user, in any organisation, whose primary email is `email` (at most `max`).
     async fn users_with_email(&self, email: &str, max: u32) -> StoreResult<Vec<User>>;
     /// Replaces the row if its `updated_at` still equals `expected_updated_at` (`Conflict`

@@ -525,6 +525,18 @@ macro_rules! sql_store {
                 rows.iter().map(Self::org_row).collect()
             }
 
+            async fn search_organisations(&self, query: &str, page: Page) -> StoreResult<Vec<Organisation>> {
+                let (l, o) = limit(page);
+                let rows = sqlx::query("SELECT * FROM organisations WHERE LOWER(slug) LIKE $1 ESCAPE '\\' OR LOWER(name) LIKE $1 ESCAPE '\\' ORDER BY slug LIMIT $2 OFFSET $3")
+                    .bind(contains_pattern(query))
+                    .bind(l)
+                    .bind(o)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_err)?;
+                rows.iter().map(Self::org_row).collect()
+            }
+
             async fn set_organisation_domains(&self, org_id: &str, domains: &[String], now: UnixTime, audit: &AuditEvent) -> StoreResult<bool> {
                 let mut tx = self.pool.begin().await.map_err(db_err)?;
                 let n = sqlx::query("UPDATE organisations SET allowed_domains = $1, updated_at = $2 WHERE id = $3")
@@ -659,6 +671,41 @@ macro_rules! sql_store {
                 rows.iter().map(Self::app_row).collect()
             }
 
+            async fn search_applications(&self, org_id: &str, query: &str, page: Page) -> StoreResult<Vec<Application>> {
+                let (l, o) = limit(page);
+                let rows = sqlx::query("SELECT * FROM applications WHERE org_id = $1 AND (LOWER(slug) LIKE $2 ESCAPE '\\' OR LOWER(name) LIKE $2 ESCAPE '\\') ORDER BY slug LIMIT $3 OFFSET $4")
+                    .bind(org_id)
+                    .bind(contains_pattern(query))
+                    .bind(l)
+                    .bind(o)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_err)?;
+                rows.iter().map(Self::app_row).collect()
+            }
+
+            async fn role_applications(&self, org_id: &str, role: &str, page: Page) -> StoreResult<Vec<Application>> {
+                // As in users_with_role: the role's JSON form occurs only as a whole element.
+                let (l, o) = limit(page);
+                let quoted = serde_json::to_string(role).map_err(|_| corrupt("role"))?;
+                let rows = sqlx::query("SELECT * FROM applications WHERE org_id = $1 AND roles LIKE $2 ESCAPE '\\' ORDER BY slug LIMIT $3 OFFSET $4")
+                    .bind(org_id)
+                    .bind(format!("%{}", prefix_pattern(&quoted)))
+                    .bind(l)
+                    .bind(o)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_err)?;
+                let mut apps = Vec::with_capacity(rows.len());
+                for r in &rows {
+                    let a = Self::app_row(r)?;
+                    if a.roles.iter().any(|x| x.as_str() == role) {
+                        apps.push(a);
+                    }
+                }
+                Ok(apps)
+            }
+
             async fn update_application(&self, a: &Application, expected_updated_at: UnixTime, audit: &AuditEvent) -> StoreResult<()> {
                 let mut tx = self.pool.begin().await.map_err(db_err)?;
                 let q = sqlx::query("UPDATE applications SET name = $1, grant_types = $2, scopes = $3, roles = $4, auth_method = $5, redirect_uris = $6, access_token_lifetime = $7, signing_alg = $8, enabled = $9, secret_hash = $10, previous_secret_hash = $11, previous_secret_expires_at = $12, updated_at = $13, jwks_uri = $14, id_token_signing_alg = $15, first_party = $16, post_logout_redirect_uris = $17, backchannel_logout_uri = $18, always_issue_refresh_token = $19 WHERE id = $20 AND updated_at = $21");
@@ -745,6 +792,29 @@ macro_rules! sql_store {
                     .bind(true)
                     .bind(pattern)
                     .bind(i64::from(max))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_err)?;
+                let mut users = Vec::with_capacity(rows.len());
+                for r in &rows {
+                    let u = Self::user_row(r)?;
+                    if u.roles.iter().any(|x| x.as_str() == role) {
+                        users.push(u);
+                    }
+                }
+                Ok(users)
+            }
+
+            async fn role_users(&self, org_id: &str, role: &str, page: Page) -> StoreResult<Vec<User>> {
+                // As in users_with_role; roles are lower case, so SQLite's case-blind LIKE
+                // only lets through rows the check below drops for a query in another case.
+                let (l, o) = limit(page);
+                let quoted = serde_json::to_string(role).map_err(|_| corrupt("role"))?;
+                let rows = sqlx::query("SELECT * FROM users WHERE org_id = $1 AND roles LIKE $2 ESCAPE '\\' ORDER BY email LIMIT $3 OFFSET $4")
+                    .bind(org_id)
+                    .bind(format!("%{}", prefix_pattern(&quoted)))
+                    .bind(l)
+                    .bind(o)
                     .fetch_all(&self.pool)
                     .await
                     .map_err(db_err)?;

@@ -91,6 +91,7 @@ contract_tests!(
     expiring_certificates_are_warned_about_once,
     assertion_jtis_are_accepted_once_per_client,
     users_with_role_match_whole_roles_of_enabled_users,
+    role_holders_and_searches_page_and_match_whole_roles,
     organisation_self_registration_is_switched_and_audited,
     invited_users_get_an_address_a_link_and_then_a_password,
     authorization_codes_are_redeemed_once_with_what_they_issued,
@@ -3520,6 +3521,68 @@ async fn users_with_role_match_whole_roles_of_enabled_users(s: Arc<dyn Store>) {
         assert!(s.users_with_role(&acme.id, near, 10).await.unwrap().is_empty(), "{near:?} matches no whole role");
     }
     assert!(s.users_with_role(&new_id(), "portcullis:admin", 10).await.unwrap().is_empty());
+}
+
+/// The portal's lists: who holds a role (users, enabled or not, and applications), and the
+/// searches of organisations and applications; all paged, wildcards taken literally.
+async fn role_holders_and_searches_page_and_match_whole_roles(s: Arc<dyn Store>) {
+    let acme = seed_org(&*s, "acme").await;
+    let other = seed_org(&*s, "other").await;
+    let with_roles = |org: &str, email: &str, roles: &[&str], enabled: bool| User {
+        roles: roles.iter().map(|r| role(r)).collect(),
+        enabled,
+        ..user(org, email)
+    };
+    let ann = with_roles(&acme.id, "ann@example.com", &["payments:reader"], true);
+    let bob = with_roles(&acme.id, "bob@example.com", &["payments:reader", "billing:viewer"], false);
+    let cat = with_roles(&acme.id, "cat@example.com", &["payments:reader-x", "xpayments:reader"], true);
+    let oli = with_roles(&other.id, "oli@example.com", &["payments:reader"], true);
+    for u in [&ann, &bob, &cat, &oli] {
+        s.create_user(u, &audit(Some(&u.org_id), "user.create")).await.unwrap();
+    }
+    let users = |v: Vec<User>| v.into_iter().map(|u| u.email.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        users(s.role_users(&acme.id, "payments:reader", all()).await.unwrap()),
+        ["ann@example.com", "bob@example.com"],
+        "disabled holders too, by email, whole roles only, this organisation only"
+    );
+    assert_eq!(users(s.role_users(&acme.id, "payments:reader", page(1, 1)).await.unwrap()), ["bob@example.com"]);
+    for near in ["payments:reade", "payments:%", "%", "_", "", "PAYMENTS:READER", "\"payments:reader\""] {
+        assert!(s.role_users(&acme.id, near, all()).await.unwrap().is_empty(), "{near:?}");
+        assert!(s.role_applications(&acme.id, near, all()).await.unwrap().is_empty(), "{near:?}");
+    }
+
+    let mut web = full_app(&acme, "web");
+    web.name = "Web Shop 100%".into();
+    web.roles = vec![role("payments:reader")];
+    let mut batch = minimal_app(&acme, "batch");
+    batch.roles = vec![role("payments:reader"), role("billing:viewer")];
+    let mut cli = minimal_app(&acme, "cli");
+    cli.roles = vec![role("payments:reader-x")];
+    let elsewhere = minimal_app(&other, "web");
+    for a in [&web, &batch, &cli, &elsewhere] {
+        s.create_application(a, &audit(Some(&a.org_id), "application.create")).await.unwrap();
+    }
+    let apps = |v: Vec<Application>| v.into_iter().map(|a| a.client_id.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        apps(s.role_applications(&acme.id, "payments:reader", all()).await.unwrap()),
+        ["acme$batch", "acme$web"]
+    );
+    assert_eq!(apps(s.role_applications(&acme.id, "payments:reader", page(1, 1)).await.unwrap()), ["acme$web"]);
+    assert_eq!(apps(s.role_applications(&acme.id, "billing:viewer", all()).await.unwrap()), ["acme$batch"]);
+
+    assert_eq!(apps(s.search_applications(&acme.id, "SHOP", all()).await.unwrap()), ["acme$web"], "by name, any case");
+    assert_eq!(apps(s.search_applications(&acme.id, "c", all()).await.unwrap()), ["acme$batch", "acme$cli"], "by slug");
+    assert_eq!(apps(s.search_applications(&acme.id, "100%", all()).await.unwrap()), ["acme$web"]);
+    assert!(s.search_applications(&acme.id, "%", all()).await.unwrap().len() == 1, "% is literal");
+    assert!(s.search_applications(&acme.id, "_", all()).await.unwrap().is_empty(), "_ is literal");
+    assert_eq!(apps(s.search_applications(&acme.id, "", page(1, 2)).await.unwrap()), ["acme$web"], "paged");
+
+    let orgs = |v: Vec<Organisation>| v.into_iter().map(|o| o.slug.to_string()).collect::<Vec<_>>();
+    assert_eq!(orgs(s.search_organisations("OTH", all()).await.unwrap()), ["other"], "by slug, any case");
+    assert_eq!(orgs(s.search_organisations("ünïcode", all()).await.unwrap()), ["acme", "other"], "by name");
+    assert_eq!(orgs(s.search_organisations("", page(1, 1)).await.unwrap()), ["other"], "paged");
+    assert!(s.search_organisations("%", all()).await.unwrap().is_empty());
 }
 
 // ------------------------------------------------------------------------ OIDC: helpers --

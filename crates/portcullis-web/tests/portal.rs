@@ -1094,3 +1094,211 @@ async fn api_keys_are_created_activated_with_the_mailed_code_and_revoked() {
         .await
         .assert_refused(StatusCode::NOT_FOUND);
 }
+
+// ---- services, roles, permissions --------------------------------------------------------------
+
+fn service_form(token: &str, slug: &str, roles: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("csrf_token", token.to_owned()),
+        ("name", "Billing".to_owned()),
+        ("slug", slug.to_owned()),
+        ("audience", format!("https://{slug}.acme.test")),
+        ("scopes", format!("{slug}/read")),
+        ("roles", roles.to_owned()),
+        ("permissions", format!("{slug}.invoice.read\n{slug}.invoice.write")),
+    ]
+}
+
+async fn post_owned(e: &Env, b: &Browser, path: &str, fields: &[(&'static str, String)]) -> Resp {
+    let f: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    post(e, b, path, &f).await
+}
+
+#[tokio::test]
+async fn services_are_defined_their_permissions_granted_and_who_holds_a_role_shown() {
+    let e = world().await;
+    let acme = sign_in(&e, "admin@acme.test").await;
+    let token = csrf(&e);
+    let list = get(&e, &acme, "/portal/orgs/acme/services").await;
+    assert_eq!(list.status, StatusCode::OK, "{}", list.snippet());
+    assert!(list.body.contains("href=\"/portal/orgs/acme/services/payments\"") && list.body.contains("aria-current"));
+    assert!(get(&e, &acme, "/portal/orgs/acme/services?q=nothing-like-it").await.body.contains("No service matches"));
+    assert!(get(&e, &acme, "/portal/orgs/acme/services?q=READER").await.body.contains("/services/payments\""));
+    get(&e, &acme, &format!("/portal/orgs/acme/services?q={}", "x".repeat(101)))
+        .await
+        .assert_refused(StatusCode::BAD_REQUEST);
+
+    // Validation as in the API, shown with its id; the form keeps what was typed.
+    let r =
+        post_owned(&e, &acme, "/portal/orgs/acme/services", &service_form(&token, "billing", "billing-admin")).await;
+    r.assert_refused(StatusCode::BAD_REQUEST);
+    assert!(r.body.contains("expected service:level") && r.body.contains("billing-admin"), "{}", r.snippet());
+    let r =
+        post_owned(&e, &acme, "/portal/orgs/acme/services", &service_form(&token, "billing", "payments:admin")).await;
+    r.assert_refused(StatusCode::BAD_REQUEST);
+    assert!(r.body.contains("must start with this service"));
+
+    let r = post_owned(
+        &e,
+        &acme,
+        "/portal/orgs/acme/services",
+        &service_form(&token, "billing", "billing:admin\r\nbilling:viewer"),
+    )
+    .await;
+    assert_eq!(r.see_other(), "/portal/orgs/acme/services/billing?notice=service-created");
+    let page = get(&e, &acme, r.location()).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.snippet());
+    assert!(page.body.contains("The service is defined."));
+    assert!(page.body.contains("href=\"/portal/orgs/acme/services/billing/roles/admin\""));
+    assert!(page.body.contains("<code>billing.invoice.write</code>") && page.body.contains("no role"));
+    let again = post_owned(&e, &acme, "/portal/orgs/acme/services", &service_form(&token, "billing", "")).await;
+    again.assert_refused(StatusCode::CONFLICT);
+
+    // Grants: exactly the checked permissions; another service's permission is refused.
+    let role_path = "/portal/orgs/acme/services/billing/roles/admin";
+    let r = post(&e, &acme, role_path, &[("csrf_token", &token), ("permissions", "billing.invoice.read")]).await;
+    assert_eq!(r.see_other(), format!("{role_path}?notice=role-grants"));
+    let roles = e.core.roles(&platform(), "acme").await.unwrap();
+    let granted = |role: &str| {
+        roles.iter().find(|(r, _)| r.as_str() == role).unwrap().1.iter().map(ToString::to_string).collect::<Vec<_>>()
+    };
+    assert_eq!(granted("billing:admin"), ["billing.invoice.read"]);
+    let page = get(&e, &acme, "/portal/orgs/acme/services/billing").await;
+    let perms = &page.body[page.body.find("id=\"permissions\"").unwrap()..];
+    assert!(perms.contains("<code>billing.invoice.read</code></th>\n<td><code>billing:admin</code>"), "{perms}");
+    let r = post(&e, &acme, role_path, &[("csrf_token", &token), ("permissions", "payments.invoice.read")]).await;
+    r.assert_refused(StatusCode::BAD_REQUEST);
+    assert_eq!(
+        get(&e, &acme, "/portal/orgs/acme/audit?action=role.")
+            .await
+            .body
+            .matches("<code>role.set_permissions</code>")
+            .count(),
+        1,
+        "the grant is audited as in the API"
+    );
+
+    // Who holds it: a user and an application.
+    let dev = user_id(&e, "dev@acme.test").await;
+    let r = post(
+        &e,
+        &acme,
+        &format!("/portal/orgs/acme/users/{dev}/roles"),
+        &[("csrf_token", &token), ("roles", "billing:admin")],
+    )
+    .await;
+    assert!(r.see_other().contains("notice=user-roles"));
+    let app = post(
+        &e,
+        &acme,
+        "/portal/orgs/acme/applications",
+        &[
+            ("csrf_token", &token),
+            ("name", "Ledger"),
+            ("slug", "ledger"),
+            ("kind", "machine"),
+            ("token_endpoint_auth_method", ""),
+            ("redirect_uris", ""),
+            ("roles", "billing:admin"),
+        ],
+    )
+    .await;
+    assert_eq!(app.status, StatusCode::CREATED, "{}", app.snippet());
+    let role = get(&e, &acme, role_path).await;
+    assert_eq!(role.status, StatusCode::OK, "{}", role.snippet());
+    let users = &role.body[role.body.find("id=\"role-users\"").unwrap()..];
+    assert!(users.contains("dev@acme.test") && !users.contains("admin@acme.test"), "{users}");
+    assert!(role.body.contains("<code>acme$ledger</code>") || role.body.contains("<code>acme&#36;ledger</code>"));
+    assert!(role.body.contains("value=\"billing.invoice.read\" checked"));
+    let viewer = get(&e, &acme, "/portal/orgs/acme/services/billing/roles/viewer").await;
+    assert!(viewer.body.contains("No user holds this role") && viewer.body.contains("No application holds this role"));
+    get(&e, &acme, "/portal/orgs/acme/services/billing/roles/nobody").await.assert_refused(StatusCode::NOT_FOUND);
+    get(&e, &acme, "/portal/orgs/acme/services/nothing").await.assert_refused(StatusCode::NOT_FOUND);
+    // The permission now reaches the user through the role.
+    let d = e
+        .core
+        .authz_check(
+            &platform(),
+            portcullis_core::usecases::AuthzCheck {
+                subject: dev.clone(),
+                permission: "billing.invoice.read".into(),
+                resource: None,
+                organisation: Some("acme".into()),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(d.allowed, "{d:?}");
+}
+
+#[tokio::test]
+async fn an_org_admin_cannot_see_or_change_another_organisations_services() {
+    let e = world().await;
+    let globex = sign_in(&e, "admin@globex.test").await;
+    let token = csrf(&e);
+    for path in [
+        "/portal/orgs/acme/services",
+        "/portal/orgs/acme/services/new",
+        "/portal/orgs/acme/services/payments",
+        "/portal/orgs/acme/services/payments/roles/reader",
+        "/portal/orgs/acme/services/payments/delete",
+    ] {
+        let r = get(&e, &globex, path).await;
+        r.assert_refused(StatusCode::FORBIDDEN);
+        assert!(!r.body.contains("payments:reader"), "{path}");
+    }
+    let r =
+        post_owned(&e, &globex, "/portal/orgs/acme/services", &service_form(&token, "sneaky", "sneaky:admin")).await;
+    r.assert_refused(StatusCode::FORBIDDEN);
+    assert!(e.core.service(&platform(), "acme", "sneaky").await.is_err());
+    post(&e, &globex, "/portal/orgs/acme/services/payments/roles/reader", &[("csrf_token", &token)])
+        .await
+        .assert_refused(StatusCode::FORBIDDEN);
+    post(&e, &globex, "/portal/orgs/acme/services/payments/delete", &[("csrf_token", &token)])
+        .await
+        .assert_refused(StatusCode::FORBIDDEN);
+    assert!(e.core.service(&platform(), "acme", "payments").await.is_ok());
+    // Its own list is empty, with the way to define one.
+    let own = get(&e, &globex, "/portal/orgs/globex/services").await;
+    assert!(own.body.contains("Define the first service") && !own.body.contains("payments"));
+
+    // Without the CSRF token nothing is defined, even in one's own organisation.
+    let acme = sign_in(&e, "admin@acme.test").await;
+    let mut f = service_form("", "billing", "billing:admin");
+    f.retain(|(k, _)| *k != "csrf_token");
+    post_owned(&e, &acme, "/portal/orgs/acme/services", &f).await.assert_refused(StatusCode::FORBIDDEN);
+    post(&e, &acme, "/portal/orgs/acme/services/payments/roles/reader", &[("permissions", "x")])
+        .await
+        .assert_refused(StatusCode::FORBIDDEN);
+    assert!(e.core.service(&platform(), "acme", "billing").await.is_err());
+}
+
+#[tokio::test]
+async fn deleting_a_service_needs_a_recent_sign_in_and_no_holder_of_its_roles() {
+    let e = world().await;
+    let acme = sign_in(&e, "admin@acme.test").await;
+    let token = csrf(&e);
+    let path = "/portal/orgs/acme/services/payments/delete";
+    e.clock.advance(11 * 60);
+    let expected = "/login?reauth=1&return_to=%2Fportal%2Forgs%2Facme%2Fservices%2Fpayments%2Fdelete";
+    assert_eq!(get(&e, &acme, path).await.see_other(), expected);
+    assert_eq!(post(&e, &acme, path, &[("csrf_token", &token)]).await.see_other(), expected);
+    assert!(e.core.service(&platform(), "acme", "payments").await.is_ok());
+
+    let acme = sign_in(&e, "admin@acme.test").await;
+    let confirm = get(&e, &acme, path).await;
+    assert_eq!(confirm.status, StatusCode::OK, "{}", confirm.snippet());
+    assert!(confirm.body.contains(&format!("action=\"{path}\"")) && confirm.body.contains("cannot be undone"));
+    // Still held by a user: refused, naming them, with an error id.
+    let ctx = RequestContext::default();
+    let dev = user_id(&e, "dev@acme.test").await;
+    e.core.set_user_role(&platform(), &ctx, "acme", &dev, "payments:reader", true).await.unwrap();
+    let r = post(&e, &acme, path, &[("csrf_token", &token)]).await;
+    r.assert_refused(StatusCode::CONFLICT);
+    assert!(r.body.contains("dev@acme.test"));
+    e.core.set_user_role(&platform(), &ctx, "acme", &dev, "payments:reader", false).await.unwrap();
+    let r = post(&e, &acme, path, &[("csrf_token", &token)]).await;
+    assert_eq!(r.see_other(), "/portal/orgs/acme/services?notice=service-deleted");
+    assert!(get(&e, &acme, r.location()).await.body.contains("Define the first service"));
+    assert!(e.core.service(&platform(), "acme", "payments").await.is_err());
+}

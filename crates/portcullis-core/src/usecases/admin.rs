@@ -352,12 +352,23 @@ impl Portcullis {
     /// The portal's dashboard: the organisations `who` administers (every one for a platform
     /// admin, else their own), each with its counts: certificates expiring within
     /// [`EXPIRING_SOON_DAYS`] and failed sign-ins since the start of the current UTC day.
+    /// With `q`, only the organisations whose slug or name contains it (case-insensitive).
     pub async fn organisation_overview(
         &self,
         who: &Principal,
+        q: Option<&str>,
         page: Page,
     ) -> Result<Vec<(Organisation, OrganisationCounts)>> {
-        let orgs = self.organisations(who, page).await?;
+        let orgs = match search_text(q)? {
+            Some(q) if who.is_platform_admin() => self.store.search_organisations(q, page).await?,
+            Some(q) => {
+                let q = q.to_lowercase();
+                let mut own = self.organisations(who, page).await?;
+                own.retain(|o| o.slug.as_str().contains(&q) || o.name.to_lowercase().contains(&q));
+                own
+            }
+            None => self.organisations(who, page).await?,
+        };
         let now = self.now();
         let day_start = now - now.rem_euclid(86_400);
         let mut out = Vec::with_capacity(orgs.len());
@@ -522,6 +533,36 @@ impl Portcullis {
             }
         }
         Ok(out)
+    }
+
+    /// The role `role` as one of the organisation's services defines it (404 otherwise).
+    async fn defined_role(&self, org: &Organisation, role: &str) -> Result<RoleName> {
+        let role = RoleName::parse(role)?;
+        let services = self.store.services(&org.id).await?;
+        if !services.iter().any(|s| s.roles.contains(&role)) {
+            return Err(Error::NotFound(format!("role {role:?}")));
+        }
+        Ok(role)
+    }
+
+    /// Who holds a role of the organisation's services: its users (enabled or not), by email.
+    pub async fn role_users(&self, who: &Principal, org_slug: &str, role: &str, page: Page) -> Result<Vec<User>> {
+        let org = self.administered_org(who, org_slug).await?;
+        let role = self.defined_role(&org, role).await?;
+        Ok(self.store.role_users(&org.id, role.as_str(), page).await?)
+    }
+
+    /// Who holds a role of the organisation's services: its applications, by slug.
+    pub async fn role_applications(
+        &self,
+        who: &Principal,
+        org_slug: &str,
+        role: &str,
+        page: Page,
+    ) -> Result<Vec<Application>> {
+        let org = self.administered_org(who, org_slug).await?;
+        let role = self.defined_role(&org, role).await?;
+        Ok(self.store.role_applications(&org.id, role.as_str(), page).await?)
     }
 
     pub async fn set_role_permissions(
@@ -742,6 +783,21 @@ impl Portcullis {
     pub async fn applications(&self, who: &Principal, org_slug: &str, page: Page) -> Result<Vec<Application>> {
         let org = self.administered_org(who, org_slug).await?;
         Ok(self.store.applications(&org.id, page).await?)
+    }
+
+    /// Applications of an organisation, optionally those whose slug or name contains `q`.
+    pub async fn search_applications(
+        &self,
+        who: &Principal,
+        org_slug: &str,
+        q: Option<&str>,
+        page: Page,
+    ) -> Result<Vec<Application>> {
+        let org = self.administered_org(who, org_slug).await?;
+        match search_text(q)? {
+            Some(q) => Ok(self.store.search_applications(&org.id, q, page).await?),
+            None => Ok(self.store.applications(&org.id, page).await?),
+        }
     }
 
     pub async fn update_application(
@@ -1035,6 +1091,14 @@ async fn collect_paged<T, F: std::future::Future<Output = crate::store::StoreRes
         page.offset += u64::from(Page::MAX_LIMIT);
     }
     Ok(())
+}
+
+/// A list's search text: trimmed, `None` when empty, at most 100 characters.
+pub(crate) fn search_text(q: Option<&str>) -> Result<Option<&str>> {
+    match q.map(str::trim).filter(|q| !q.is_empty()) {
+        Some(q) if q.chars().count() > 100 => Err(Error::invalid("q must be at most 100 characters")),
+        other => Ok(other),
+    }
 }
 
 fn dedup_grants(v: Vec<GrantType>) -> Vec<GrantType> {

@@ -112,8 +112,7 @@ impl Portcullis {
         page: Page,
     ) -> Result<Vec<User>> {
         let org = self.administered_org(who, org_slug).await?;
-        match q.map(str::trim).filter(|q| !q.is_empty()) {
-            Some(q) if q.chars().count() > 100 => Err(Error::invalid("q must be at most 100 characters")),
+        match super::admin::search_text(q)? {
             Some(q) => Ok(self.store.search_users(&org.id, q, page).await?),
             None => Ok(self.store.users(&org.id, page).await?),
         }

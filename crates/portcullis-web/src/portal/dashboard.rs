@@ -29,7 +29,7 @@ struct DashboardPage {
 /// `GET /portal`.
 pub async fn dashboard(v: Visit, uri: Uri) -> Response {
     let (n, page) = Pager::request(&uri);
-    let mut list = match v.s.core.organisation_overview(&v.who, page).await {
+    let mut list = match v.s.core.organisation_overview(&v.who, None, page).await {
         Ok(l) => l,
         Err(e) => return v.fail(None, e).await,
     };

@@ -23,6 +23,7 @@ mod applications;
 mod audit;
 mod certificates;
 mod dashboard;
+mod services;
 mod users;
 
 use std::sync::Arc;
@@ -56,6 +57,7 @@ const PAGE_SIZE: u32 = 25;
 pub fn routes() -> Router<AppState> {
     use applications as a;
     use certificates as c;
+    use services as sv;
     let org = "/portal/orgs/{org}";
     Router::new()
         .route("/assets/portal.css", get(css))
@@ -71,6 +73,11 @@ pub fn routes() -> Router<AppState> {
         .route(&format!("{org}/applications/{{app}}/enable"), post(a::enable))
         .route(&format!("{org}/applications/{{app}}/rotate-secret"), get(a::rotate_confirm).post(a::rotate))
         .route(&format!("{org}/applications/{{app}}/delete"), get(a::delete_confirm).post(a::delete))
+        .route(&format!("{org}/services"), get(sv::list).post(sv::create))
+        .route(&format!("{org}/services/new"), get(sv::new_form))
+        .route(&format!("{org}/services/{{svc}}"), get(sv::detail))
+        .route(&format!("{org}/services/{{svc}}/delete"), get(sv::delete_confirm).post(sv::delete))
+        .route(&format!("{org}/services/{{svc}}/roles/{{level}}"), get(sv::role).post(sv::set_grants))
         .route(&format!("{org}/certificates"), get(c::list).post(c::issue))
         .route(&format!("{org}/certificates/new"), get(c::wizard))
         .route(&format!("{org}/certificates/{{id}}"), get(c::detail))
@@ -129,6 +136,7 @@ impl From<&Organisation> for OrgLink {
 pub enum Nav {
     Dashboard,
     Applications,
+    Services,
     Certificates,
     Users,
     Audit,
@@ -220,6 +228,9 @@ fn notice_text(key: &str) -> Option<&'static str> {
         "cert-issued" => "The certificate was issued. Download it and its chain below.",
         "cert-revoked" => "The certificate was revoked and the CRL re-signed.",
         "cert-renewed" => "The certificate was renewed. The old one stays valid until it expires or is revoked.",
+        "service-created" => "The service is defined. Grant its permissions to its roles below.",
+        "service-deleted" => "The service was deleted with its role grants.",
+        "role-grants" => "The role's permissions are saved. They count at once in authorization checks.",
         "user-invited" => "The invitation is on its way: the link works once and expires in 7 days.",
         "user-reinvited" => "A new invitation link is on its way; the previous one no longer works.",
         "user-roles" => "The user's roles are saved. Removed roles count at once for their sessions and API keys.",
@@ -447,19 +458,30 @@ pub struct Pager {
 impl Pager {
     /// The store page for `?page=` (one extra row).
     pub fn request(uri: &axum::http::Uri) -> (u64, Page) {
-        let n = oidc::query_param(uri, "page").parse::<u64>().ok().filter(|n| (1..=100_000).contains(n)).unwrap_or(1);
+        Self::request_named(uri, "page")
+    }
+
+    /// The same for a page number in `?{param}=` (a page with two lists).
+    pub fn request_named(uri: &axum::http::Uri, param: &str) -> (u64, Page) {
+        let n = oidc::query_param(uri, param).parse::<u64>().ok().filter(|n| (1..=100_000).contains(n)).unwrap_or(1);
         (n, Page::new(Some(PAGE_SIZE + 1), Some((n - 1) * u64::from(PAGE_SIZE))))
     }
 
     /// Trims `rows` to the page and links the neighbours (`base` is the path with the list's
     /// other query parameters, `keep`).
     pub fn cut<T>(n: u64, rows: &mut Vec<T>, base: &str, keep: &[(String, String)]) -> Pager {
+        Self::cut_named(n, rows, base, keep, "page")
+    }
+
+    /// [`Self::cut`] for a page number in `?{param}=`.
+    pub fn cut_named<T>(n: u64, rows: &mut Vec<T>, base: &str, keep: &[(String, String)], param: &str) -> Pager {
         let more = rows.len() > PAGE_SIZE as usize;
         rows.truncate(PAGE_SIZE as usize);
         let link = |p: u64| {
-            let mut q: Vec<(String, String)> = keep.iter().filter(|(_, v)| !v.is_empty()).cloned().collect();
+            let mut q: Vec<(String, String)> =
+                keep.iter().filter(|(k, v)| !v.is_empty() && k != param).cloned().collect();
             if p > 1 {
-                q.push(("page".into(), p.to_string()));
+                q.push((param.into(), p.to_string()));
             }
             if q.is_empty() { base.to_owned() } else { format!("{base}?{}", oidc::encode(&q)) }
         };

@@ -31,7 +31,7 @@ pub struct UserRow {
 }
 
 impl UserRow {
-    fn of(u: &User, now: i64) -> Self {
+    pub(super) fn of(u: &User, now: i64) -> Self {
         Self {
             id: u.id.clone(),
             email: u.email.to_string(),
