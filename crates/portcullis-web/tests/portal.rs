@@ -1302,3 +1302,65 @@ async fn deleting_a_service_needs_a_recent_sign_in_and_no_holder_of_its_roles() 
     assert!(get(&e, &acme, r.location()).await.body.contains("Define the first service"));
     assert!(e.core.service(&platform(), "acme", "payments").await.is_err());
 }
+
+// ---- search ----------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn application_and_organisation_lists_are_searched_with_the_query_kept_in_page_links() {
+    let e = world().await;
+    let ctx = RequestContext::default();
+    for i in 0..26 {
+        e.core
+            .create_application(
+                &platform(),
+                &ctx,
+                "acme",
+                portcullis_core::usecases::NewApplication {
+                    slug: format!("batch-{i:02}"),
+                    name: format!("Nightly batch {i}"),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+    }
+    e.core
+        .create_application(
+            &platform(),
+            &ctx,
+            "acme",
+            portcullis_core::usecases::NewApplication { slug: "web".into(), name: "Shop".into(), ..Default::default() },
+        )
+        .await
+        .unwrap();
+    let acme = sign_in(&e, "admin@acme.test").await;
+    let first = get(&e, &acme, "/portal/orgs/acme/applications?q=BATCH").await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.snippet());
+    assert!(first.body.contains("value=\"BATCH\""), "the query stays in the box");
+    assert!(!first.body.contains("Shop") && first.body.contains("Nightly batch 0"));
+    let pager = &first.body[first.body.find("class=\"pager\"").unwrap()..];
+    assert!(pager.contains("href=\"/portal/orgs/acme/applications?q=BATCH&#38;page=2\""), "{pager}");
+    let second = get(&e, &acme, "/portal/orgs/acme/applications?q=BATCH&page=2").await;
+    assert!(second.body.contains("Nightly batch 25") && !second.body.contains("Nightly batch 24<"));
+    assert!(second.body.contains("href=\"/portal/orgs/acme/applications?q=BATCH\""), "back to page 1 keeps the query");
+    let shop = get(&e, &acme, "/portal/orgs/acme/applications?q=sho").await;
+    assert!(shop.body.contains("Shop") && !shop.body.contains("Nightly"));
+    assert!(get(&e, &acme, "/portal/orgs/acme/applications?q=zzz").await.body.contains("No application matches"));
+    get(&e, &acme, &format!("/portal/orgs/acme/applications?q={}", "a".repeat(101)))
+        .await
+        .assert_refused(StatusCode::BAD_REQUEST);
+    get(&e, &acme, "/portal/orgs/globex/applications?q=batch").await.assert_refused(StatusCode::FORBIDDEN);
+
+    // The dashboard: platform admins search every organisation; an org admin only finds theirs.
+    let root = sign_in(&e, ROOT).await;
+    let r = get(&e, &root, "/portal?q=GLOB").await;
+    assert!(
+        r.body.contains("href=\"/portal/orgs/globex/applications\"")
+            && !r.body.contains("<h2><a href=\"/portal/orgs/acme/")
+    );
+    assert!(get(&e, &root, "/portal?q=nothing").await.body.contains("No organisation matches"));
+    let r = get(&e, &acme, "/portal?q=glob").await;
+    assert!(!r.body.contains("globex") && r.body.contains("No organisation matches"));
+    assert!(get(&e, &acme, "/portal?q=acm").await.body.contains("<h2><a href=\"/portal/orgs/acme/applications\">"));
+    get(&e, &root, &format!("/portal?q={}", "a".repeat(101))).await.assert_refused(StatusCode::BAD_REQUEST);
+}

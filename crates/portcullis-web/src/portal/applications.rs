@@ -68,22 +68,25 @@ pub struct AppRow {
 struct ListPage {
     shell: Shell,
     org: String,
+    q: String,
     rows: Vec<AppRow>,
     pager: Pager,
 }
 
-/// `GET /portal/orgs/{org}/applications`.
+/// `GET /portal/orgs/{org}/applications?q=&page=`: searched by a part of the slug or name.
 pub async fn list(v: Visit, Path(org): Path<String>, uri: Uri) -> Response {
     let o = match v.org(&org).await {
         Ok(o) => o,
         Err(r) => return r,
     };
+    let q = oidc::query_param(&uri, "q").trim().to_owned();
     let (n, page) = Pager::request(&uri);
-    let mut apps = match v.s.core.applications(&v.who, &org, page).await {
-        Ok(a) => a,
+    let (mut apps, failure) = match v.s.core.search_applications(&v.who, &org, Some(&q), page).await {
+        Ok(a) => (a, None),
+        Err(e @ Error::InvalidInput(_)) => (Vec::new(), Some(page_error(e))),
         Err(e) => return v.fail(Some(&o), e).await,
     };
-    let pager = Pager::cut(n, &mut apps, &base(&org), &[]);
+    let pager = Pager::cut(n, &mut apps, &base(&org), &[("q".into(), q.clone())]);
     let rows = apps
         .iter()
         .map(|a| AppRow {
@@ -95,8 +98,13 @@ pub async fn list(v: Visit, Path(org): Path<String>, uri: Uri) -> Response {
             enabled: a.enabled,
         })
         .collect();
-    let page = ListPage { shell: v.shell(Some(&o), Nav::Applications).await, org: o.slug.to_string(), rows, pager };
-    v.page(StatusCode::OK, &page)
+    let mut shell = v.shell(Some(&o), Nav::Applications).await;
+    shell.error = failure.as_ref().map(|(_, e)| e.clone());
+    let page = ListPage { shell, org: o.slug.to_string(), q, rows, pager };
+    match failure {
+        Some((status, err)) => v.failed(status, &page, &err),
+        None => v.page(StatusCode::OK, &page),
+    }
 }
 
 // ---- creation ------------------------------------------------------------------------------

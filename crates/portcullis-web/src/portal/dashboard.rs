@@ -8,7 +8,7 @@ use axum::response::Response;
 use portcullis_core::model::OrganisationCounts;
 use portcullis_core::usecases::EXPIRING_SOON_DAYS;
 
-use super::{Nav, OrgLink, Pager, Shell, Visit};
+use super::{Nav, OrgLink, Pager, Shell, Visit, page_error};
 use crate::oidc;
 
 /// One organisation's tile.
@@ -21,23 +21,30 @@ pub struct Tile {
 #[template(path = "portal/dashboard.html")]
 struct DashboardPage {
     shell: Shell,
+    q: String,
     tiles: Vec<Tile>,
     pager: Pager,
     expiring_days: i64,
 }
 
-/// `GET /portal`.
+/// `GET /portal?q=&page=`: the tiles, searched by a part of the organisation's slug or name.
 pub async fn dashboard(v: Visit, uri: Uri) -> Response {
+    let q = oidc::query_param(&uri, "q").trim().to_owned();
     let (n, page) = Pager::request(&uri);
-    let mut list = match v.s.core.organisation_overview(&v.who, None, page).await {
-        Ok(l) => l,
+    let (mut list, failure) = match v.s.core.organisation_overview(&v.who, Some(&q), page).await {
+        Ok(l) => (l, None),
+        Err(e @ portcullis_core::Error::InvalidInput(_)) => (Vec::new(), Some(page_error(e))),
         Err(e) => return v.fail(None, e).await,
     };
-    let pager = Pager::cut(n, &mut list, "/portal", &[]);
+    let pager = Pager::cut(n, &mut list, "/portal", &[("q".into(), q.clone())]);
     let tiles = list.iter().map(|(o, counts)| Tile { org: OrgLink::from(o), counts: *counts }).collect();
-    let page =
-        DashboardPage { shell: v.shell(None, Nav::Dashboard).await, tiles, pager, expiring_days: EXPIRING_SOON_DAYS };
-    v.page(StatusCode::OK, &page)
+    let mut shell = v.shell(None, Nav::Dashboard).await;
+    shell.error = failure.as_ref().map(|(_, e)| e.clone());
+    let page = DashboardPage { shell, q, tiles, pager, expiring_days: EXPIRING_SOON_DAYS };
+    match failure {
+        Some((status, err)) => v.failed(status, &page, &err),
+        None => v.page(StatusCode::OK, &page),
+    }
 }
 
 /// `GET /portal/go?org=SLUG`: the "go to organisation" search of the dashboard.
