@@ -1364,3 +1364,77 @@ async fn application_and_organisation_lists_are_searched_with_the_query_kept_in_
     assert!(get(&e, &acme, "/portal?q=acm").await.body.contains("<h2><a href=\"/portal/orgs/acme/applications\">"));
     get(&e, &root, &format!("/portal?q={}", "a".repeat(101))).await.assert_refused(StatusCode::BAD_REQUEST);
 }
+
+// ---- users: name, deletion; audit actors ------------------------------------------------------
+
+#[tokio::test]
+async fn users_are_renamed_and_deleted_after_a_confirmation_and_a_recent_sign_in() {
+    let e = world().await;
+    let acme = sign_in(&e, "admin@acme.test").await;
+    let token = csrf(&e);
+    let dev = user_id(&e, "dev@acme.test").await;
+    let page = format!("/portal/orgs/acme/users/{dev}");
+
+    let r = post(&e, &acme, &format!("{page}/name"), &[("csrf_token", &token), ("name", "Dev Eloper")]).await;
+    assert_eq!(r.see_other(), format!("{page}?notice=user-renamed"));
+    assert_eq!(e.core.user(&platform(), "acme", &dev).await.unwrap().name.as_deref(), Some("Dev Eloper"));
+    assert!(get(&e, &acme, &page).await.body.contains("value=\"Dev Eloper\""));
+    // A refused name: the user's page again, the message and its id, what was typed kept.
+    let r = post(&e, &acme, &format!("{page}/name"), &[("csrf_token", &token), ("name", "   ")]).await;
+    r.assert_refused(StatusCode::BAD_REQUEST);
+    assert!(r.body.contains("name must be 1 to 200 characters") && r.body.contains("id=\"name-form\""));
+    post(&e, &acme, &format!("{page}/name"), &[("name", "No Token")]).await.assert_refused(StatusCode::FORBIDDEN);
+    assert_eq!(e.core.user(&platform(), "acme", &dev).await.unwrap().name.as_deref(), Some("Dev Eloper"));
+    // Another organisation's admin changes nothing.
+    let globex = sign_in(&e, "admin@globex.test").await;
+    post(&e, &globex, &format!("{page}/name"), &[("csrf_token", &token), ("name", "Pwned")])
+        .await
+        .assert_refused(StatusCode::FORBIDDEN);
+    post(&e, &globex, &format!("{page}/delete"), &[("csrf_token", &token)]).await.assert_refused(StatusCode::FORBIDDEN);
+
+    // Deletion: confirmed, and only after a recent sign-in.
+    e.clock.advance(11 * 60);
+    let expected = format!("/login?reauth=1&return_to=%2Fportal%2Forgs%2Facme%2Fusers%2F{dev}%2Fdelete");
+    assert_eq!(get(&e, &acme, &format!("{page}/delete")).await.see_other(), expected);
+    assert_eq!(post(&e, &acme, &format!("{page}/delete"), &[("csrf_token", &token)]).await.see_other(), expected);
+    assert!(e.core.user(&platform(), "acme", &dev).await.is_ok());
+    let acme = sign_in(&e, "admin@acme.test").await;
+    let confirm = get(&e, &acme, &format!("{page}/delete")).await;
+    assert_eq!(confirm.status, StatusCode::OK, "{}", confirm.snippet());
+    assert!(confirm.body.contains("dev@acme.test") && confirm.body.contains("cannot be undone"));
+    let r = post(&e, &acme, &format!("{page}/delete"), &[("csrf_token", &token)]).await;
+    assert_eq!(r.see_other(), "/portal/orgs/acme/users?notice=user-deleted");
+    assert!(e.core.user(&platform(), "acme", &dev).await.is_err());
+    get(&e, &acme, &page).await.assert_refused(StatusCode::NOT_FOUND);
+    // Oneself: refused by the use case, shown with an id.
+    let me = user_id(&e, "admin@acme.test").await;
+    post(&e, &acme, &format!("/portal/orgs/acme/users/{me}/delete"), &[("csrf_token", &token)])
+        .await
+        .assert_refused(StatusCode::CONFLICT);
+}
+
+#[tokio::test]
+async fn the_audit_log_shows_user_actors_by_email_and_filters_by_email() {
+    let e = world().await;
+    let acme = sign_in(&e, "admin@acme.test").await;
+    let admin = user_id(&e, "admin@acme.test").await;
+    let dev = user_id(&e, "dev@acme.test").await;
+    let r =
+        post(&e, &acme, &format!("/portal/orgs/acme/users/{dev}/name"), &[("csrf_token", &csrf(&e)), ("name", "D")])
+            .await;
+    r.see_other();
+    let log = get(&e, &acme, "/portal/orgs/acme/audit?action=user.update").await;
+    assert_eq!(log.status, StatusCode::OK);
+    assert!(
+        log.body.contains(&format!("<a href=\"/portal/orgs/acme/users/{admin}\" class=\"actor\">admin@acme.test</a>")),
+        "{}",
+        log.snippet()
+    );
+    // Actors that are not users of the organisation stay ids.
+    let created = get(&e, &acme, "/portal/orgs/acme/audit?action=user.create").await;
+    assert!(created.body.contains("<code class=\"wrap\">test-platform-admin</code>"));
+    // The actor filter takes an email too.
+    let mine = get(&e, &acme, "/portal/orgs/acme/audit?actor=ADMIN%40acme.test&action=user.").await;
+    assert!(mine.body.contains("<code>user.update</code>") && !mine.body.contains("<code>user.create</code>"));
+    assert!(get(&e, &acme, "/portal/orgs/acme/audit?actor=nobody%40acme.test").await.body.contains("No event matches"));
+}

@@ -1,4 +1,8 @@
 //! The audit log of an organisation, filtered by actor, action (prefix), outcome and time.
+//! Actors that are users of the organisation are shown by email (looked up for the page's
+//! rows only); the actor filter also takes a user's email.
+
+use std::collections::HashMap;
 
 use askama::Template;
 use axum::extract::Path;
@@ -6,7 +10,7 @@ use axum::http::{StatusCode, Uri};
 use axum::response::Response;
 use portcullis_core::Error;
 use portcullis_core::clock::rfc3339;
-use portcullis_core::model::AuditFilter;
+use portcullis_core::model::{AuditEvent, AuditFilter, Page};
 
 use super::{Nav, Pager, Shell, Visit, page_error, short_time};
 use crate::oidc;
@@ -89,6 +93,8 @@ fn day_start(s: &str) -> Option<i64> {
 pub struct EventRow {
     pub at: String,
     pub actor: String,
+    /// The actor's email when the actor is a user of the organisation.
+    pub actor_email: Option<String>,
     pub action: String,
     pub target: String,
     pub outcome: String,
@@ -116,7 +122,13 @@ pub async fn list(v: Visit, Path(org): Path<String>, uri: Uri) -> Response {
         Filters { actor: q("actor"), action: q("action"), outcome: q("outcome"), from: q("from"), to: q("to") };
     let (n, page) = Pager::request(&uri);
     let outcome = match filters.filter() {
-        Ok(f) => v.s.core.audit_events(&v.who, &org, &f, page).await,
+        Ok(mut f) => {
+            // An email names the user with that address (the log records ids).
+            if let Some(email) = f.actor.clone().filter(|a| a.contains('@')) {
+                f.actor = Some(user_with_email(&v, &org, &email).await.unwrap_or(email));
+            }
+            v.s.core.audit_events(&v.who, &org, &f, page).await
+        }
         Err(e) => Err(e),
     };
     let mut shell = v.shell(Some(&o), Nav::Audit).await;
@@ -127,11 +139,13 @@ pub async fn list(v: Visit, Path(org): Path<String>, uri: Uri) -> Response {
     };
     let pager = Pager::cut(n, &mut events, &format!("/portal/orgs/{org}/audit"), &filters.pairs());
     shell.error = failure.as_ref().map(|(_, e)| e.clone());
+    let emails = actor_emails(&v, &org, &events).await;
     let rows = events
         .iter()
         .map(|e| EventRow {
             at: short_time(&rfc3339(e.at)),
             actor: e.actor.clone(),
+            actor_email: emails.get(&e.actor).cloned(),
             action: e.action.clone(),
             target: e.target.clone(),
             outcome: e.outcome.clone(),
@@ -143,6 +157,28 @@ pub async fn list(v: Visit, Path(org): Path<String>, uri: Uri) -> Response {
         Some((status, err)) => v.failed(status, &page, &err),
         None => v.page(StatusCode::OK, &page),
     }
+}
+
+/// The emails of the actors of `events` that are users of the organisation: one lookup per
+/// distinct actor of the page (client ids and `system` are not users).
+async fn actor_emails(v: &Visit, org: &str, events: &[AuditEvent]) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for e in events {
+        let a = &e.actor;
+        if out.contains_key(a) || a.contains('$') || a.is_empty() || a.len() > 64 {
+            continue;
+        }
+        if let Ok(u) = v.s.core.user(&v.who, org, a).await {
+            out.insert(a.clone(), u.email.to_string());
+        }
+    }
+    out
+}
+
+/// The id of the organisation's user with this email, if any.
+async fn user_with_email(v: &Visit, org: &str, email: &str) -> Option<String> {
+    let found = v.s.core.search_users(&v.who, org, Some(email), Page::new(Some(10), None)).await.ok()?;
+    found.into_iter().find(|u| u.email.as_str().eq_ignore_ascii_case(email.trim())).map(|u| u.id)
 }
 
 #[cfg(test)]

@@ -88,6 +88,8 @@ pub fn routes() -> Router<AppState> {
         .route(&format!("{org}/users/invite"), get(users::invite_form))
         .route(&format!("{org}/users/{{id}}"), get(users::detail))
         .route(&format!("{org}/users/{{id}}/roles"), post(users::set_roles))
+        .route(&format!("{org}/users/{{id}}/name"), post(users::set_name))
+        .route(&format!("{org}/users/{{id}}/delete"), get(users::delete_confirm).post(users::delete))
         .route(&format!("{org}/users/{{id}}/invitation"), post(users::resend))
         .route(&format!("{org}/users/{{id}}/disable"), get(users::disable_confirm).post(users::disable))
         .route(&format!("{org}/users/{{id}}/enable"), post(users::enable))
@@ -235,6 +237,8 @@ fn notice_text(key: &str) -> Option<&'static str> {
         "user-reinvited" => "A new invitation link is on its way; the previous one no longer works.",
         "user-roles" => "The user's roles are saved. Removed roles count at once for their sessions and API keys.",
         "user-disabled" => "The user is disabled and signed out everywhere.",
+        "user-renamed" => "The user's name is saved.",
+        "user-deleted" => "The user was deleted with their sessions and API keys.",
         "user-enabled" => "The user is enabled.",
         "user-totp-reset" => "The second factor is reset: the next sign-in uses a code sent by email.",
         "sessions-revoked" => "Every session of the user was revoked.",

@@ -1,5 +1,6 @@
 //! Users of an organisation: the searchable list, invitations (and sending a new link), a
-//! user's roles, disabling, resetting the second factor, and their sessions (revoke one or all).
+//! user's name and roles, disabling, deleting, resetting the second factor, and their sessions
+//! (revoke one or all).
 
 use askama::Template;
 use axum::body::Body;
@@ -203,6 +204,8 @@ struct DetailPage {
     totp: bool,
     sessions: Vec<SessionRow>,
     myself: bool,
+    /// The name field's value (what was typed, after a refusal).
+    name: String,
 }
 
 impl DetailPage {
@@ -238,16 +241,20 @@ async fn org_and_user(v: &Visit, org: &str, id: &str) -> Result<(Organisation, U
 
 /// `GET /portal/orgs/{org}/users/{id}`.
 pub async fn detail(v: Visit, Path((org, id)): Path<(String, String)>) -> Response {
-    let (o, u) = match org_and_user(&v, &org, &id).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    let sessions = v.s.core.user_sessions(&v.who, &org, &id, Page::new(Some(50), None)).await;
-    let roles = grantable_roles(&v, &org).await;
+    match detail_page(&v, &org, &id).await {
+        Ok(page) => v.page(StatusCode::OK, &page),
+        Err(r) => r,
+    }
+}
+
+async fn detail_page(v: &Visit, org: &str, id: &str) -> Result<DetailPage, Response> {
+    let (o, u) = org_and_user(v, org, id).await?;
+    let sessions = v.s.core.user_sessions(&v.who, org, id, Page::new(Some(50), None)).await;
+    let roles = grantable_roles(v, org).await;
     let totp = v.s.core.totp_enrolled(&u.id).await;
     let (sessions, roles, totp) = match (sessions, roles, totp) {
         (Ok(s), Ok(r), Ok(t)) => (s, r, t),
-        (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => return v.fail(Some(&o), e).await,
+        (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => return Err(v.fail(Some(&o), e).await),
     };
     let now = v.s.core.now();
     let current = v.entry.session.id.clone();
@@ -265,8 +272,60 @@ pub async fn detail(v: Visit, Path((org, id)): Path<(String, String)>) -> Respon
             .map(|s| session_row(s, &current))
             .collect(),
         myself: u.id == v.who.subject,
+        name: u.name.clone().unwrap_or_default(),
     };
-    v.page(StatusCode::OK, &page)
+    Ok(page)
+}
+
+/// `POST /portal/orgs/{org}/users/{id}/name` (`name`): `update_user` with the new name; a
+/// refused name comes back on the user's page with its error id.
+pub async fn set_name(v: Visit, Path((org, id)): Path<(String, String)>, body: Body) -> Response {
+    let f = match v.form(body).await {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    let name = match f.one("name") {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    let patch = UserPatch { name: Some(name.clone()), enabled: None, password: None };
+    match v.s.core.update_user(&v.who, &v.ctx, &org, &id, patch).await {
+        Ok(_) => oidc::see_other(&format!("{}/{id}?notice=user-renamed", base(&org))),
+        Err(e @ Error::InvalidInput(_)) => {
+            let (status, err) = page_error(e);
+            match detail_page(&v, &org, &id).await {
+                Ok(mut p) => {
+                    p.shell.error = Some(err.clone());
+                    p.name = name;
+                    v.failed(status, &p, &err)
+                }
+                Err(r) => r,
+            }
+        }
+        Err(e) => v.fail(None, e).await,
+    }
+}
+
+/// `GET …/users/{id}/delete`.
+pub async fn delete_confirm(v: Visit, Path((org, id)): Path<(String, String)>) -> Response {
+    confirm(v, &org, &id, "delete", "Delete the user?", "Delete user", |u| {
+        format!(
+            "{} is deleted for good with their addresses, sessions, API keys, consents and second factor. This cannot be undone.",
+            u.email
+        )
+    })
+    .await
+}
+
+/// `POST …/users/{id}/delete`.
+pub async fn delete(v: Visit, Path((org, id)): Path<(String, String)>, body: Body) -> Response {
+    if let Err(r) = sensitive(&v, body, &format!("{}/{id}/delete", base(&org))).await {
+        return r;
+    }
+    match v.s.core.delete_user(&v.who, &v.ctx, &org, &id).await {
+        Ok(()) => oidc::see_other(&format!("{}?notice=user-deleted", base(&org))),
+        Err(e) => v.fail(None, e).await,
+    }
 }
 
 /// `POST /portal/orgs/{org}/users/{id}/roles` (`roles`, every checked one): grants and takes
