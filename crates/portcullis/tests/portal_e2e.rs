@@ -4,8 +4,9 @@
 //! headless Chromium driven by npm `playwright-core` from `tests/portal/portal.mjs`. The browser
 //! signs in with the mailed code, creates an application, runs the New Certificate wizard with a
 //! CSR made by `openssl` from the command the page shows, downloads the certificate and its chain
-//! and revokes it; it invites a user and creates, activates (with the mailed code) and revokes an
-//! API key. Then, outside the browser: `curl` gets a token with the secret the page
+//! and revokes it; it invites a user, defines a service, grants its permission to its role,
+//! gives the user the role and sees them among its holders; it creates, activates (with the
+//! mailed code) and revokes an API key. Then, outside the browser: `curl` gets a token with the secret the page
 //! showed, and `openssl verify` checks the downloaded certificate against the downloaded chain,
 //! and against the CRL once revoked.
 //!
@@ -210,6 +211,29 @@ async fn the_portal_in_a_real_browser() {
         .unwrap();
     assert_eq!(r.status(), 401, "a revoked key is refused");
     assert!(v["audit_rows"].as_u64().unwrap() >= 2, "the issue and the revocation: {}", v["audit_rows"]);
+
+    // The service defined in the browser: the permission granted to its role reaches the
+    // invited person who holds it, as the authorization API answers.
+    assert!(v["role_users"].as_str().unwrap().contains("invited@acme.test"), "{}", v["role_users"]);
+    assert_eq!(v["role_granted"], true);
+    assert!(v["permission_roles"].as_str().unwrap().contains("ledger:clerk"), "{}", v["permission_roles"]);
+    let invitee = c.get("/api/v1/organisations/acme/users?q=invited%40acme.test", &Cred::Bearer(&admin)).await;
+    let invitee_id = invitee.json["items"][0]["id"].as_str().unwrap().to_owned();
+    let check =
+        |permission: &'static str| json!({ "subject": invitee_id, "permission": permission, "organisation": "acme" });
+    let r = c.post("/api/v1/authz/check", &Cred::Bearer(&admin), &check("ledger.entry.read")).await;
+    assert_eq!(r.expect(200).json["allowed"], true, "{}", r.json);
+    let r = c.post("/api/v1/authz/check", &Cred::Bearer(&admin), &check("ledger.entry.write")).await;
+    assert_eq!(r.expect(200).json["allowed"], false, "only the granted permission: {}", r.json);
+    for a in ["service.create", "role.set_permissions", "user.role.grant"] {
+        assert!(actions.contains(&a), "{a} in {actions:?}");
+    }
+    // The audit log names the admin by email.
+    assert!(
+        v["audit_actor_emails"].as_array().unwrap().iter().any(|e| e == ADMIN_EMAIL),
+        "{}",
+        v["audit_actor_emails"]
+    );
 
     assert!(v["screenshots"].as_array().unwrap().len() >= 10, "{}", v["screenshots"]);
     s.assert_no_logged_errors();

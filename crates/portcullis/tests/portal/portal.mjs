@@ -9,9 +9,10 @@
 // tests/e2e/oidc_rp.mjs does), creates an application through the form (the client id checked
 // live, the secret read from the page), runs the whole New Certificate wizard (the openssl
 // command copied from the page and run in `work`, the CSR file uploaded, the certificate and
-// chain downloaded), revokes the certificate with a reason, invites a user, creates an API key
-// (activated with the mailed code) and revokes it, and saves screenshots of the main
-// pages to `shots`. It prints one JSON object: what the test checks outside the browser (the
+// chain downloaded), revokes the certificate with a reason, invites a user, defines a service
+// (a role and a permission), grants the permission to the role, gives the invited user the role
+// and finds them among the role's holders, creates an API key (activated with the mailed code)
+// and revokes it, and saves screenshots of the main pages to `shots`. It prints one JSON object: what the test checks outside the browser (the
 // secret, the downloaded files), every document the browser loaded with its security headers,
 // and every console error, page error or CSP violation.
 
@@ -216,6 +217,39 @@ async function main() {
     await page.goto(`${base}/portal/orgs/${org}/users`);
     await shot('users');
 
+    // ---- a service: defined, a permission granted to its role, who holds the role --------
+    await page.locator(`nav.subnav a[href="/portal/orgs/${org}/services"]`).click();
+    await page.getByRole('heading', { name: 'Services and roles' }).waitFor();
+    await page.getByRole('link', { name: 'New service' }).first().click();
+    await page.getByLabel('Name', { exact: true }).fill('Ledger');
+    await page.getByLabel('Service id', { exact: true }).fill('ledger');
+    await page.getByLabel('Audience', { exact: true }).fill('https://ledger.acme.test');
+    await page.getByLabel('Scopes', { exact: true }).fill('ledger/read');
+    await page.getByLabel('Roles', { exact: true }).fill('ledger:clerk\nledger:auditor');
+    await page.getByLabel('Permissions', { exact: true }).fill('ledger.entry.read\nledger.entry.write');
+    await shot('service-new');
+    await Promise.all([page.waitForURL(/notice=service-created/), page.locator('#create-service').click()]);
+    step('service defined');
+    await page.locator(`a[href="/portal/orgs/${org}/services/ledger/roles/clerk"]`).click();
+    await page.locator('input[name=permissions][value="ledger.entry.read"]').check();
+    await Promise.all([page.waitForURL(/notice=role-grants/), page.locator('#save-grants').click()]);
+    step('permission granted');
+    // The invited person is given the role on their page.
+    await page.goto(`${base}/portal/orgs/${org}/users?q=${encodeURIComponent(a.invitee)}`);
+    await page.locator('#users a', { hasText: a.invitee }).click();
+    await page.locator('input[name=roles][value="ledger:clerk"]').check();
+    await Promise.all([page.waitForURL(/notice=user-roles/), page.locator('#roles-form button[type=submit]').click()]);
+    await page.goto(`${base}/portal/orgs/${org}/services/ledger/roles/clerk`);
+    out.role_users = await page.locator('#role-users').textContent();
+    out.role_granted = await page.locator('input[name=permissions][value="ledger.entry.read"]').isChecked();
+    await shot('role');
+    await page.goto(`${base}/portal/orgs/${org}/services/ledger`);
+    out.permission_roles = await page.locator('#permissions').textContent();
+    await shot('service');
+    await page.goto(`${base}/portal/orgs/${org}/services`);
+    await shot('services');
+    step('role holders listed');
+
     // ---- an API key: created, activated with the mailed code, revoked --------------------
     const seenKeyMail = new Set(mailsTo(a.sink_dir, a.email).map((m) => m.n));
     await page.locator('a[href="/portal/api-keys"]').click();
@@ -239,6 +273,7 @@ async function main() {
     await page.goto(`${base}/portal/orgs/${org}/audit?action=certificate.`);
     out.audit_rows = await page.locator('#audit tbody tr').count();
     await page.goto(`${base}/portal/orgs/${org}/audit`);
+    out.audit_actor_emails = await page.locator('#audit a.actor').allTextContents();
     await shot('audit');
 
     // ---- small screens -------------------------------------------------------------------
