@@ -194,6 +194,15 @@ pub trait Store: Send + Sync + 'static {
     async fn api_key_by_key(&self, key: &str) -> StoreResult<Option<ApiKey>>;
     /// Newest first; all of the organisation's, or one user's.
     async fn api_keys(&self, org_id: &str, user_id: Option<&str>, page: Page) -> StoreResult<Vec<ApiKey>>;
+    /// A user's API keys whose name contains `query` (any case) or whose key starts with it,
+    /// newest first.
+    async fn search_user_api_keys(
+        &self,
+        org_id: &str,
+        user_id: &str,
+        query: &str,
+        page: Page,
+    ) -> StoreResult<Vec<ApiKey>>;
     async fn touch_api_key(&self, id: &str, now: UnixTime) -> StoreResult<()>;
     async fn revoke_api_key(&self, id: &str, now: UnixTime, audit: &AuditEvent) -> StoreResult<bool>;
 

@@ -1117,6 +1117,21 @@ macro_rules! sql_store {
                 rows.iter().map(Self::api_key_row).collect()
             }
 
+            async fn search_user_api_keys(&self, org_id: &str, user_id: &str, query: &str, page: Page) -> StoreResult<Vec<ApiKey>> {
+                let (l, o) = limit(page);
+                let rows = sqlx::query("SELECT * FROM api_keys WHERE org_id = $1 AND user_id = $2 AND (LOWER(name) LIKE $3 ESCAPE '\\' OR api_key LIKE $4 ESCAPE '\\') ORDER BY created_at DESC, id DESC LIMIT $5 OFFSET $6")
+                    .bind(org_id)
+                    .bind(user_id)
+                    .bind(contains_pattern(query))
+                    .bind(prefix_pattern(query))
+                    .bind(l)
+                    .bind(o)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db_err)?;
+                rows.iter().map(Self::api_key_row).collect()
+            }
+
             async fn touch_api_key(&self, id: &str, now: UnixTime) -> StoreResult<()> {
                 sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2").bind(now).bind(id).execute(&self.pool).await.map_err(db_err)?;
                 Ok(())

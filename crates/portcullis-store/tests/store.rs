@@ -2265,6 +2265,20 @@ async fn api_keys_list_lookup_and_revoke(s: Arc<dyn Store>) {
     assert_eq!(s.api_keys(&other.id, None, all()).await.unwrap(), vec![carols.clone()]);
     assert!(s.api_keys(&other.id, Some(&ann.id), all()).await.unwrap().is_empty(), "a user of another org");
 
+    // Searched within one user's keys: a part of the name in any case, or the start of the key;
+    // LIKE's wildcards are plain characters.
+    let search = |user: &User, q: &'static str, p: Page| {
+        let (s, org, user) = (s.clone(), acme.id.clone(), user.id.clone());
+        async move { s.search_user_api_keys(&org, &user, q, p).await.unwrap() }
+    };
+    assert_eq!(search(&ann, "KEY K-ANN", all()).await, vec![ann2.clone(), ann1.clone()]);
+    assert_eq!(search(&ann, "ann-2", all()).await, vec![ann2.clone()]);
+    assert_eq!(search(&ann, "KEY K-ANN", page(1, 1)).await, vec![ann1.clone()], "paged");
+    assert!(search(&ann, "k-bob", all()).await.is_empty(), "another user's key");
+    assert!(search(&ann, "k-%", all()).await.is_empty() && search(&ann, "k_ann", all()).await.is_empty());
+    assert_eq!(search(&bob, "k-bare", all()).await, vec![bare.clone()]);
+    assert!(s.search_user_api_keys(&other.id, &ann.id, "k", all()).await.unwrap().is_empty(), "another org");
+
     // Duplicate public key: Conflict, no verification, no audit.
     let dup = api_key(&bob, "k-ann-1");
     let dup_v = verification(&bob, VerificationPurpose::ApiKey, &dup.id);

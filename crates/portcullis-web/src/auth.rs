@@ -209,7 +209,7 @@ pub async fn my_api_keys(
     Admin(who, _): Admin,
     Query(q): Query<PageQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let list = s.core.my_api_keys(&who, q.page()).await?;
+    let list = s.core.my_api_keys(&who, None, q.page()).await?;
     Ok(Json(serde_json::json!({ "items": list.iter().map(ApiKeyView::from).collect::<Vec<_>>() })))
 }
 

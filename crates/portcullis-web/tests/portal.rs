@@ -1071,6 +1071,15 @@ async fn api_keys_are_created_activated_with_the_mailed_code_and_revoked() {
     let list = get(&e, &acme, "/portal/api-keys").await;
     assert!(list.body.contains(&key) && list.body.contains("badge-ok\">active") && !list.body.contains(&secret));
 
+    // Searched by a part of the name or the start of the key, the query kept in the page.
+    let found = get(&e, &acme, "/portal/api-keys?q=C").await;
+    assert!(found.body.contains(&key) && found.body.contains("value=\"C\""), "{}", found.snippet());
+    let prefix = &key[..key.len().min(6)];
+    assert!(get(&e, &acme, &format!("/portal/api-keys?q={prefix}")).await.body.contains(&key));
+    let none = get(&e, &acme, "/portal/api-keys?q=nothing-like-it").await;
+    assert!(!none.body.contains(&key) && none.body.contains("No API key matches"), "{}", none.snippet());
+    get(&e, &acme, &format!("/portal/api-keys?q={}", "x".repeat(101))).await.assert_refused(StatusCode::BAD_REQUEST);
+
     // A role the admin does not hold: refused in the page.
     let r = post(
         &e,

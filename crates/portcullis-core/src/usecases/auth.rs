@@ -1259,12 +1259,17 @@ impl Portcullis {
     }
 
     /// The caller's own keys (a signed-in user or one of their keys).
-    pub async fn my_api_keys(&self, who: &Principal, page: Page) -> Result<Vec<ApiKey>> {
+    /// The caller's own API keys, newest first; with `q`, only those whose name contains it
+    /// (any case) or whose key starts with it.
+    pub async fn my_api_keys(&self, who: &Principal, q: Option<&str>, page: Page) -> Result<Vec<ApiKey>> {
         if matches!(who.credential, Credential::AccessToken) {
             return Err(Error::Forbidden("this endpoint needs a signed-in user or an API key".into()));
         }
         let org = self.organisation_or_404(&who.org).await?;
-        Ok(self.store.api_keys(&org.id, Some(&who.subject), page).await?)
+        match super::admin::search_text(q)? {
+            Some(q) => Ok(self.store.search_user_api_keys(&org.id, &who.subject, q, page).await?),
+            None => Ok(self.store.api_keys(&org.id, Some(&who.subject), page).await?),
+        }
     }
 
     /// Admins: the organisation's keys, or one user's.

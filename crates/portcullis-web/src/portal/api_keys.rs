@@ -56,6 +56,8 @@ impl KeyRow {
 #[template(path = "portal/api_keys.html")]
 struct ListPage {
     shell: Shell,
+    /// The search (name or key), kept in the pager's links.
+    q: String,
     rows: Vec<KeyRow>,
     pager: Pager,
     /// The creation form: name, expiry date, the roles to choose from (the admin's own).
@@ -78,15 +80,33 @@ async fn list_page(
     expires: String,
     chosen: Vec<String>,
 ) -> Result<ListPage, Response> {
+    let q = oidc::query_param(uri, "q").trim().to_owned();
     let (n, page) = Pager::request(uri);
-    let mut keys = match v.s.core.my_api_keys(&v.who, page).await {
+    let mut shell = v.shell(None, Nav::ApiKeys).await;
+    let mut keys = match v.s.core.my_api_keys(&v.who, Some(&q), page).await {
         Ok(k) => k,
+        Err(e @ Error::InvalidInput(_)) => {
+            let (status, err) = page_error(e);
+            shell.error = Some(err.clone());
+            let page = ListPage {
+                shell,
+                q,
+                rows: Vec::new(),
+                pager: Pager::cut(n, &mut Vec::<ApiKey>::new(), BASE, &[]),
+                name,
+                expires,
+                roles: v.who.roles.clone(),
+                chosen,
+            };
+            return Err(v.failed(status, &page, &err));
+        }
         Err(e) => return Err(v.fail(None, e).await),
     };
-    let pager = Pager::cut(n, &mut keys, BASE, &[]);
+    let pager = Pager::cut(n, &mut keys, BASE, &[("q".into(), q.clone())]);
     let now = v.s.core.now();
     Ok(ListPage {
-        shell: v.shell(None, Nav::ApiKeys).await,
+        shell,
+        q,
         rows: keys.iter().map(|k| KeyRow::of(k, now)).collect(),
         pager,
         name,
