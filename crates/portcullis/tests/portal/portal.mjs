@@ -253,7 +253,7 @@ async function main() {
     // ---- an API key: created, activated with the mailed code, revoked --------------------
     const seenKeyMail = new Set(mailsTo(a.sink_dir, a.email).map((m) => m.n));
     await page.locator('a[href="/portal/api-keys"]').click();
-    await page.getByLabel('Name').fill('ci pipeline');
+    await page.getByLabel('Name', { exact: true }).fill('ci pipeline');
     await Promise.all([page.waitForLoadState('load'), page.locator('#create-key').click()]);
     await page.locator('#api-secret').waitFor();
     out.api_key = (await page.locator('#api-key').textContent()).trim();
