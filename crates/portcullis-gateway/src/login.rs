@@ -82,19 +82,17 @@ pub fn start(issuer: &str, client_id: &str, origin: &str, return_to: &str) -> Re
     let verifier = random_token()?;
     let challenge = B64URL.encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, verifier.as_bytes()));
     let redirect_uri = format!("{origin}{CALLBACK_PATH}");
-    let query = [
-        ("response_type", "code"),
-        ("client_id", client_id),
-        ("redirect_uri", &redirect_uri),
-        ("scope", "openid"),
-        ("state", &state),
-        ("code_challenge", &challenge),
-        ("code_challenge_method", "S256"),
-    ]
-    .iter()
-    .map(|(k, v)| format!("{k}={}", percent_encode(v)))
-    .collect::<Vec<_>>()
-    .join("&");
+    let query = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs([
+            ("response_type", "code"),
+            ("client_id", client_id),
+            ("redirect_uri", &redirect_uri),
+            ("scope", "openid"),
+            ("state", &state),
+            ("code_challenge", &challenge),
+            ("code_challenge_method", "S256"),
+        ])
+        .finish();
     let location = format!("{}/oauth2/authorize?{query}", issuer.trim_end_matches('/'));
     let value = format!("{}.{}.{}", verifier.as_str(), state, B64URL.encode(safe_return(return_to)));
     let set_cookie = cookie(&flow_cookie_name(&state), &value, FLOW_MAX_AGE)?;
@@ -226,19 +224,6 @@ fn random_token() -> Result<String, String> {
     let mut bytes = Zeroizing::new([0u8; 32]);
     aws_lc_rs::rand::fill(bytes.as_mut()).map_err(|_| "the OS random generator failed".to_owned())?;
     Ok(B64URL.encode(bytes.as_ref()))
-}
-
-/// RFC 3986 percent-encoding of everything but the unreserved characters.
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// Form decoding of one query component (`+` is a space); malformed escapes and non-UTF-8 are

@@ -92,6 +92,19 @@ fn contains_pattern(query: &str) -> String {
     format!("%{}", prefix_pattern(&query.to_lowercase()))
 }
 
+/// A `LIKE … ESCAPE '\'` pattern for a JSON array of roles holding `role`. The role's own JSON
+/// form, quotes included, occurs in the text only as a whole element. SQLite's LIKE ignores
+/// ASCII case, so callers check the decoded list again ([`holds_role`]).
+fn role_pattern(role: &str) -> StoreResult<String> {
+    let quoted = serde_json::to_string(role).map_err(|_| corrupt("role"))?;
+    Ok(format!("%{}", prefix_pattern(&quoted)))
+}
+
+/// Whether `roles` holds exactly `role` (the check after [`role_pattern`]).
+fn holds_role(roles: &[RoleName], role: &str) -> bool {
+    roles.iter().any(|r| r.as_str() == role)
+}
+
 /// A `LIKE … ESCAPE '\'` pattern matching what starts with `prefix` (as is).
 fn prefix_pattern(prefix: &str) -> String {
     let mut p = String::with_capacity(prefix.len() + 1);
@@ -685,25 +698,17 @@ macro_rules! sql_store {
             }
 
             async fn role_applications(&self, org_id: &str, role: &str, page: Page) -> StoreResult<Vec<Application>> {
-                // As in users_with_role: the role's JSON form occurs only as a whole element.
                 let (l, o) = limit(page);
-                let quoted = serde_json::to_string(role).map_err(|_| corrupt("role"))?;
                 let rows = sqlx::query("SELECT * FROM applications WHERE org_id = $1 AND roles LIKE $2 ESCAPE '\\' ORDER BY slug LIMIT $3 OFFSET $4")
                     .bind(org_id)
-                    .bind(format!("%{}", prefix_pattern(&quoted)))
+                    .bind(role_pattern(role)?)
                     .bind(l)
                     .bind(o)
                     .fetch_all(&self.pool)
                     .await
                     .map_err(db_err)?;
-                let mut apps = Vec::with_capacity(rows.len());
-                for r in &rows {
-                    let a = Self::app_row(r)?;
-                    if a.roles.iter().any(|x| x.as_str() == role) {
-                        apps.push(a);
-                    }
-                }
-                Ok(apps)
+                let apps: Vec<Application> = rows.iter().map(Self::app_row).collect::<StoreResult<_>>()?;
+                Ok(apps.into_iter().filter(|a| holds_role(&a.roles, role)).collect())
             }
 
             async fn update_application(&self, a: &Application, expected_updated_at: UnixTime, audit: &AuditEvent) -> StoreResult<()> {
@@ -782,50 +787,31 @@ macro_rules! sql_store {
             }
 
             async fn users_with_role(&self, org_id: &str, role: &str, max: u32) -> StoreResult<Vec<User>> {
-                // Roles are a JSON array of strings: the role's own JSON form, quotes included,
-                // occurs in the text only as a whole element. SQLite's LIKE ignores ASCII case,
-                // so the decoded list is checked again.
-                let quoted = serde_json::to_string(role).map_err(|_| corrupt("role"))?;
-                let pattern = format!("%{}", prefix_pattern(&quoted));
                 let rows = sqlx::query("SELECT * FROM users WHERE org_id = $1 AND enabled = $2 AND roles LIKE $3 ESCAPE '\\' ORDER BY email LIMIT $4")
                     .bind(org_id)
                     .bind(true)
-                    .bind(pattern)
+                    .bind(role_pattern(role)?)
                     .bind(i64::from(max))
                     .fetch_all(&self.pool)
                     .await
                     .map_err(db_err)?;
-                let mut users = Vec::with_capacity(rows.len());
-                for r in &rows {
-                    let u = Self::user_row(r)?;
-                    if u.roles.iter().any(|x| x.as_str() == role) {
-                        users.push(u);
-                    }
-                }
-                Ok(users)
+                let users: Vec<User> = rows.iter().map(Self::user_row).collect::<StoreResult<_>>()?;
+                Ok(users.into_iter().filter(|u| holds_role(&u.roles, role)).collect())
             }
 
             async fn role_users(&self, org_id: &str, role: &str, page: Page) -> StoreResult<Vec<User>> {
-                // As in users_with_role; roles are lower case, so SQLite's case-blind LIKE
-                // only lets through rows the check below drops for a query in another case.
+                // Disabled users included (unlike users_with_role).
                 let (l, o) = limit(page);
-                let quoted = serde_json::to_string(role).map_err(|_| corrupt("role"))?;
                 let rows = sqlx::query("SELECT * FROM users WHERE org_id = $1 AND roles LIKE $2 ESCAPE '\\' ORDER BY email LIMIT $3 OFFSET $4")
                     .bind(org_id)
-                    .bind(format!("%{}", prefix_pattern(&quoted)))
+                    .bind(role_pattern(role)?)
                     .bind(l)
                     .bind(o)
                     .fetch_all(&self.pool)
                     .await
                     .map_err(db_err)?;
-                let mut users = Vec::with_capacity(rows.len());
-                for r in &rows {
-                    let u = Self::user_row(r)?;
-                    if u.roles.iter().any(|x| x.as_str() == role) {
-                        users.push(u);
-                    }
-                }
-                Ok(users)
+                let users: Vec<User> = rows.iter().map(Self::user_row).collect::<StoreResult<_>>()?;
+                Ok(users.into_iter().filter(|u| holds_role(&u.roles, role)).collect())
             }
 
             async fn update_user(&self, u: &User, expected_updated_at: UnixTime, end_sessions: bool, audit: &AuditEvent) -> StoreResult<()> {
