@@ -31,17 +31,60 @@ fn db_err(e: sqlx::Error) -> StoreError {
         sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict(d.message().to_owned()),
         sqlx::Error::Database(d) => {
             let code = d.code().map(|c| c.into_owned()).unwrap_or_default();
-            // SQLITE_FULL (13) / PostgreSQL disk_full (53100), and SQLite I/O errors (10).
-            if code == "13" || code == "53100" || d.message().contains("database or disk is full") {
-                StoreError::Full(d.message().to_owned())
+            let detail = format!("{code}: {}", d.message());
+            let backend = if d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some() {
+                Backend::Postgres
             } else {
-                StoreError::Internal(format!("{code}: {}", d.message()))
+                Backend::Sqlite
+            };
+            match classify(backend, &code) {
+                Failure::Full => StoreError::Full(detail),
+                Failure::Unavailable => StoreError::Unavailable(detail),
+                Failure::Other => StoreError::Internal(detail),
             }
         }
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
             StoreError::Unavailable(e.to_string())
         }
         _ => StoreError::Internal(e.to_string()),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// What a database error means for the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// The disk is full: nothing of the write was kept (507).
+    Full,
+    /// A passing shortage: retry soon (503).
+    Unavailable,
+    Other,
+}
+
+/// Classifies a database error by its code. SQLite: the primary result code (the low byte of
+/// the extended code sqlx reports); SQLITE_FULL (13) is a full disk, SQLITE_BUSY (5) (another
+/// writer held the lock past the busy timeout) is passing. PostgreSQL: the SQLSTATE;
+/// `53100 disk_full` is a full disk; the rest of class 53 (insufficient resources: out of
+/// memory, too many connections), class 08 (connection exceptions) and `57P01`–`57P03` (the
+/// server shutting down or not accepting connections yet) are passing.
+fn classify(backend: Backend, code: &str) -> Failure {
+    match backend {
+        Backend::Sqlite => match code.parse::<i64>().map(|c| c & 0xff) {
+            Ok(13) => Failure::Full,
+            Ok(5) => Failure::Unavailable,
+            _ => Failure::Other,
+        },
+        Backend::Postgres => match code {
+            "53100" => Failure::Full,
+            "57P01" | "57P02" | "57P03" => Failure::Unavailable,
+            c if c.starts_with("53") || c.starts_with("08") => Failure::Unavailable,
+            _ => Failure::Other,
+        },
     }
 }
 
@@ -2588,6 +2631,18 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(10))
+            // On some errors (SQLITE_FULL above all) SQLite ends the transaction itself; sqlx
+            // still counts it open, its rollback then fails, and the connection would go back
+            // to the pool believing it is inside a transaction: every later `BEGIN` there
+            // becomes a savepoint (deferred, so liable to SQLITE_BUSY_SNAPSHOT) and `BEGIN
+            // IMMEDIATE` fails outright — until a restart. A connection released in that state
+            // is closed instead. (The ping first runs the rollback a dropped transaction queued.)
+            .after_release(|conn, _| {
+                Box::pin(async move {
+                    sqlx::Connection::ping(conn).await?;
+                    Ok(!sqlx::Connection::is_in_transaction(conn))
+                })
+            })
             .connect_with(opts)
             .await
             .map_err(db_err)?;
@@ -2653,3 +2708,117 @@ impl PgStore {
 }
 
 sql_store!(PgStore, PgPool, sqlx::postgres::PgRow);
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    #[test]
+    fn full_disks_and_passing_shortages_are_told_apart() {
+        use Backend::{Postgres, Sqlite};
+        // SQLite result codes, primary or extended (the low byte is the primary code).
+        assert_eq!(classify(Sqlite, "13"), Failure::Full);
+        assert_eq!(classify(Sqlite, &(13 | (1 << 8)).to_string()), Failure::Full);
+        assert_eq!(classify(Sqlite, "5"), Failure::Unavailable);
+        assert_eq!(classify(Sqlite, "517"), Failure::Unavailable, "SQLITE_BUSY_SNAPSHOT");
+        for other in ["1", "10", "778", "11", "19", "", "abc"] {
+            assert_eq!(classify(Sqlite, other), Failure::Other, "{other:?}");
+        }
+        // PostgreSQL SQLSTATEs.
+        assert_eq!(classify(Postgres, "53100"), Failure::Full, "disk_full");
+        for passing in ["53000", "53200", "53300", "53400", "08006", "08001", "57P01", "57P02", "57P03"] {
+            assert_eq!(classify(Postgres, passing), Failure::Unavailable, "{passing}");
+        }
+        for other in ["42P01", "23503", "22001", "40001", "57014", "XX000", "13"] {
+            assert_eq!(classify(Postgres, other), Failure::Other, "{other}");
+        }
+    }
+
+    /// A real SQLITE_FULL (the database may not grow past `max_page_count`) through `db_err`:
+    /// `StoreError::Full`, and the connection is fine for the next statement.
+    #[tokio::test]
+    async fn sqlite_full_is_storage_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = SqliteConnectOptions::new()
+            .filename(dir.path().join("full.db"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal);
+        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(opts).await.unwrap();
+        sqlx::query("CREATE TABLE t (b BLOB)").execute(&pool).await.unwrap();
+        sqlx::query("PRAGMA max_page_count = 8").execute(&pool).await.unwrap();
+        let err = sqlx::query("INSERT INTO t VALUES (zeroblob(100000))").execute(&pool).await.unwrap_err();
+        match db_err(err) {
+            StoreError::Full(m) => assert!(m.starts_with("13: "), "{m}"),
+            other => panic!("want StoreError::Full, got {other:?}"),
+        }
+        sqlx::query("INSERT INTO t VALUES (x'00')").execute(&pool).await.unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM t").fetch_one(&pool).await.unwrap();
+        assert_eq!(n, 1, "the refused insert left nothing behind");
+    }
+
+    /// PostgreSQL's own errors, raised with their SQLSTATE, through `db_err`: `disk_full` is
+    /// `StoreError::Full`, a shortage of connections or memory `Unavailable`.
+    #[tokio::test]
+    async fn postgres_disk_full_is_storage_full() {
+        let url = std::env::var("PORTCULLIS_TEST_PG_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL (PORTCULLIS_TEST_PG_URL) is required: {e}"));
+        for (sqlstate, want) in
+            [("53100", "full"), ("53200", "unavailable"), ("53300", "unavailable"), ("XX000", "internal")]
+        {
+            let raise = format!("DO $$ BEGIN RAISE EXCEPTION 'simulated' USING ERRCODE = '{sqlstate}'; END $$");
+            let err = sqlx::query(sqlx::AssertSqlSafe(raise)).execute(&pool).await.unwrap_err();
+            let got = match db_err(err) {
+                StoreError::Full(m) => ("full", m),
+                StoreError::Unavailable(m) => ("unavailable", m),
+                StoreError::Internal(m) => ("internal", m),
+                other => panic!("{sqlstate}: {other:?}"),
+            };
+            assert_eq!(got.0, want, "{sqlstate}: {}", got.1);
+            assert!(got.1.starts_with(sqlstate), "{}", got.1);
+        }
+        pool.close().await;
+    }
+
+    /// SQLite may end a transaction itself on SQLITE_FULL; sqlx then still counts it open and
+    /// its ROLLBACK fails. Such a connection must not be reused: the next `BEGIN IMMEDIATE` on
+    /// it would fail, and a plain `BEGIN` would become a savepoint that never commits alone.
+    #[tokio::test]
+    async fn a_transaction_ended_by_a_full_disk_does_not_poison_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("full.db"), 0).await.unwrap();
+        let pool = store.pool.clone();
+        sqlx::query("CREATE TABLE t (b BLOB)").execute(&pool).await.unwrap();
+        for _ in 0..8 {
+            let mut conn = pool.acquire().await.unwrap();
+            sqlx::query("PRAGMA max_page_count = 200").execute(&mut *conn).await.unwrap();
+            let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+            sqlx::query("INSERT INTO t VALUES (x'01')").execute(&mut *tx).await.unwrap();
+            let err = sqlx::query("INSERT INTO t VALUES (zeroblob(2000000))").execute(&mut *tx).await.unwrap_err();
+            assert!(matches!(db_err(err), StoreError::Full(_)));
+            drop(tx);
+            sqlx::query("PRAGMA max_page_count = 1000000").execute(&mut *conn).await.unwrap();
+        }
+        for _ in 0..8 {
+            let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.unwrap();
+            sqlx::query("INSERT INTO t VALUES (x'02')").execute(&mut *tx).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM t").fetch_one(&pool).await.unwrap();
+        assert_eq!(n, 8, "only the committed rows");
+        store.close().await;
+    }
+
+    #[test]
+    fn unreachable_databases_are_unavailable() {
+        assert!(matches!(db_err(sqlx::Error::PoolTimedOut), StoreError::Unavailable(_)));
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert!(matches!(db_err(sqlx::Error::Io(io)), StoreError::Unavailable(_)));
+    }
+}
