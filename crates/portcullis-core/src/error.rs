@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-/// Opaque storage failure: the core never sees sqlx. `Unavailable` and `Internal` carry a
+/// Opaque storage failure: the core never sees sqlx. `Unavailable`, `Full` and `Internal` carry a
 /// description for the log only; it is never shown to a client.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -11,13 +11,26 @@ pub enum StoreError {
     Conflict(String),
     #[error("not found")]
     NotFound,
+    /// The database cannot be reached or is short of a passing resource (connections,
+    /// memory, shutting down): retry soon.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// The disk under the database is full (SQLITE_FULL, PostgreSQL `disk_full`): nothing of
+    /// the write was kept; retry once space has been freed.
     #[error("storage full: {0}")]
     Full(String),
     #[error("storage error: {0}")]
     Internal(String),
 }
+
+/// What a write refused for a full disk tells the client: HTTP 507 on the API, 503
+/// `temporarily_unavailable` on OAuth endpoints (RFC 6749 clients know no 507).
+pub const STORAGE_FULL: &str = "storage full: the change was not saved; retry once disk space has been freed";
+/// `Retry-After` (seconds) of a refusal for a full disk: space comes back only when an
+/// operator frees some.
+pub const STORAGE_FULL_RETRY_AFTER: u64 = 30;
+/// `Retry-After` (seconds) when the database was unreachable.
+pub const STORAGE_UNAVAILABLE_RETRY_AFTER: u64 = 2;
 
 /// A use-case failure. Every variant maps to exactly one HTTP status in `portcullis-web`.
 #[derive(Debug, thiserror::Error)]
@@ -123,9 +136,15 @@ impl From<Error> for OAuthError {
                 retry_after_secs: Some(retry_after_secs),
                 ..OAuthError::new(OAuthErrorCode::TooManyRequests, "too many requests")
             },
-            Error::Store(StoreError::Unavailable(m)) | Error::Store(StoreError::Full(m)) => OAuthError {
+            Error::Store(StoreError::Unavailable(m)) => OAuthError {
                 internal: Some(m),
+                retry_after_secs: Some(STORAGE_UNAVAILABLE_RETRY_AFTER),
                 ..OAuthError::new(OAuthErrorCode::TemporarilyUnavailable, "try again later")
+            },
+            Error::Store(StoreError::Full(m)) => OAuthError {
+                internal: Some(m),
+                retry_after_secs: Some(STORAGE_FULL_RETRY_AFTER),
+                ..OAuthError::new(OAuthErrorCode::TemporarilyUnavailable, STORAGE_FULL)
             },
             other => OAuthError {
                 internal: Some(other.to_string()),

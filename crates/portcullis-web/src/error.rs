@@ -5,6 +5,7 @@
 use axum::Json;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use portcullis_core::error::{STORAGE_FULL, STORAGE_FULL_RETRY_AFTER, STORAGE_UNAVAILABLE_RETRY_AFTER};
 use portcullis_core::{Error, OAuthError, OAuthErrorCode, StoreError};
 
 pub static X_ERROR: HeaderName = HeaderName::from_static("x-error");
@@ -69,11 +70,12 @@ pub fn describe(e: Error) -> Described {
         Error::Store(StoreError::NotFound) => plain(StatusCode::NOT_FOUND, "not found".to_owned()),
         Error::Store(StoreError::Full(m)) => Described {
             internal: Some(m),
-            ..plain(StatusCode::INSUFFICIENT_STORAGE, "storage is full; the change was not saved".to_owned())
+            retry_after: Some(STORAGE_FULL_RETRY_AFTER),
+            ..plain(StatusCode::INSUFFICIENT_STORAGE, STORAGE_FULL.to_owned())
         },
         Error::Store(StoreError::Unavailable(m)) => Described {
             internal: Some(m),
-            retry_after: Some(2),
+            retry_after: Some(STORAGE_UNAVAILABLE_RETRY_AFTER),
             ..plain(StatusCode::SERVICE_UNAVAILABLE, "storage is unavailable; try again".to_owned())
         },
         other => Described {
@@ -262,5 +264,33 @@ mod tests {
         let r = ApiError::Core(Error::Internal("secret detail".into())).into_response();
         assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
         assert!(!r.headers().get(&X_ERROR).unwrap().to_str().unwrap().contains("secret"));
+    }
+
+    /// A full disk: 507 on the API, 503 `temporarily_unavailable` on OAuth endpoints, both
+    /// saying `storage full` with a `Retry-After` and nothing of the driver's text.
+    #[tokio::test]
+    async fn a_full_disk_is_a_507_or_an_oauth_503_with_retry_after() {
+        let full = || StoreError::Full("13: database or disk is full".into());
+        let api = ApiError::Core(Error::Store(full())).into_response();
+        let oauth = OAuthApiError::from(OAuthError::from(full())).into_response();
+        for (r, status, prefix) in [
+            (api, StatusCode::INSUFFICIENT_STORAGE, "storage full: "),
+            (oauth, StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable: storage full: "),
+        ] {
+            assert_eq!(r.status(), status);
+            let h = r.headers().clone();
+            let x = h.get(&X_ERROR).unwrap().to_str().unwrap();
+            assert!(x.starts_with(prefix), "{x}");
+            assert!(h.contains_key(&X_ERROR_ID));
+            assert_eq!(h.get(header::RETRY_AFTER).unwrap(), &STORAGE_FULL_RETRY_AFTER.to_string());
+            let body = axum::body::to_bytes(r.into_body(), 4096).await.unwrap();
+            let body = String::from_utf8_lossy(&body);
+            assert!(!body.contains("disk is full") && !x.contains("disk is full"), "{body}");
+        }
+        let down = ApiError::Core(Error::Store(StoreError::Unavailable("pool timed out".into()))).into_response();
+        assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(down.headers().get(header::RETRY_AFTER).unwrap(), "2");
+        let oauth_down = OAuthApiError::from(OAuthError::from(StoreError::Unavailable("x".into()))).into_response();
+        assert_eq!(oauth_down.headers().get(header::RETRY_AFTER).unwrap(), "2");
     }
 }

@@ -1,7 +1,8 @@
 //! Portcullis's HTTP surface on axum: OAuth 2.0 endpoints, the admin API, health and metrics.
 //! The only place that turns core errors into status codes (see [`error`]). One middleware
-//! gives every request an id, times it, counts it by route and status, and makes sure every
-//! error response carries `x-error` and `x-error-id`.
+//! gives every request an id, times it, counts it by route and status, makes sure every
+//! error response carries `x-error` and `x-error-id`, and notes writes refused for a full disk
+//! for `/readyz` to report.
 
 pub mod admin;
 pub mod auth;
@@ -16,15 +17,15 @@ pub mod portal;
 pub mod tls;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
+use axum::{Extension, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use portcullis_core::Portcullis;
 use portcullis_core::usecases::RequestContext;
@@ -129,7 +130,43 @@ pub fn router(state: AppState) -> Router {
         .merge(portal::routes())
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(middleware::from_fn(observe))
+        .layer(Extension(Arc::new(StorageWatch::default())))
         .with_state(state)
+}
+
+/// How long `/readyz` keeps reporting a full disk after the last write it refused, unless a
+/// write succeeds before.
+const STORAGE_FULL_REPORTED: Duration = Duration::from_secs(60);
+
+/// Whether writes were recently refused for a full disk: set by every such refusal (507, or an
+/// OAuth endpoint's 503 saying so), cleared by a 201 (something was written since) or once
+/// [`STORAGE_FULL_REPORTED`] has passed without another refusal. What `/readyz` reports.
+#[derive(Debug, Default)]
+struct StorageWatch {
+    last_refusal: Mutex<Option<Instant>>,
+}
+
+impl StorageWatch {
+    fn observe(&self, resp: &Response) {
+        let full = resp.status() == StatusCode::INSUFFICIENT_STORAGE
+            || resp
+                .headers()
+                .get(&error::X_ERROR)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains(portcullis_core::error::STORAGE_FULL));
+        if full {
+            *self.last_refusal.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        } else if resp.status() == StatusCode::CREATED {
+            *self.last_refusal.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.last_refusal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|at| at.elapsed() < STORAGE_FULL_REPORTED)
+    }
 }
 
 /// A client-supplied request id is kept only if it is short and plain (no log injection).
@@ -149,6 +186,7 @@ async fn observe(mut req: Request, next: Next) -> Response {
     let route =
         req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
     let method = req.method().clone();
+    let storage = req.extensions().get::<Arc<StorageWatch>>().cloned();
     req.extensions_mut().insert(RequestContext { ip, request_id: Some(id.clone()) });
     // A NUL byte has no use in a path or query and PostgreSQL refuses it in text: stop it here
     // rather than let it become a 500 deep inside.
@@ -164,6 +202,9 @@ async fn observe(mut req: Request, next: Next) -> Response {
     error::ensure_error_headers(&mut resp);
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
+    }
+    if let Some(w) = storage {
+        w.observe(&resp);
     }
     let status = resp.status().as_u16();
     let elapsed = start.elapsed().as_secs_f64();
@@ -203,14 +244,18 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Ready when the database answers and signing keys are loaded.
-async fn readyz(State(s): State<AppState>) -> Response {
+/// Ready when the database answers and signing keys are loaded. `storage` says `full` while
+/// writes are being refused for a full disk ([`StorageWatch`]); that alone does not make the
+/// node unready: it still serves everything that writes nothing (client-credentials tokens,
+/// validation, JWKS), and every node on the same database would drop out at once.
+async fn readyz(State(s): State<AppState>, Extension(storage): Extension<Arc<StorageWatch>>) -> Response {
     let db = s.core.store().ping().await;
     if let Err(e) = &db {
         tracing::warn!(error = %e, "readiness: database unreachable");
     }
     let keys = s.core.keys_loaded();
-    let body = serde_json::json!({ "database": db.is_ok(), "keys": keys });
+    let storage = if storage.full() { "full" } else { "ok" };
+    let body = serde_json::json!({ "database": db.is_ok(), "keys": keys, "storage": storage });
     if db.is_ok() && keys {
         axum::Json(body).into_response()
     } else {
@@ -236,6 +281,30 @@ async fn metrics_page(State(s): State<AppState>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn storage_watch_reports_a_full_disk_until_something_is_created() {
+        let w = StorageWatch::default();
+        let full = error::ApiError::Core(portcullis_core::Error::Store(portcullis_core::StoreError::Full("x".into())))
+            .into_response();
+        let oauth_full = error::OAuthApiError::from(portcullis_core::OAuthError::from(
+            portcullis_core::StoreError::Full("x".into()),
+        ))
+        .into_response();
+        assert!(!w.full());
+        w.observe(&StatusCode::OK.into_response());
+        assert!(!w.full());
+        w.observe(&full);
+        assert!(w.full());
+        w.observe(&StatusCode::OK.into_response());
+        assert!(w.full(), "a read says nothing about writes");
+        w.observe(&StatusCode::CREATED.into_response());
+        assert!(!w.full(), "a write went through");
+        w.observe(&oauth_full);
+        assert!(w.full(), "the OAuth endpoints' 503 for a full disk counts too");
+        *w.last_refusal.lock().unwrap() = Instant::now().checked_sub(STORAGE_FULL_REPORTED);
+        assert!(!w.full(), "reported for a while only");
+    }
 
     #[test]
     fn a_panic_becomes_an_opaque_500_with_error_headers() {
