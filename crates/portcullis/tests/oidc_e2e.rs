@@ -405,12 +405,7 @@ impl Op {
 
 /// An HTTP client that follows no redirects and keeps no cookies.
 fn raw() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
+    support::http_no_redirects()
 }
 
 /// Sends a request that may answer with a redirect or a page: never a 5xx; a refusal (4xx)

@@ -1,7 +1,7 @@
 //! What the end-to-end test binaries (`e2e.rs`, `auth_e2e.rs`, `pki_e2e.rs`, `cert_cli_e2e.rs`,
-//! `oidc_e2e.rs`) share: the process harness that runs the real `portcullis` binary (a clean `PORTCULLIS_*`
+//! `oidc_e2e.rs`, `crash_e2e.rs`) share: the process harness that runs the real `portcullis` binary (a clean `PORTCULLIS_*`
 //! environment with known admin secrets, pipes drained on threads, waiting for a line or an exit
-//! with a deadline, a `serve` on a free port that is stopped with SIGTERM or killed on drop), the
+//! with a deadline, a `serve` on a free port that is stopped with SIGTERM or SIGKILL, or killed on drop), the
 //! HTTP client side (every response checked: never a 5xx, every refusal with `x-error` and
 //! `x-error-id`; credentials; client-credentials tokens), throwaway PostgreSQL databases, the
 //! runner of the Python helpers (`tests/e2e/*.py`), the real SMTP server the mail tests read
@@ -228,6 +228,23 @@ impl Server {
         status
     }
 
+    /// SIGKILL: the process gets no chance to finish anything (a crash, `kill -9`); waits
+    /// for the exit, after which the output is complete.
+    pub fn kill(&mut self) -> ExitStatus {
+        self.child.kill().unwrap();
+        let status = self.child.wait().unwrap();
+        self.exited = Some(status);
+        for h in self.readers.drain(..) {
+            h.join().unwrap();
+        }
+        status
+    }
+
+    /// The buffer standard error is copied into, to watch the log from other tasks.
+    pub fn stderr_buffer(&self) -> Arc<Mutex<String>> {
+        self.stderr.clone()
+    }
+
     /// Stops with SIGTERM and asserts a clean exit (status 0, logged).
     pub fn stop_clean(&mut self) {
         let status = self.stop_graceful();
@@ -274,6 +291,16 @@ pub fn random_hex(bytes: usize) -> String {
 
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build().unwrap()
+}
+
+/// An HTTP client that follows no redirects (and, like every client here, keeps no cookies).
+pub fn http_no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
 }
 
 #[derive(Debug)]
