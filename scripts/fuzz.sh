@@ -18,8 +18,8 @@
 #   FUZZ_JOBS       targets run at once (default: the number of CPUs, at most 2)
 #   FUZZ_SANITIZER  none (default) or address (AddressSanitizer; slower, builds separately)
 #   FUZZ_RSS_MB     libFuzzer's memory limit per target (default 2048)
-#   CARGO_TARGET_DIR  when set, the fuzz build goes to "$CARGO_TARGET_DIR/fuzz" (kept apart
-#                   from the workspace's, whose flags differ); else fuzz/target
+#   CARGO_TARGET_DIR  the fuzz build goes to "$CARGO_TARGET_DIR/fuzz" (default target/fuzz):
+#                   beside the workspace's build, apart from it (other compiler flags)
 set -euo pipefail
 
 CARGO_FUZZ_VERSION=0.13.2
@@ -42,11 +42,7 @@ FUZZ_JOBS=${FUZZ_JOBS:-$((cpus < 2 ? cpus : 2))}
 [[ "$FUZZ_JOBS" =~ ^[0-9]+$ && "$FUZZ_JOBS" -gt 0 ]] || die "FUZZ_JOBS must be a positive number"
 case "$FUZZ_SANITIZER" in none | address) ;; *) die "FUZZ_SANITIZER must be none or address" ;; esac
 
-if [[ -n "${CARGO_TARGET_DIR:-}" ]]; then
-    export CARGO_TARGET_DIR="$CARGO_TARGET_DIR/fuzz"
-else
-    export CARGO_TARGET_DIR="$ROOT/fuzz/target"
-fi
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/fuzz"
 export RUSTC_BOOTSTRAP=1
 
 # ---- tools ------------------------------------------------------------------------------------
