@@ -13,6 +13,8 @@
 #   PORTCULLIS_TEST_FORCE_THROWAWAY_PG=1  skip the 127.0.0.1:5432 probe
 #   PORTCULLIS_TEST_PG_PORT            first port tried for a throwaway server (55432)
 #   PORTCULLIS_TEST_RUNNER             override the test command (e.g. "true")
+#   PORTCULLIS_TEST_FUZZ_SECONDS       seconds per cargo-fuzz target in the smoke run after the
+#                                      tests (default 5; 0 skips it; docs/fuzzing.md)
 set -euo pipefail
 
 export DEBIAN_FRONTEND=noninteractive
@@ -306,6 +308,14 @@ main() {
     section "Running tests: ${runner[*]} $*"
     local status=0
     "${runner[@]}" "$@" </dev/null || status=$?
+
+    # The libFuzzer smoke: every cargo-fuzz target for a few seconds (scripts/fuzz.sh builds
+    # them under "$CARGO_TARGET_DIR/fuzz"). Not with a custom runner or extra arguments.
+    local fuzz_seconds=${PORTCULLIS_TEST_FUZZ_SECONDS:-5}
+    if [[ -z "${PORTCULLIS_TEST_RUNNER:-}" && $# -eq 0 && "$fuzz_seconds" != 0 ]]; then
+        section "Fuzz smoke: scripts/fuzz.sh, ${fuzz_seconds} s per target"
+        FUZZ_SECONDS=$fuzz_seconds nice -n 10 scripts/fuzz.sh </dev/null || status=1
+    fi
 
     section "Tests finished with exit status $status"
     exit "$status"

@@ -1,5 +1,5 @@
 //! Invariants of the gateway's untrusted-input parsers, shared by the cargo-fuzz targets
-//! (`fuzz/fuzz_targets/`, nightly) and the stable randomized tests
+//! (`fuzz/fuzz_targets/`, libFuzzer through scripts/fuzz.sh) and the stable randomized tests
 //! (`crates/portcullis-gateway/tests/parsers_fuzz.rs`, which includes this file with `#[path]`,
 //! so it is compiled and run by every `cargo test`).
 //!

@@ -226,8 +226,8 @@ fn random_token() -> Result<String, String> {
     Ok(B64URL.encode(bytes.as_ref()))
 }
 
-/// Form decoding of one query component (`+` is a space); malformed escapes and non-UTF-8 are
-/// refused.
+/// Form decoding of one query component (`+` is a space); malformed escapes (a `%` not followed
+/// by two hex digits) and non-UTF-8 are refused.
 fn percent_decode(s: &str) -> Result<String, String> {
     let bad = || "the sign-in answer is not a valid query string".to_owned();
     let mut out = Vec::with_capacity(s.len());
@@ -236,6 +236,10 @@ fn percent_decode(s: &str) -> Result<String, String> {
         match b {
             b'%' => {
                 let hex = [bytes.next().ok_or_else(bad)?, bytes.next().ok_or_else(bad)?];
+                // Not `from_str_radix` alone: it also takes a sign (`%+1`).
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return Err(bad());
+                }
                 let hex = std::str::from_utf8(&hex).map_err(|_| bad())?;
                 out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
             }
@@ -370,6 +374,10 @@ mod tests {
         }
         assert!(callback_params(Some("code=%zz&state=s")).is_err());
         assert!(callback_params(Some("code=%ff&state=s")).is_err(), "not UTF-8");
+        // Found by the gateway_login fuzz target: a sign is not a hex digit (`%+1` was U+0001).
+        for bad in ["code=%+1&state=s", "error=x%+a", "code=a&state=%+0A"] {
+            assert!(callback_params(Some(bad)).is_err(), "{bad}");
+        }
         assert!(callback_params(Some(&format!("code={}&state=s", "a".repeat(5000)))).is_err());
     }
 

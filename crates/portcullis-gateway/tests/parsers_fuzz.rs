@@ -1,6 +1,6 @@
 //! Randomized tests of the gateway's untrusted-input parsers, on stable Rust and in every
 //! `cargo test`: the invariant checks of the cargo-fuzz targets (`fuzz/src/invariants.rs`,
-//! included below) driven by a seeded PRNG with structured inputs biased toward the dangerous
+//! `login.rs` and `certs.rs`, included below) driven by a seeded PRNG with structured inputs biased toward the dangerous
 //! alphabet (`/ . % 2e 2f 5c ; \` NUL CR LF `_ -`, letter case, non-ASCII, very long strings) and
 //! by edits of known-tricky cases.
 //!
@@ -10,8 +10,19 @@
 //! portcullis-gateway --test parsers_fuzz`. A failure prints the seed and case number.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
+#[path = "../../../fuzz/src/bytes.rs"]
+mod bytes;
+#[path = "../../../fuzz/src/certs.rs"]
+mod certs;
 #[path = "../../../fuzz/src/invariants.rs"]
 mod invariants;
+#[path = "../../../fuzz/src/login.rs"]
+mod login;
+#[path = "../../../fuzz/src/rng.rs"]
+mod rng;
+#[path = "../../../fuzz/src/tokens.rs"]
+#[allow(dead_code)]
+mod tokens;
 
 use std::net::IpAddr;
 use std::sync::OnceLock;
@@ -22,141 +33,7 @@ use http::Method;
 use invariants::*;
 use portcullis_core::crypto::jws::MAX_JWS_LEN;
 use portcullis_gateway::soap::{FaultKind, SoapVersion};
-
-// ---- the PRNG and the run loop ---------------------------------------------------------------
-
-/// SplitMix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `0..n` (`n > 0`).
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    /// True with probability `percent` / 100.
-    fn percent(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
-        &xs[self.below(xs.len())]
-    }
-    fn byte(&mut self) -> u8 {
-        self.next() as u8
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.byte()).collect()
-    }
-    /// Up to `max` random bytes.
-    fn some_bytes(&mut self, max: usize) -> Vec<u8> {
-        let n = self.below(max + 1);
-        self.bytes(n)
-    }
-}
-
-fn env_number(name: &str) -> Option<u64> {
-    std::env::var(name).ok()?.trim().parse().ok()
-}
-
-/// Prints how to reproduce when a case panics.
-struct Case {
-    target: &'static str,
-    seed: u64,
-    index: usize,
-}
-
-impl Drop for Case {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("parsers_fuzz: {} failed at case {} (PARSERS_FUZZ_SEED={})", self.target, self.index, self.seed);
-        }
-    }
-}
-
-/// Runs `body` `iterations` times (or `PARSERS_FUZZ_ITERATIONS`) with one PRNG per target.
-fn run(target: &'static str, iterations: usize, mut body: impl FnMut(&mut Rng)) {
-    let base = env_number("PARSERS_FUZZ_SEED").unwrap_or(0x0070_6f72_7463_756c);
-    let seed =
-        base ^ target.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-    let iterations = env_number("PARSERS_FUZZ_ITERATIONS").map_or(iterations, |n| n as usize);
-    let mut rng = Rng(seed);
-    for index in 0..iterations {
-        let _case = Case { target, seed: base, index };
-        body(&mut rng);
-    }
-}
-
-// ---- string generation ----------------------------------------------------------------------
-
-/// Byte-level edits of `s`: insert a piece, delete a range, replace a byte, flip the case of a
-/// range, duplicate a range, splice with another string. Invalid UTF-8 is replaced.
-fn mutate(rng: &mut Rng, s: &str, pieces: &[&str], others: &[&str]) -> String {
-    let mut b = s.as_bytes().to_vec();
-    for _ in 0..1 + rng.below(4) {
-        let pos = rng.below(b.len() + 1);
-        match rng.below(7) {
-            0 | 1 => {
-                let p = rng.pick(pieces);
-                b.splice(pos..pos, p.bytes());
-            }
-            2 => {
-                let end = (pos + 1 + rng.below(4)).min(b.len());
-                b.drain(pos.min(end)..end);
-            }
-            3 => {
-                if pos < b.len() {
-                    b[pos] = if rng.percent(80) { rng.byte() & 0x7f } else { rng.byte() };
-                }
-            }
-            4 => {
-                let end = (pos + rng.below(12)).min(b.len());
-                for c in &mut b[pos.min(end)..end] {
-                    *c = if c.is_ascii_lowercase() { c.to_ascii_uppercase() } else { c.to_ascii_lowercase() };
-                }
-            }
-            5 => {
-                let end = (pos + rng.below(8)).min(b.len());
-                let copy = b[pos.min(end)..end].to_vec();
-                b.splice(pos..pos, copy);
-            }
-            _ => {
-                let other = rng.pick(if others.is_empty() { pieces } else { others }).as_bytes();
-                let cut = rng.below(other.len() + 1);
-                b.truncate(pos);
-                b.extend_from_slice(&other[cut..]);
-            }
-        }
-    }
-    String::from_utf8_lossy(&b).into_owned()
-}
-
-fn concat(rng: &mut Rng, pieces: &[&str], max: usize) -> String {
-    (0..rng.below(max + 1)).map(|_| *rng.pick(pieces)).collect()
-}
-
-/// Very long strings: one piece repeated, or a long run with the pieces sprinkled in.
-fn long(rng: &mut Rng, pieces: &[&str]) -> String {
-    let p = rng.pick(pieces);
-    let n = 1 + rng.below(1000);
-    let mut s = p.repeat(n);
-    if rng.percent(50) {
-        s.push_str(&"a".repeat(rng.below(6_000)));
-        let end = *rng.pick(pieces);
-        s.push_str(end);
-    }
-    s
-}
-
-/// Non-ASCII characters that fold, normalise or confuse: dotless i, Kelvin sign, long s,
-/// fullwidth and division slashes, a line separator, a BOM, a combining mark, an emoji.
-const UNICODE: &[&str] =
-    &["é", "ı", "\u{212a}", "ſ", "\u{ff0f}", "\u{2215}", "\u{2028}", "\u{feff}", "\u{301}", "😀", "\u{85}", "\u{fffd}"];
+use rng::*;
 
 // ---- paths ----------------------------------------------------------------------------------
 
@@ -1146,6 +1023,11 @@ fn fuzz_decoders_on_random_bytes() {
         if let Some(v) = jwk_from_bytes(&jwks, &data) {
             check_jwk(&v);
         }
+        let (query, return_to, cookies, state, _) = login::login_case_from_bytes(&data);
+        login::check_callback(query.as_deref());
+        login::check_safe_return(&return_to);
+        login::check_flow_of(&cookies, &state);
+        certs::check_client_certificate(&certs::der_from_bytes(certificates(), &data));
     });
 }
 
@@ -1191,4 +1073,57 @@ fn an_es256_high_s_twin_verifies_with_the_same_claims() {
     other[40] ^= 1;
     let broken = format!("{signing_input}.{}", B64.encode(&other));
     assert!(jws::verify(&broken, "at+jwt", |_| Some(vk)).is_err());
+}
+
+// ---- the browser sign-in (login.rs) ---------------------------------------------------------
+
+#[test]
+fn sign_in_callback_and_flow_cookies_randomized() {
+    use login::*;
+    for q in ["code=a&state=b", "code=a&state=b&iss=https%3A%2F%2Fidp.test", "error=access_denied&state=s", "%+1=x"] {
+        check_callback(Some(q));
+    }
+    check_callback(None);
+    run("gateway_login", 6_000, |rng| {
+        let query = concat(rng, &QUERY_PIECES, 10);
+        check_callback(Some(&query));
+        let return_to = match rng.below(3) {
+            0 => concat(rng, &RETURN_PIECES, 6),
+            1 => mutate(rng, "/app/page?x=1", &RETURN_PIECES, &[]),
+            _ => format!("/{}", long(rng, &RETURN_PIECES)),
+        };
+        check_safe_return(&return_to);
+        let cookies =
+            concat(rng, &["a=b", "; ", ";", "=", "__Host-portcullis_login_", "AAAAAAAAAAAAAAAA", ".", "\"\""], 6);
+        if rng.percent(20) {
+            check_flow_round_trip(&return_to, &cookies, rng.byte());
+        }
+        let mut h = http::HeaderMap::new();
+        if let Ok(v) = http::HeaderValue::from_str(&cookies) {
+            h.append(http::header::COOKIE, v);
+        }
+        let state = concat(rng, &["A", "AAAAAAAAAAAAAAAA", "b", ".", "é"], 4);
+        check_flow_of(&h, &state);
+    });
+}
+
+// ---- client certificates (certs.rs) ---------------------------------------------------------
+
+fn certificates() -> &'static [Vec<u8>] {
+    static CERTS: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+    CERTS.get_or_init(certs::certificate_fixtures)
+}
+
+#[test]
+fn client_certificates_randomized() {
+    let fixtures = certificates();
+    for der in fixtures {
+        certs::check_client_certificate(der);
+    }
+    run("client_cert", 3_000, |rng| {
+        let base = rng.pick(fixtures);
+        let n = 4 * (1 + rng.below(4));
+        let edits = rng.bytes(n);
+        certs::check_client_certificate(&certs::mutate_der(base, &edits));
+    });
 }

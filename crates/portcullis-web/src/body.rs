@@ -105,12 +105,14 @@ pub async fn optional_json_body<T: DeserializeOwned + Default>(headers: &HeaderM
 }
 
 /// serde's message, minus any value it quotes: "invalid type: string \"hunter2\", expected …"
-/// would put a password sent in the wrong place into `x-error` and the log.
+/// or "unknown variant `hunter2`, expected …" would put a password sent in the wrong place into
+/// `x-error` and the log. What is expected comes after the *last* ", expected ": the value may
+/// contain those words too.
 fn json_error(e: &serde_json::Error) -> String {
     let msg = e.to_string();
-    if msg.starts_with("invalid type") || msg.starts_with("invalid value") || msg.starts_with("invalid length") {
-        let what = msg.split(':').next().unwrap_or("invalid value");
-        let expected = msg.split_once(", expected ").map(|(_, x)| x.split(" at line").next().unwrap_or(x));
+    const QUOTING: [&str; 4] = ["invalid type", "invalid value", "invalid length", "unknown variant"];
+    if let Some(what) = QUOTING.iter().find(|p| msg.starts_with(**p)) {
+        let expected = msg.rsplit_once(", expected ").map(|(_, x)| x.split(" at line").next().unwrap_or(x));
         match expected {
             Some(x) => format!("{what}, expected {x} at line {} column {}", e.line(), e.column()),
             None => format!("{what} at line {} column {}", e.line(), e.column()),
@@ -141,6 +143,32 @@ mod tests {
         }
         let e = serde_json::from_str::<T>(r#"{"pasword": "x"}"#).unwrap_err();
         assert!(json_error(&e).contains("pasword"), "unknown field names are kept");
+    }
+
+    #[test]
+    fn json_errors_never_quote_an_enum_value_nor_what_follows_expected_in_a_value() {
+        // Found by the json_body fuzz target (docs/fuzzing.md): both used to be echoed.
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(rename_all = "kebab-case")]
+        #[allow(dead_code)]
+        enum Kind {
+            Transport,
+            ServerTransport,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct T {
+            kind: Kind,
+            n: u32,
+        }
+        for body in [r#"{"kind": "hunter2", "n": 1}"#, r#"{"kind": "transport", "n": "x, expected hunter2"}"#] {
+            let e = serde_json::from_str::<T>(body).unwrap_err();
+            let m = json_error(&e);
+            assert!(!m.contains("hunter2"), "{m}");
+            assert!(m.contains("expected") && m.contains("line 1"), "{m}");
+        }
+        let e = serde_json::from_str::<T>(r#"{"kind": "signing", "n": 1}"#).unwrap_err();
+        assert_eq!(json_error(&e), "unknown variant, expected `transport` or `server-transport` at line 1 column 18");
     }
 
     #[test]

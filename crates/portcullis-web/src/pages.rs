@@ -473,7 +473,8 @@ const MAX_RETURN_TO: usize = 4096;
 
 /// `s` when it is a same-origin path starting `/oauth2/authorize?`, or `/account` or `/portal`
 /// (alone, or followed by `/…` or `?…`), at most 4096 bytes of printable ASCII (no `\`, no
-/// control characters, no whitespace), with no `.`/`..` path segment; otherwise `/account`.
+/// control characters, no whitespace), with no `.`/`..` path segment (in any spelling a browser
+/// resolves as one: `%2e`, `.%2e`, `%2e.`, `%2e%2e`, any case); otherwise `/account`.
 pub fn safe_return_to(s: &str) -> String {
     const FALLBACK: &str = "/account";
     let under = |root: &str| {
@@ -483,7 +484,10 @@ pub fn safe_return_to(s: &str) -> String {
     let chars_ok =
         s.len() <= MAX_RETURN_TO && !s.starts_with("//") && s.bytes().all(|b| b.is_ascii_graphic() && b != b'\\');
     let path = s.split(['?', '#']).next().unwrap_or("");
-    let no_dots = !path.split('/').any(|seg| seg == "." || seg == ".." || seg.eq_ignore_ascii_case("%2e%2e"));
+    let no_dots = !path.split('/').any(|seg| {
+        let seg = seg.to_ascii_lowercase().replace("%2e", ".");
+        seg == "." || seg == ".."
+    });
     if prefix_ok && chars_ok && no_dots { s.to_owned() } else { FALLBACK.to_owned() }
 }
 
@@ -875,6 +879,11 @@ mod tests {
             "/account/\u{85}",
             "/account/../..//evil",
             "/account/%2e%2e/x",
+            // Found by the return_to fuzz target: a browser resolves these as dot segments too.
+            "/account/.%2e/admin",
+            "/account/%2E./admin",
+            "/portal/%2e/../x",
+            "/account/%2e",
             "",
             "account",
             "javascript:alert(1)",

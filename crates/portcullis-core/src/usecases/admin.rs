@@ -267,7 +267,8 @@ fn check_audience(a: &str) -> Result<()> {
 
 /// A redirect URI (also a post-logout or back-channel URI): `https://`, or `http://` only to
 /// a loopback host; no fragment, no userinfo, no wildcard, nothing a browser would rewrite.
-fn check_redirect_uri(u: &str) -> Result<String> {
+/// Public for the fuzz targets (`fuzz/src/redirects.rs`).
+pub fn check_redirect_uri(u: &str) -> Result<String> {
     let loopback = ["http://127.0.0.1", "http://[::1]", "http://localhost"]
         .iter()
         .any(|p| u.strip_prefix(p).is_some_and(|rest| rest.is_empty() || rest.starts_with([':', '/', '?'])));
@@ -288,7 +289,8 @@ fn check_redirect_uri(u: &str) -> Result<String> {
 }
 
 /// A registered JWKS URL: https, or http only to a loopback host (development).
-fn check_jwks_uri(u: &str) -> Result<String> {
+/// Public for the fuzz targets (`fuzz/src/redirects.rs`).
+pub fn check_jwks_uri(u: &str) -> Result<String> {
     let loopback = ["http://127.0.0.1", "http://[::1]", "http://localhost"]
         .iter()
         .any(|p| u.strip_prefix(p).is_some_and(|rest| rest.starts_with([':', '/'])));
