@@ -185,6 +185,7 @@ where
         c.close().await.unwrap();
     }
     let store = SqliteStore::open(&path, NOW).await.expect("open SQLite store");
+    store.start_audit_chain(chain_key()).await.expect("start the audit chain");
     let outcome = run_case(case, Arc::new(store.clone()), RawDb::Sqlite(path)).await;
     store.close().await;
     drop(dir);
@@ -274,6 +275,7 @@ where
             prepare.await.map_err(|e| StoreError::Internal(format!("preparing the database: {e}")))?;
         }
         let store = PgStore::connect(&url, NOW).await?;
+        store.start_audit_chain(chain_key()).await?;
         let outcome = run_case(case, Arc::new(store.clone()), RawDb::Pg(url)).await;
         store.close().await;
         Ok(outcome)
@@ -298,6 +300,11 @@ where
 }
 
 // ------------------------------------------------------------------------------- helpers --
+
+/// The audit chain key of every case (a master key would derive it).
+fn chain_key() -> portcullis_core::audit_chain::AuditChainKey {
+    portcullis_core::audit_chain::AuditChainKey::new(&[5u8; 32])
+}
 
 fn slug(s: &str) -> Slug {
     Slug::parse(s).unwrap()

@@ -39,6 +39,8 @@ impl Portcullis {
     pub async fn bootstrap(&self, secrets: BootstrapSecrets) -> Result<BootstrapReport> {
         let mut report = BootstrapReport::default();
         self.check_vault().await?;
+        // Only once the master key is known to be this database's: it seals the chain head.
+        self.store.start_audit_chain(self.vault.audit_chain_key()).await?;
         if self.ensure_signing_keys().await? {
             report.created.push("token signing keys");
         }
