@@ -261,7 +261,7 @@ pub(crate) enum ValueBind {
 }
 
 pub(crate) fn bind_value(table: &str, column: &str, kind: Kind, v: &Value) -> StoreResult<ValueBind> {
-    let wrong = || bad(format!("{table}.{column}: expected {} , got {v}", kind.portable()));
+    let wrong = || bad(format!("{table}.{column}: expected {}, got {v}", kind.portable()));
     Ok(match (kind, v) {
         (Kind::Int8, Value::Null) => ValueBind::Int8(None),
         (Kind::Int4, Value::Null) => ValueBind::Int4(None),
@@ -322,7 +322,8 @@ impl<'a> ArchiveReader<'a> {
             return Err(bad("it does not start with a portcullis-backup header"));
         }
         if h.get("version").and_then(Value::as_u64) != Some(FORMAT_VERSION) {
-            return Err(bad(format!("format version {} is not {FORMAT_VERSION}", h["version"])));
+            let found = h.get("version").cloned().unwrap_or_default();
+            return Err(bad(format!("format version {found} is not {FORMAT_VERSION}")));
         }
         let schema = h.get("schema").and_then(Value::as_i64).ok_or_else(|| bad("no schema version"))?;
         let mut tables = Vec::new();

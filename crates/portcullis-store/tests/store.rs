@@ -112,7 +112,17 @@ contract_tests!(
     revoked_tokens_since_filter_by_revocation_and_expiry,
     all_role_grants_span_organisations,
     organisation_counts_count_only_what_the_dashboard_shows,
+    audit_chain_verifies_after_many_mixed_writes,
+    audit_rows_refuse_update_and_delete,
+    audit_chain_names_the_tampered_row,
+    concurrent_appends_from_several_nodes_form_one_chain,
+    backup_and_restore_round_trip_on_both_backends,
+    backups_cover_every_table,
 );
+
+/// The audit chain and backup/restore cases.
+mod audit_backup;
+use audit_backup::*;
 
 /// Databases left at schema v2 with rows in it, then opened (and so migrated) by the store.
 mod upgrade {
