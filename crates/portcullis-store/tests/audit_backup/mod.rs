@@ -391,3 +391,93 @@ pub(crate) async fn backups_cover_every_table(s: Arc<dyn Store>) {
     let err = s.backup(&mut Vec::new()).await.unwrap_err();
     assert!(err.to_string().contains("extra_table"), "{err}");
 }
+
+/// Schema v5 (before the chain) with three audit rows at positions 1, 2 and 5 (a PostgreSQL
+/// sequence leaves gaps), as an upgraded installation has them.
+fn schema_v5_with_audit_rows(dir: &str) -> String {
+    let files: [(i64, &str, &str); 5] = if dir == "sqlite" {
+        [
+            (1, "0001_initial", include_str!("../../migrations/sqlite/0001_initial.sql")),
+            (2, "0002_auth_api", include_str!("../../migrations/sqlite/0002_auth_api.sql")),
+            (3, "0003_pki", include_str!("../../migrations/sqlite/0003_pki.sql")),
+            (4, "0004_oidc", include_str!("../../migrations/sqlite/0004_oidc.sql")),
+            (
+                5,
+                "0005_gateway_browser_sessions",
+                include_str!("../../migrations/sqlite/0005_gateway_browser_sessions.sql"),
+            ),
+        ]
+    } else {
+        [
+            (1, "0001_initial", include_str!("../../migrations/postgres/0001_initial.sql")),
+            (2, "0002_auth_api", include_str!("../../migrations/postgres/0002_auth_api.sql")),
+            (3, "0003_pki", include_str!("../../migrations/postgres/0003_pki.sql")),
+            (4, "0004_oidc", include_str!("../../migrations/postgres/0004_oidc.sql")),
+            (
+                5,
+                "0005_gateway_browser_sessions",
+                include_str!("../../migrations/postgres/0005_gateway_browser_sessions.sql"),
+            ),
+        ]
+    };
+    let mut sql = "CREATE TABLE portcullis_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, \
+                   checksum TEXT NOT NULL, applied_at BIGINT NOT NULL);\n"
+        .to_owned();
+    for (version, name, text) in files {
+        sql.push_str(text);
+        sql.push_str(&format!(
+            "\nINSERT INTO portcullis_migrations (version, name, checksum, applied_at) VALUES ({version}, '{name}', '{}', 1);\n",
+            portcullis_store::checksum(text)
+        ));
+    }
+    for seq in [1, 2, 5] {
+        sql.push_str(&format!(
+            "INSERT INTO audit_events (seq, id, at, org_id, actor, action, target, outcome, ip, details) \
+             VALUES ({seq}, 'old-{seq}', 1, NULL, 'system', 'old.thing', 't', 'success', NULL, '{{}}');\n"
+        ));
+    }
+    sql
+}
+
+/// Rows written before the chain stay unchained and are counted; the chain starts after them.
+async fn older_rows_precede_the_chain(s: Arc<dyn Store>) {
+    let before = verify(s.as_ref()).await.unwrap();
+    assert_eq!((before.checked, before.pre_rows, before.head_seq), (0, 3, 5), "{before:?}");
+    s.append_audit(&audit(None, "new.thing")).await.unwrap();
+    let after = verify(s.as_ref()).await.unwrap();
+    assert_eq!((after.checked, after.pre_rows, after.head_seq), (1, 3, 6), "{after:?}");
+    // Deleting an old row is seen (their number is kept), editing one is not.
+    drop_guard().await;
+    raw("DELETE FROM audit_events WHERE seq = 2").await.unwrap();
+    assert_eq!(verify(s.as_ref()).await, Err(ChainFault::PreChainChanged { pre_rows: 3, found: 2 }));
+    // An older binary's insert (no seq, no mac) is refused on PostgreSQL, where seq has no
+    // default any more; on SQLite (one process) it would land after the head and be named.
+    let old_insert = "INSERT INTO audit_events (id, at, actor, action, target, outcome, details) \
+                      VALUES ('old-binary', 1, 'x', 'x', 'x', 'success', '{}')";
+    match RAW_DB.with(Clone::clone) {
+        RawDb::Pg(_) => assert!(raw(old_insert).await.is_err()),
+        RawDb::Sqlite(_) => {
+            raw(old_insert).await.unwrap();
+            // The deleted old row back, so that the new row is the only fault.
+            raw("INSERT INTO audit_events (seq, id, at, actor, action, target, outcome, details) \
+                 VALUES (2, 'old-2', 1, 'system', 'old.thing', 't', 'success', '{}')")
+            .await
+            .unwrap();
+            assert_eq!(verify(s.as_ref()).await, Err(ChainFault::Unexpected { seq: 7 }));
+        }
+    }
+}
+
+mod upgrade_v5 {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_older_audit_rows_precede_the_chain() {
+        let before = super::schema_v5_with_audit_rows("sqlite");
+        super::super::run_sqlite_from(super::older_rows_precede_the_chain, Some(before)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_older_audit_rows_precede_the_chain() {
+        let before = super::schema_v5_with_audit_rows("postgres");
+        super::super::run_pg_from(super::older_rows_precede_the_chain, Some(before)).await;
+    }
+}
