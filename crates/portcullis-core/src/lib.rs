@@ -2,6 +2,7 @@
 //! traits (`Store`, `Clock`, `KeyVault`) and the cryptography. It names no HTTP framework and
 //! no database driver; adapters live in `portcullis-store` and `portcullis-web`.
 
+pub mod audit_chain;
 pub mod ca;
 pub mod clock;
 pub mod crypto;

@@ -3,6 +3,7 @@
 
 use async_trait::async_trait;
 
+use crate::audit_chain::{AuditChainKey, AuditChainVisitor};
 use crate::clock::UnixTime;
 use crate::crypto::secrets::SecretHash;
 use crate::crypto::signing::Algorithm;
@@ -488,4 +489,29 @@ pub trait Store: Send + Sync + 'static {
         expiring_before: UnixTime,
         failures_since: UnixTime,
     ) -> StoreResult<OrganisationCounts>;
+
+    // ---- audit chain, backup and restore -----------------------------------------------------
+
+    /// Hands the store the key that chains every audit row it writes from now on (see
+    /// [`crate::audit_chain`]), and seals a chain head that no start has sealed yet. Audited
+    /// writes fail until this has been called.
+    async fn start_audit_chain(&self, key: AuditChainKey) -> StoreResult<()>;
+    /// Reads the chain head, then every audit row in `seq` order, from one consistent snapshot
+    /// (read-only; streamed, not loaded whole), until the visitor breaks.
+    async fn scan_audit_chain(&self, visitor: &mut (dyn AuditChainVisitor + Send)) -> StoreResult<()>;
+    /// Writes every table (sealed keys stay sealed, secrets stay hashed) from one consistent
+    /// snapshot to `out` in the portable backup format; safe while servers are running.
+    async fn backup(&self, out: &mut (dyn std::io::Write + Send)) -> StoreResult<BackupSummary>;
+    /// Loads a backup in one transaction: all of it or nothing. Refuses (`Conflict`) a database
+    /// that holds data unless `replace`, which deletes everything first.
+    async fn restore(&self, input: &mut (dyn std::io::BufRead + Send), replace: bool) -> StoreResult<BackupSummary>;
+}
+
+/// What a backup holds (or a restore loaded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupSummary {
+    /// The latest migration applied to the database the backup was taken from.
+    pub schema_version: i64,
+    /// Every table and its row count, in restore order.
+    pub tables: Vec<(String, u64)>,
 }

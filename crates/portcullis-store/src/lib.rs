@@ -4,6 +4,11 @@
 //! portable schema), generated for each pool type by [`sql_store!`]; only connection set-up
 //! and migration locking differ. sqlx errors are mapped to the core's opaque [`StoreError`].
 
+// Audit chain and backup: macros instantiated for both stores below.
+#[macro_use]
+mod audit;
+#[macro_use]
+pub mod backup;
 mod migrate;
 
 use std::path::Path;
@@ -17,7 +22,7 @@ use portcullis_core::crypto::secrets::SecretHash;
 use portcullis_core::crypto::signing::Algorithm;
 use portcullis_core::ids::{ClientId, Email, PermissionName, RoleName, ScopeName, Slug};
 use portcullis_core::model::*;
-use portcullis_core::store::{KeyRotation, Store, StoreResult};
+use portcullis_core::store::{BackupSummary, KeyRotation, Store, StoreResult};
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
@@ -469,24 +474,9 @@ macro_rules! sql_store {
                 })
             }
 
-            async fn insert_audit<'c, E>(ex: E, e: &AuditEvent) -> StoreResult<()>
-            where
-                E: sqlx::Executor<'c, Database = <$pool as PoolDb>::Db>,
-            {
-                sqlx::query("INSERT INTO audit_events (id, at, org_id, actor, action, target, outcome, ip, details) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
-                    .bind(&e.id)
-                    .bind(e.at)
-                    .bind(&e.org_id)
-                    .bind(&e.actor)
-                    .bind(&e.action)
-                    .bind(&e.target)
-                    .bind(&e.outcome)
-                    .bind(&e.ip)
-                    .bind(e.details.to_string())
-                    .execute(ex)
-                    .await
-                    .map_err(db_err)?;
-                Ok(())
+            /// Appends the audit row to the hash chain: the last statement of its transaction.
+            async fn insert_audit(&self, conn: &mut <<$pool as PoolDb>::Db as sqlx::Database>::Connection, e: &AuditEvent) -> StoreResult<()> {
+                Self::chain_audit(conn, &self.chain, e).await
             }
 
             async fn run_migrations(&self, lock: Option<&'static str>, migrations: &[migrate::Migration], now: UnixTime) -> StoreResult<()> {
@@ -561,7 +551,7 @@ macro_rules! sql_store {
                     .execute(&mut *tx)
                     .await
                     .map_err(db_err)?;
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
             }
 
@@ -606,7 +596,7 @@ macro_rules! sql_store {
                 if n == 0 {
                     return Ok(false);
                 }
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok(true)
             }
@@ -636,7 +626,7 @@ macro_rules! sql_store {
                         .await
                         .map_err(db_err)?;
                 }
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
             }
 
@@ -667,7 +657,7 @@ macro_rules! sql_store {
                     .execute(&mut *tx)
                     .await
                     .map_err(db_err)?;
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok(true)
             }
@@ -696,7 +686,7 @@ macro_rules! sql_store {
                         .await
                         .map_err(db_err)?;
                 }
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
             }
 
@@ -712,7 +702,7 @@ macro_rules! sql_store {
                     .execute(&mut *tx)
                     .await
                     .map_err(db_err)?;
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
             }
 
@@ -767,7 +757,7 @@ macro_rules! sql_store {
                 if n != 1 {
                     return Err(StoreError::Conflict("application was changed concurrently".into()));
                 }
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
             }
 
@@ -777,7 +767,7 @@ macro_rules! sql_store {
                 if n == 0 {
                     return Ok(false);
                 }
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok(true)
             }
@@ -786,7 +776,7 @@ macro_rules! sql_store {
                 let mut tx = self.pool.begin().await.map_err(db_err)?;
                 Self::insert_user(&mut *tx, u).await?;
                 Self::insert_user_email(&mut *tx, &UserEmail::primary_of(u)).await?;
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
             }
 
@@ -891,7 +881,7 @@ macro_rules! sql_store {
                 if end_sessions {
                     Self::revoke_sessions_of(&mut *tx, &u.id, u.updated_at).await?;
                 }
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
             }
 
@@ -904,7 +894,7 @@ macro_rules! sql_store {
                     .execute(&mut *tx)
                     .await
                     .map_err(db_err)?;
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
             }
 
@@ -931,7 +921,7 @@ macro_rules! sql_store {
                 let failures: i32 = row.try_get("failed_logins").map_err(db_err)?;
                 let failures = u32::try_from(failures).map_err(|_| corrupt("failed_logins"))?;
                 let locked: Option<UnixTime> = row.try_get("locked_until").map_err(db_err)?;
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok(Some((failures, locked)))
             }
@@ -957,7 +947,7 @@ macro_rules! sql_store {
                 if n == 0 {
                     return Ok(false);
                 }
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok(true)
             }
@@ -972,7 +962,7 @@ macro_rules! sql_store {
                 Self::insert_user_email(&mut *tx, e).await?;
                 Self::insert_verification(&mut *tx, v).await?;
                 Self::insert_mail(&mut *tx, mail).await?;
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
             }
 
@@ -992,7 +982,7 @@ macro_rules! sql_store {
                 if n == 0 {
                     return Ok(false);
                 }
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok(true)
             }
@@ -1016,7 +1006,7 @@ macro_rules! sql_store {
                     .execute(&mut *tx)
                     .await
                     .map_err(db_err)?;
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok(true)
             }
@@ -1028,7 +1018,7 @@ macro_rules! sql_store {
                 if let Some(mail) = mail {
                     Self::insert_mail(&mut *tx, mail).await?;
                 }
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
             }
 
@@ -1067,7 +1057,7 @@ macro_rules! sql_store {
                 if n == 0 {
                     return Ok(false);
                 }
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok(true)
             }
@@ -1084,7 +1074,7 @@ macro_rules! sql_store {
                 if n == 0 {
                     return Ok(false);
                 }
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok(true)
             }
@@ -1092,7 +1082,7 @@ macro_rules! sql_store {
             async fn revoke_user_sessions(&self, user_id: &str, now: UnixTime, audit: &AuditEvent) -> StoreResult<u64> {
                 let mut tx = self.pool.begin().await.map_err(db_err)?;
                 let n = Self::revoke_sessions_of(&mut *tx, user_id, now).await?;
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok(n)
             }
@@ -1122,7 +1112,7 @@ macro_rules! sql_store {
                     .map_err(db_err)?;
                 Self::insert_verification(&mut *tx, v).await?;
                 Self::insert_mail(&mut *tx, mail).await?;
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
             }
 
@@ -1178,7 +1168,7 @@ macro_rules! sql_store {
                 if n == 0 {
                     return Ok(false);
                 }
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok(true)
             }
@@ -1187,7 +1177,7 @@ macro_rules! sql_store {
                 let mut tx = self.pool.begin().await.map_err(db_err)?;
                 Self::insert_verification(&mut *tx, v).await?;
                 Self::insert_mail(&mut *tx, mail).await?;
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
             }
 
@@ -1286,7 +1276,7 @@ macro_rules! sql_store {
                             .map_err(db_err)?;
                     }
                 }
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok(true)
             }
@@ -1373,7 +1363,7 @@ macro_rules! sql_store {
                 for k in keys {
                     Self::insert_key(&mut *tx, k).await?;
                 }
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
             }
 
@@ -1399,7 +1389,7 @@ macro_rules! sql_store {
                     return Err(StoreError::Conflict("signing keys were rotated concurrently".into()));
                 }
                 Self::insert_key(&mut *tx, &r.new_next).await?;
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
             }
 
@@ -1418,7 +1408,7 @@ macro_rules! sql_store {
                 for c in certs {
                     Self::insert_ca(&mut *tx, c, c.active).await?;
                 }
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
             }
 
@@ -1443,7 +1433,7 @@ macro_rules! sql_store {
                 for c in certs {
                     Self::insert_ca(&mut *tx, c, true).await?;
                 }
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
             }
 
@@ -1521,7 +1511,7 @@ macro_rules! sql_store {
                 for m in mails {
                     Self::insert_mail(&mut *tx, m).await?;
                 }
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok(true)
             }
@@ -1650,7 +1640,7 @@ macro_rules! sql_store {
                     .execute(&mut *tx)
                     .await
                     .map_err(db_err)?;
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
             }
 
@@ -1664,8 +1654,28 @@ macro_rules! sql_store {
                 Ok(r.rows_affected())
             }
 
+            // ---- audit chain, backup and restore (audit.rs, backup.rs) ---------------------
+
+            async fn start_audit_chain(&self, key: portcullis_core::audit_chain::AuditChainKey) -> StoreResult<()> {
+                self.start_chain(key).await
+            }
+
+            async fn scan_audit_chain(&self, visitor: &mut (dyn portcullis_core::audit_chain::AuditChainVisitor + Send)) -> StoreResult<()> {
+                self.scan_chain(visitor).await
+            }
+
+            async fn backup(&self, out: &mut (dyn std::io::Write + Send)) -> StoreResult<BackupSummary> {
+                self.backup_to(out).await
+            }
+
+            async fn restore(&self, input: &mut (dyn std::io::BufRead + Send), replace: bool) -> StoreResult<BackupSummary> {
+                self.restore_from(input, replace).await
+            }
+
             async fn append_audit(&self, event: &AuditEvent) -> StoreResult<()> {
-                Self::insert_audit(&self.pool, event).await
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                self.insert_audit(&mut *tx, event).await?;
+                tx.commit().await.map_err(db_err)
             }
 
             async fn audit_events(&self, org_id: Option<&str>, page: Page) -> StoreResult<Vec<AuditEvent>> {
@@ -1803,7 +1813,7 @@ macro_rules! sql_store {
                 if n == 0 {
                     return Ok(false);
                 }
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok(true)
             }
@@ -1814,7 +1824,7 @@ macro_rules! sql_store {
                 Self::insert_user_email(&mut *tx, e).await?;
                 Self::insert_verification(&mut *tx, v).await?;
                 Self::insert_mail(&mut *tx, mail).await?;
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
             }
 
@@ -1845,7 +1855,7 @@ macro_rules! sql_store {
                 .execute(&mut *tx)
                 .await
                 .map_err(db_err)?;
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
             }
 
@@ -1876,7 +1886,7 @@ macro_rules! sql_store {
                 if let Some(refresh) = &issue.refresh {
                     Self::insert_refresh_token(&mut *tx, refresh).await?;
                 }
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok(true)
             }
@@ -1899,7 +1909,7 @@ macro_rules! sql_store {
                     return Ok(false);
                 }
                 Self::insert_session(&mut *tx, session).await?;
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok(true)
             }
@@ -1943,7 +1953,7 @@ macro_rules! sql_store {
                         .await
                         .map_err(db_err)?;
                 }
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok(true)
             }
@@ -1967,7 +1977,7 @@ macro_rules! sql_store {
                     return Ok(false);
                 }
                 Self::insert_refresh_token(&mut *tx, new).await?;
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok(true)
             }
@@ -1975,7 +1985,7 @@ macro_rules! sql_store {
             async fn revoke_refresh_family(&self, family_id: &str, now: UnixTime, audit: &AuditEvent) -> StoreResult<u64> {
                 let mut tx = self.pool.begin().await.map_err(db_err)?;
                 let n = Self::revoke_family(&mut *tx, family_id, now).await?;
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok(n)
             }
@@ -2017,7 +2027,7 @@ macro_rules! sql_store {
                     .await
                     .map_err(db_err)?;
                 }
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok(true)
             }
@@ -2050,7 +2060,7 @@ macro_rules! sql_store {
                 .execute(&mut *tx)
                 .await
                 .map_err(db_err)?;
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
             }
 
@@ -2078,7 +2088,7 @@ macro_rules! sql_store {
                     .execute(&mut *tx)
                     .await
                     .map_err(db_err)?;
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok(true)
             }
@@ -2144,7 +2154,7 @@ macro_rules! sql_store {
                 if n == 0 {
                     return Err(StoreError::Conflict("an authenticator app is already enrolled".into()));
                 }
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)
             }
 
@@ -2160,7 +2170,7 @@ macro_rules! sql_store {
                 if n == 0 {
                     return Ok(false);
                 }
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok(true)
             }
@@ -2171,7 +2181,7 @@ macro_rules! sql_store {
                 if n == 0 {
                     return Ok(false);
                 }
-                Self::insert_audit(&mut *tx, audit).await?;
+                self.insert_audit(&mut *tx, audit).await?;
                 tx.commit().await.map_err(db_err)?;
                 Ok(true)
             }
@@ -2479,7 +2489,7 @@ macro_rules! sql_store {
             }
 
             /// The inventory row and its audit row, on `conn` (a transaction or savepoint).
-            async fn insert_certificate_rows(conn: &mut <<$pool as PoolDb>::Db as sqlx::Database>::Connection, c: &IssuedCertificate, audit: &AuditEvent) -> StoreResult<()> {
+            async fn insert_certificate_rows(conn: &mut <<$pool as PoolDb>::Db as sqlx::Database>::Connection, chain: &audit::ChainKeySlot, c: &IssuedCertificate, audit: &AuditEvent) -> StoreResult<()> {
                 sqlx::query(
                     "INSERT INTO certificates (id, org_id, app_id, client_id, cert_type, serial, issuer_id, subject, sans, key_type, spki_sha256, fingerprint, \
                      certificate_pem, not_before, not_after, revoked_at, revocation_reason, renewed_from, expiry_notified_at, created_by, created_at) \
@@ -2509,7 +2519,7 @@ macro_rules! sql_store {
                 .execute(&mut *conn)
                 .await
                 .map_err(db_err)?;
-                Self::insert_audit(&mut *conn, audit).await
+                Self::chain_audit(conn, chain, audit).await
             }
 
             async fn insert_key<'c, E>(ex: E, k: &StoredSigningKey) -> StoreResult<()>
@@ -2553,6 +2563,7 @@ impl PoolDb for PgPool {
 pub struct SqliteStore {
     pool: SqlitePool,
     certificates: mpsc::Sender<PendingCertificate>,
+    chain: audit::ChainKeySlot,
 }
 
 /// A certificate waiting for the group commit, and where to send its outcome.
@@ -2567,10 +2578,14 @@ const CERTIFICATE_BATCH: usize = 128;
 /// fails only that insert. Each caller is answered only after the shared commit is durable;
 /// if the commit fails, every caller in the batch gets the error and nothing of it is stored.
 /// The task ends when the last [`SqliteStore`] clone is dropped.
-async fn certificate_writer(pool: SqlitePool, mut queue: mpsc::Receiver<PendingCertificate>) {
+async fn certificate_writer(
+    pool: SqlitePool,
+    chain: audit::ChainKeySlot,
+    mut queue: mpsc::Receiver<PendingCertificate>,
+) {
     let mut batch = Vec::with_capacity(CERTIFICATE_BATCH);
     while queue.recv_many(&mut batch, CERTIFICATE_BATCH).await > 0 {
-        match commit_certificates(&pool, &batch).await {
+        match commit_certificates(&pool, &chain, &batch).await {
             Ok(outcomes) => {
                 for ((_, _, reply), outcome) in batch.drain(..).zip(outcomes) {
                     // A caller that went away still has its certificate stored: nothing to undo.
@@ -2587,12 +2602,16 @@ async fn certificate_writer(pool: SqlitePool, mut queue: mpsc::Receiver<PendingC
 }
 
 /// One transaction for the batch; the outer error is a failure of the whole transaction.
-async fn commit_certificates(pool: &SqlitePool, batch: &[PendingCertificate]) -> StoreResult<Vec<StoreResult<()>>> {
+async fn commit_certificates(
+    pool: &SqlitePool,
+    chain: &audit::ChainKeySlot,
+    batch: &[PendingCertificate],
+) -> StoreResult<Vec<StoreResult<()>>> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
     let mut outcomes = Vec::with_capacity(batch.len());
     for (cert, audit, _) in batch {
         let mut savepoint = sqlx::Acquire::begin(&mut *tx).await.map_err(db_err)?;
-        let outcome = SqliteStore::insert_certificate_rows(&mut savepoint, cert, audit).await;
+        let outcome = SqliteStore::insert_certificate_rows(&mut savepoint, chain, cert, audit).await;
         if outcome.is_ok() {
             savepoint.commit().await.map_err(db_err)?;
         } else {
@@ -2647,8 +2666,9 @@ impl SqliteStore {
             .await
             .map_err(db_err)?;
         let (certificates, queue) = mpsc::channel(4 * CERTIFICATE_BATCH);
-        tokio::spawn(certificate_writer(pool.clone(), queue));
-        let store = Self { pool, certificates };
+        let chain = audit::ChainKeySlot::default();
+        tokio::spawn(certificate_writer(pool.clone(), chain.clone(), queue));
+        let store = Self { pool, certificates, chain };
         store.run_migrations(None, migrate::SQLITE, now).await?;
         Ok(store)
     }
@@ -2673,12 +2693,15 @@ impl SqliteStore {
 }
 
 sql_store!(SqliteStore, SqlitePool, sqlx::sqlite::SqliteRow);
+audit_chain_store!(SqliteStore, SqlitePool, sqlx::sqlite::SqliteRow);
+backup_store!(SqliteStore, SqlitePool, sqlx::sqlite::SqliteRow);
 
 /// PostgreSQL for scale-out: several nodes share one database. Migrations take an advisory
 /// lock so nodes starting together apply them once.
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    chain: audit::ChainKeySlot,
 }
 
 impl PgStore {
@@ -2690,7 +2713,7 @@ impl PgStore {
             .connect_with(opts)
             .await
             .map_err(db_err)?;
-        let store = Self { pool };
+        let store = Self { pool, chain: audit::ChainKeySlot::default() };
         store.run_migrations(Some("SELECT pg_advisory_xact_lock(7261426469)"), migrate::POSTGRES, now).await?;
         Ok(store)
     }
@@ -2698,7 +2721,7 @@ impl PgStore {
     /// PostgreSQL flushes the WAL of concurrent commits together itself: one transaction each.
     async fn store_certificate(&self, c: &IssuedCertificate, audit: &AuditEvent) -> StoreResult<()> {
         let mut tx = self.pool.begin().await.map_err(db_err)?;
-        Self::insert_certificate_rows(&mut tx, c, audit).await?;
+        Self::insert_certificate_rows(&mut tx, &self.chain, c, audit).await?;
         tx.commit().await.map_err(db_err)
     }
 
@@ -2708,6 +2731,8 @@ impl PgStore {
 }
 
 sql_store!(PgStore, PgPool, sqlx::postgres::PgRow);
+audit_chain_store!(PgStore, PgPool, sqlx::postgres::PgRow);
+backup_store!(PgStore, PgPool, sqlx::postgres::PgRow);
 
 #[cfg(test)]
 mod tests {

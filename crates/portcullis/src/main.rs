@@ -3,6 +3,7 @@
 //! router. The only place that reads the environment, the config file or the wall clock
 //! through the system adapter.
 
+mod backup_cmd;
 mod cert_cli;
 mod config;
 mod gateway_cmd;
@@ -84,6 +85,14 @@ enum Command {
     /// Run the API gateway alone (`--config gateway.toml`: `issuer`, `client_id`, a `[gateway]`
     /// table), talking to a control plane over HTTP(S); see docs/gateway.md.
     Gateway,
+    /// The audit log's hash chain (run directly against the database, also while servers run).
+    #[command(subcommand)]
+    Audit(backup_cmd::AuditCommand),
+    /// Write a consistent snapshot of the database to a file, also while servers run (the
+    /// master key is not in it: keep it separately).
+    Backup(backup_cmd::BackupArgs),
+    /// Load a backup into an empty database (stop every server using it first).
+    Restore(backup_cmd::RestoreArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -591,6 +600,9 @@ async fn run(cmd: Command, s: Settings) -> anyhow::Result<()> {
             let w = wire(&s, default_issuer(&s, s.listen), false).await?;
             admin(&w.core, *a).await
         }
+        Command::Audit(a) => backup_cmd::audit(a, &s).await,
+        Command::Backup(b) => backup_cmd::backup(b, &s).await,
+        Command::Restore(r) => backup_cmd::restore(r, &s).await,
         Command::Cert(c) => cert_cli::run(c).await,
         Command::Gateway => bail!("`portcullis gateway` is started before the server configuration is read"),
     }

@@ -10,13 +10,10 @@ mod support;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
 
-use support::{
-    Client, Cred, EXIT_TIMEOUT, Server, admin_token, create_acme_payments, drain, portcullis_command, wait_deadline,
-};
+use support::{Client, Cred, Server, admin_token, create_acme_payments, portcullis_command, run_to_end};
 
 // ------------------------------------------------------------------------------ helpers --
 
@@ -48,19 +45,9 @@ fn cert(url: &str, token: &str, args: &[&str]) -> Run {
 fn cert_env(envs: &[(&str, &str)], args: &[&str]) -> Run {
     let mut env: Vec<(&str, &str)> = vec![("NO_PROXY", "*"), ("no_proxy", "*")];
     env.extend_from_slice(envs);
-    let mut child = portcullis_command(&env, false).arg("cert").args(args).spawn().unwrap();
-    let (out, err) = (Arc::new(Mutex::new(String::new())), Arc::new(Mutex::new(String::new())));
-    let h1 = drain(child.stdout.take().unwrap(), out.clone(), None);
-    let h2 = drain(child.stderr.take().unwrap(), err.clone(), None);
-    let Some(status) = wait_deadline(&mut child, EXIT_TIMEOUT) else {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("portcullis cert {args:?} did not exit within {EXIT_TIMEOUT:?}; stderr:\n{}", err.lock().unwrap());
-    };
-    h1.join().unwrap();
-    h2.join().unwrap();
-    let stdout = out.lock().unwrap().clone();
-    let stderr = err.lock().unwrap().clone();
+    let mut cmd = portcullis_command(&env, false);
+    cmd.arg("cert").args(args);
+    let (status, stdout, stderr) = run_to_end(cmd, &format!("portcullis cert {args:?}"));
     for (k, v) in envs {
         if k.contains("TOKEN") || k.contains("SECRET") {
             assert!(!stdout.contains(v) && !stderr.contains(v), "{k} was printed");

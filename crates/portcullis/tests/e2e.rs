@@ -15,7 +15,6 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
@@ -23,7 +22,7 @@ use serde_json::{Value, json};
 
 use support::{
     ADMIN_ID, Client, Cred, EXIT_TIMEOUT, PAYMENTS_AUD, PgDb, Resp, START_TIMEOUT, Server, Stream, access_token,
-    admin_token, create_acme_payments, drain, http, portcullis_command, send, token_request, wait_deadline,
+    admin_token, create_acme_payments, http, portcullis_command, send, token_request, wait_deadline,
 };
 
 const ORACLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/e2e/oauth_client.py");
@@ -39,19 +38,7 @@ struct CliRun {
 
 /// Runs a `portcullis` command to completion (killed and failed after `EXIT_TIMEOUT`).
 fn run_cli(args: &[&str], envs: &[(&str, &str)]) -> CliRun {
-    let mut child = portcullis_command(envs, true).args(args).spawn().unwrap();
-    let (out, err) = (Arc::new(Mutex::new(String::new())), Arc::new(Mutex::new(String::new())));
-    let h1 = drain(child.stdout.take().unwrap(), out.clone(), None);
-    let h2 = drain(child.stderr.take().unwrap(), err.clone(), None);
-    let Some(status) = wait_deadline(&mut child, EXIT_TIMEOUT) else {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("portcullis {args:?} did not exit within {EXIT_TIMEOUT:?}; stderr:\n{}", err.lock().unwrap());
-    };
-    h1.join().unwrap();
-    h2.join().unwrap();
-    let stdout = out.lock().unwrap().clone();
-    let stderr = err.lock().unwrap().clone();
+    let (status, stdout, stderr) = support::run_cli(args, envs);
     CliRun { status, stdout, stderr }
 }
 

@@ -16,7 +16,6 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -25,8 +24,8 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use support::{
-    Client, Cred, EXIT_TIMEOUT, PAYMENTS_AUD, PgDb, Resp, Server, admin_token, create_acme_payments, drain, http,
-    portcullis_command, python, python_ok, random_hex, send, wait_deadline,
+    Client, Cred, PAYMENTS_AUD, PgDb, Resp, Server, admin_token, create_acme_payments, http, python, python_ok,
+    random_hex, run_cli, send,
 };
 
 const PKJWT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/e2e/pkjwt_client.py");
@@ -168,24 +167,6 @@ fn pem_der(text: &str) -> Vec<u8> {
 fn jwt_payload(token: &str) -> Value {
     let part = token.split('.').nth(1).unwrap();
     serde_json::from_slice(&B64URL.decode(part).unwrap()).unwrap()
-}
-
-/// Runs a `portcullis` CLI command to completion (killed and failed after `EXIT_TIMEOUT`).
-fn run_cli(args: &[&str], envs: &[(&str, &str)]) -> (ExitStatus, String, String) {
-    let mut child = portcullis_command(envs, true).args(args).spawn().unwrap();
-    let (out, err) = (Arc::new(Mutex::new(String::new())), Arc::new(Mutex::new(String::new())));
-    let h1 = drain(child.stdout.take().unwrap(), out.clone(), None);
-    let h2 = drain(child.stderr.take().unwrap(), err.clone(), None);
-    let Some(status) = wait_deadline(&mut child, EXIT_TIMEOUT) else {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("portcullis {args:?} did not exit within {EXIT_TIMEOUT:?}; stderr:\n{}", err.lock().unwrap());
-    };
-    h1.join().unwrap();
-    h2.join().unwrap();
-    let stdout = out.lock().unwrap().clone();
-    let stderr = err.lock().unwrap().clone();
-    (status, stdout, stderr)
 }
 
 /// Polls `f` every 100 ms until it is true or `within` has passed; returns the last answer.

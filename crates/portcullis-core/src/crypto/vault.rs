@@ -1,11 +1,13 @@
 //! The [`KeyVault`] port and its local adapter: one 256-bit master key from which an AEAD key
 //! (AES-256-GCM, for private keys at rest) and a MAC key (HMAC-SHA-256, for secrets stored as
-//! keyed hashes) are derived. The master key never leaves this module.
+//! keyed hashes) are derived, and the audit chain's HMAC key. The master key never leaves this
+//! module.
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use aws_lc_rs::hmac;
 use zeroize::{Zeroize, Zeroizing};
 
+use crate::audit_chain::AuditChainKey;
 use crate::error::{Error, Result};
 
 pub const MASTER_KEY_LEN: usize = 32;
@@ -19,11 +21,14 @@ pub trait KeyVault: Send + Sync + 'static {
     fn open(&self, purpose: &str, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>>;
     /// HMAC-SHA-256 of a secret under the server's secret-hash key.
     fn secret_hash(&self, secret: &[u8]) -> [u8; 32];
+    /// The key of the audit log's hash chain (never stored).
+    fn audit_chain_key(&self) -> AuditChainKey;
 }
 
 pub struct LocalKeyVault {
     aead: LessSafeKey,
     mac: hmac::Key,
+    chain: AuditChainKey,
 }
 
 impl std::fmt::Debug for LocalKeyVault {
@@ -43,11 +48,14 @@ impl LocalKeyVault {
         let root = hmac::Key::new(hmac::HMAC_SHA256, master);
         let mut aead_key = derive(&root, b"portcullis/v1/aead");
         let mut mac_key = derive(&root, b"portcullis/v1/secret-hash");
+        let mut chain_key = derive(&root, b"portcullis/v1/audit-chain");
         let unbound = UnboundKey::new(&AES_256_GCM, &aead_key).map_err(Error::internal)?;
         let mac = hmac::Key::new(hmac::HMAC_SHA256, &mac_key);
+        let chain = AuditChainKey::new(&chain_key);
         aead_key.zeroize();
         mac_key.zeroize();
-        Ok(Self { aead: LessSafeKey::new(unbound), mac })
+        chain_key.zeroize();
+        Ok(Self { aead: LessSafeKey::new(unbound), mac, chain })
     }
 
     /// 32 fresh random bytes for a new master key.
@@ -108,6 +116,10 @@ impl KeyVault for LocalKeyVault {
         let mut out = [0u8; 32];
         out.copy_from_slice(tag.as_ref());
         out
+    }
+
+    fn audit_chain_key(&self) -> AuditChainKey {
+        self.chain.clone()
     }
 }
 

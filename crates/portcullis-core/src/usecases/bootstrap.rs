@@ -35,10 +35,20 @@ pub struct BootstrapSecrets {
     pub admin_client_secret: Option<SecretString>,
 }
 
+/// Whether `vault` holds this database's master key, for commands that must not write
+/// (`audit verify`, `restore`'s check): `None` when the database was never initialised.
+pub async fn master_key_matches(store: &dyn Store, vault: &dyn KeyVault) -> Result<Option<bool>> {
+    let Some(sealed) = store.setting(VAULT_CHECK_KEY).await? else { return Ok(None) };
+    let bytes = B64.decode(sealed).map_err(Error::internal)?;
+    Ok(Some(vault.open(VAULT_CHECK_PURPOSE, &bytes).is_ok_and(|p| p.as_slice() == VAULT_CHECK_PLAINTEXT)))
+}
+
 impl Portcullis {
     pub async fn bootstrap(&self, secrets: BootstrapSecrets) -> Result<BootstrapReport> {
         let mut report = BootstrapReport::default();
         self.check_vault().await?;
+        // Only once the master key is known to be this database's: it seals the chain head.
+        self.store.start_audit_chain(self.vault.audit_chain_key()).await?;
         if self.ensure_signing_keys().await? {
             report.created.push("token signing keys");
         }

@@ -280,6 +280,32 @@ impl Drop for Server {
     }
 }
 
+/// Runs `cmd` (its output piped, as [`portcullis_command`] sets it) to completion; killed and
+/// failed after `EXIT_TIMEOUT`. Returns the status, standard output and standard error.
+pub fn run_to_end(mut cmd: Command, what: &str) -> (ExitStatus, String, String) {
+    let mut child = cmd.spawn().unwrap();
+    let (out, err) = (Arc::new(Mutex::new(String::new())), Arc::new(Mutex::new(String::new())));
+    let h1 = drain(child.stdout.take().unwrap(), out.clone(), None);
+    let h2 = drain(child.stderr.take().unwrap(), err.clone(), None);
+    let Some(status) = wait_deadline(&mut child, EXIT_TIMEOUT) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{what} did not exit within {EXIT_TIMEOUT:?}; stderr:\n{}", err.lock().unwrap());
+    };
+    h1.join().unwrap();
+    h2.join().unwrap();
+    let stdout = out.lock().unwrap().clone();
+    let stderr = err.lock().unwrap().clone();
+    (status, stdout, stderr)
+}
+
+/// Runs `portcullis ARGS` (with the known admin secrets) to completion.
+pub fn run_cli(args: &[&str], envs: &[(&str, &str)]) -> (ExitStatus, String, String) {
+    let mut cmd = portcullis_command(envs, true);
+    cmd.args(args);
+    run_to_end(cmd, &format!("portcullis {args:?}"))
+}
+
 /// Hex of `bytes` bytes from the OS CSPRNG: unique, unguessable names and test secrets.
 pub fn random_hex(bytes: usize) -> String {
     let mut b = vec![0u8; bytes];
