@@ -1,10 +1,15 @@
 //! Failure counting for anything guessable: a fixed window per key (client id, client IP).
-//! In memory per node for now; the scale-out issue moves the counters to the shared store.
+//!
+//! [`SharedLimiter`] counts in the store, so every node sharing a database shares one budget
+//! (the control plane's client-authentication, login, code, reset and mail limits).
+//! [`FailureLimiter`] counts in this process's memory (the gateway's per-route limits, which
+//! are per gateway instance, like Envoy's local rate limit).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::clock::UnixTime;
+use crate::store::Store;
 
 #[derive(Debug)]
 pub struct FailureLimiter {
@@ -81,6 +86,113 @@ impl FailureLimiter {
         }
         e.1 = e.1.saturating_add(1);
     }
+}
+
+/// A failure limit shared by every node on one database: at most `max_failures` events per
+/// key in a fixed window of `window_secs` (the counters are rows of the store, updated
+/// atomically). Keys are stored as SHA-256 digests under the limiter's name, never raw (they
+/// may be addresses). A key found used up is remembered here until its window ends, so a
+/// flood against it costs no database round trip. If the store cannot be reached, the event
+/// is let through (logged): every guessable check behind a limit needs the store too.
+#[derive(Debug)]
+pub struct SharedLimiter {
+    name: &'static str,
+    max_failures: u32,
+    window_secs: i64,
+    /// Stored keys known to be used up, and until when.
+    blocked: Mutex<HashMap<String, UnixTime>>,
+}
+
+impl SharedLimiter {
+    pub fn new(name: &'static str, max_failures: u32, window_secs: i64) -> Self {
+        Self { name, max_failures: max_failures.max(1), window_secs, blocked: Mutex::new(HashMap::new()) }
+    }
+
+    fn stored_key(&self, key: &str) -> String {
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, key.as_bytes());
+        let hex: String = d.as_ref().iter().take(20).map(|b| format!("{b:02x}")).collect();
+        format!("{}:{hex}", self.name)
+    }
+
+    /// `Err(retry after)` if this node already knows `stored` is used up.
+    fn known_blocked(&self, stored: &str, now: UnixTime) -> Result<(), u64> {
+        let Ok(map) = self.blocked.lock() else { return Ok(()) };
+        match map.get(stored) {
+            Some(until) if *until > now => Err(retry_after(*until, now)),
+            _ => Ok(()),
+        }
+    }
+
+    fn remember_blocked(&self, stored: &str, until: UnixTime, now: UnixTime) {
+        let Ok(mut map) = self.blocked.lock() else { return };
+        if map.len() > SWEEP_ABOVE {
+            map.retain(|_, u| *u > now);
+        }
+        map.insert(stored.to_owned(), until);
+    }
+
+    /// `Err(retry after)` when `key` has used up its events in its current window.
+    pub async fn check(&self, store: &dyn Store, key: &str, now: UnixTime) -> Result<(), u64> {
+        let stored = self.stored_key(key);
+        self.known_blocked(&stored, now)?;
+        match store.attempt_count(&stored, now).await {
+            Ok(Some((n, until))) if n >= self.max_failures => {
+                self.remember_blocked(&stored, until, now);
+                Err(retry_after(until, now))
+            }
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::error!(error = %e, limiter = self.name, "could not read a shared failure counter");
+                Ok(())
+            }
+        }
+    }
+
+    /// Counts an event for every key in `keys`: `Err(retry after)` when any of them is past its
+    /// limit with this event (which counts all the same: a refused attempt is an attempt).
+    pub async fn fail(&self, store: &dyn Store, keys: &[&str], now: UnixTime) -> Result<(), u64> {
+        let stored: Vec<String> = keys.iter().map(|k| self.stored_key(k)).collect();
+        for s in &stored {
+            self.known_blocked(s, now)?;
+        }
+        let counts = match store.count_attempts(&stored, self.window_secs, now).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, limiter = self.name, "could not count a failure in the shared counters");
+                return Ok(());
+            }
+        };
+        let mut refused = None;
+        for (s, (n, until)) in stored.iter().zip(counts) {
+            if n >= self.max_failures {
+                self.remember_blocked(s, until, now);
+            }
+            if n > self.max_failures {
+                refused = Some(refused.map_or(retry_after(until, now), |r: u64| r.max(retry_after(until, now))));
+            }
+        }
+        refused.map_or(Ok(()), Err)
+    }
+
+    /// Counts an event for `key` without asking whether it may happen.
+    pub async fn record(&self, store: &dyn Store, key: &str, now: UnixTime) {
+        let _ = self.fail(store, &[key], now).await;
+    }
+
+    /// Takes back one counted event (an attempt that turned out right).
+    pub async fn forgive(&self, store: &dyn Store, key: &str, now: UnixTime) {
+        let stored = self.stored_key(key);
+        if let Ok(mut map) = self.blocked.lock() {
+            map.remove(&stored);
+        }
+        if let Err(e) = store.forgive_attempt(&stored, now).await {
+            tracing::warn!(error = %e, limiter = self.name, "could not take back a counted attempt");
+        }
+    }
+}
+
+fn retry_after(until: UnixTime, now: UnixTime) -> u64 {
+    u64::try_from(until - now).unwrap_or(1).max(1)
 }
 
 #[cfg(test)]

@@ -264,6 +264,10 @@ pub trait Store: Send + Sync + 'static {
     /// same kinds inactive, in one transaction: a rotation or an import. Inactive issuing CAs
     /// stay (their certificates remain valid and their CRLs are still signed).
     async fn activate_ca_certificates(&self, certs: &[CaCertificate], audit: &AuditEvent) -> StoreResult<()>;
+    /// Makes the inactive issuing CA `id` the active one and the active one inactive, in one
+    /// transaction (a staged successor's promotion). `Conflict` if `id` is not an inactive
+    /// issuing CA any more (another node promoted it).
+    async fn promote_issuing_ca(&self, id: &str, audit: &AuditEvent) -> StoreResult<()>;
 
     /// `Conflict` if the serial (or id) exists: serials are unique by constraint.
     async fn insert_certificate(&self, cert: &IssuedCertificate, audit: &AuditEvent) -> StoreResult<()>;
@@ -505,6 +509,37 @@ pub trait Store: Send + Sync + 'static {
     /// Loads a backup in one transaction: all of it or nothing. Refuses (`Conflict`) a database
     /// that holds data unless `replace`, which deletes everything first.
     async fn restore(&self, input: &mut (dyn std::io::BufRead + Send), replace: bool) -> StoreResult<BackupSummary>;
+
+    // ---- several nodes on one database ----------------------------------------------------------
+
+    /// Counts one event for each of `keys` in its fixed window, shared by every node: a key's
+    /// window opens at its first event and lasts `window_secs`; an event after it ended opens a
+    /// new one. Returns each key's count in its window and when the window ends, in `keys`
+    /// order. Atomic per key, so events counted at once on several nodes all count.
+    async fn count_attempts(
+        &self,
+        keys: &[String],
+        window_secs: i64,
+        now: UnixTime,
+    ) -> StoreResult<Vec<(u32, UnixTime)>>;
+    /// A key's count and window end, if its window has not ended at `now`.
+    async fn attempt_count(&self, key: &str, now: UnixTime) -> StoreResult<Option<(u32, UnixTime)>>;
+    /// Takes back one counted event of a live window (an attempt that turned out right).
+    async fn forgive_attempt(&self, key: &str, now: UnixTime) -> StoreResult<()>;
+    /// Deletes counters whose window ended before `now`.
+    async fn purge_attempt_counters(&self, now: UnixTime) -> StoreResult<u64>;
+
+    /// Takes or renews the lease `name` for `holder` until `now + ttl_secs`: `true` if `holder`
+    /// has it now (it was free, expired, or already `holder`'s). One holder at a time across
+    /// every node sharing the database.
+    async fn take_lease(&self, name: &str, holder: &str, now: UnixTime, ttl_secs: i64) -> StoreResult<bool>;
+    /// Gives the lease up if `holder` has it (a clean shutdown), so another node need not wait.
+    async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<()>;
+
+    /// A signal that wakes (`notify_one`) whenever a transaction on any node committed audit
+    /// events — PostgreSQL `LISTEN/NOTIFY`; `None` where the backend has no such signal (one
+    /// SQLite node). It may miss a notification (a lost connection): readers also poll.
+    async fn change_signal(&self) -> StoreResult<Option<std::sync::Arc<tokio::sync::Notify>>>;
 }
 
 /// What a backup holds (or a restore loaded).

@@ -54,8 +54,10 @@ pub const TABLES: &[&str] = &[
     "user_totp",
 ];
 
-/// Tables that are not data: the migration record (the restored database has its own).
-pub const NOT_BACKED_UP: &[&str] = &["portcullis_migrations"];
+/// Tables that are not data: the migration record (the restored database has its own), and
+/// the running nodes' coordination — failure-counter windows of a minute or an hour, and
+/// leases of whoever was running then (a restored lease would only hold up the schedule).
+pub const NOT_BACKED_UP: &[&str] = &["portcullis_migrations", "attempt_counters", "leases"];
 
 /// The longest line a restore reads (a row with a large PEM or CRL is far below it).
 const MAX_LINE: usize = 64 << 20;

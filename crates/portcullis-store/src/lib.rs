@@ -13,6 +13,7 @@ mod migrate;
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -26,7 +27,7 @@ use portcullis_core::store::{BackupSummary, KeyRotation, Store, StoreResult};
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 pub use migrate::checksum;
 
@@ -1437,6 +1438,33 @@ macro_rules! sql_store {
                 tx.commit().await.map_err(db_err)
             }
 
+            async fn promote_issuing_ca(&self, id: &str, audit: &AuditEvent) -> StoreResult<()> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                // The promotion first: it is the write that decides between racing nodes.
+                let n = sqlx::query("UPDATE ca_certificates SET active = $1 WHERE id = $2 AND kind = $3 AND active = $4")
+                    .bind(true)
+                    .bind(id)
+                    .bind(CaKind::Issuing.as_str())
+                    .bind(false)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?
+                    .rows_affected();
+                if n != 1 {
+                    return Err(StoreError::Conflict(format!("issuing CA {id} is not a staged successor")));
+                }
+                sqlx::query("UPDATE ca_certificates SET active = $1 WHERE kind = $2 AND active = $3 AND id <> $4")
+                    .bind(false)
+                    .bind(CaKind::Issuing.as_str())
+                    .bind(true)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                self.insert_audit(&mut *tx, audit).await?;
+                tx.commit().await.map_err(db_err)
+            }
+
             async fn insert_certificate(&self, c: &IssuedCertificate, audit: &AuditEvent) -> StoreResult<()> {
                 self.store_certificate(c, audit).await
             }
@@ -2235,9 +2263,91 @@ macro_rules! sql_store {
                     failed_sign_ins: n("failures")?,
                 })
             }
+
+            // ---- several nodes on one database ------------------------------------------------
+
+            async fn count_attempts(&self, keys: &[String], window_secs: i64, now: UnixTime) -> StoreResult<Vec<(u32, UnixTime)>> {
+                let mut tx = self.pool.begin().await.map_err(db_err)?;
+                let mut out = Vec::with_capacity(keys.len());
+                for key in keys {
+                    // Every SET expression sees the row as it was: a window that ended restarts.
+                    let r = sqlx::query(
+                        "INSERT INTO attempt_counters (key, events, window_end) VALUES ($1, 1, $2) \
+                         ON CONFLICT (key) DO UPDATE SET \
+                           events = CASE WHEN attempt_counters.window_end <= $3 THEN 1 ELSE attempt_counters.events + 1 END, \
+                           window_end = CASE WHEN attempt_counters.window_end <= $3 THEN $2 ELSE attempt_counters.window_end END \
+                         RETURNING events, window_end",
+                    )
+                    .bind(key)
+                    .bind(now.saturating_add(window_secs))
+                    .bind(now)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                    out.push(Self::attempt_row(&r)?);
+                }
+                tx.commit().await.map_err(db_err)?;
+                Ok(out)
+            }
+
+            async fn attempt_count(&self, key: &str, now: UnixTime) -> StoreResult<Option<(u32, UnixTime)>> {
+                let r = sqlx::query("SELECT events, window_end FROM attempt_counters WHERE key = $1 AND window_end > $2")
+                    .bind(key)
+                    .bind(now)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(db_err)?;
+                r.as_ref().map(Self::attempt_row).transpose()
+            }
+
+            async fn forgive_attempt(&self, key: &str, now: UnixTime) -> StoreResult<()> {
+                sqlx::query("UPDATE attempt_counters SET events = events - 1 WHERE key = $1 AND events > 0 AND window_end > $2")
+                    .bind(key)
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db_err)?;
+                Ok(())
+            }
+
+            async fn purge_attempt_counters(&self, now: UnixTime) -> StoreResult<u64> {
+                let r = sqlx::query("DELETE FROM attempt_counters WHERE window_end < $1").bind(now).execute(&self.pool).await.map_err(db_err)?;
+                Ok(r.rows_affected())
+            }
+
+            async fn take_lease(&self, name: &str, holder: &str, now: UnixTime, ttl_secs: i64) -> StoreResult<bool> {
+                let r = sqlx::query(
+                    "INSERT INTO leases (name, holder, expires_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at \
+                     WHERE leases.holder = excluded.holder OR leases.expires_at <= $4 \
+                     RETURNING holder",
+                )
+                .bind(name)
+                .bind(holder)
+                .bind(now.saturating_add(ttl_secs))
+                .bind(now)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_err)?;
+                Ok(r.is_some())
+            }
+
+            async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<()> {
+                sqlx::query("DELETE FROM leases WHERE name = $1 AND holder = $2").bind(name).bind(holder).execute(&self.pool).await.map_err(db_err)?;
+                Ok(())
+            }
+
+            async fn change_signal(&self) -> StoreResult<Option<Arc<tokio::sync::Notify>>> {
+                self.change_notifier().await
+            }
         }
 
         impl $store {
+            fn attempt_row(r: &$row) -> StoreResult<(u32, UnixTime)> {
+                let events: i64 = r.try_get("events").map_err(db_err)?;
+                Ok((u32::try_from(events.max(0)).unwrap_or(u32::MAX), r.try_get("window_end").map_err(db_err)?))
+            }
+
             /// Binds, as `$1…$19`, the application columns that both INSERT and UPDATE write,
             /// in one order kept in one place.
             fn bind_app_settings<'q>(
@@ -2690,6 +2800,11 @@ impl SqliteStore {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+
+    /// One SQLite file has one serving node: there is nobody else's change to hear of.
+    async fn change_notifier(&self) -> StoreResult<Option<Arc<Notify>>> {
+        Ok(None)
+    }
 }
 
 sql_store!(SqliteStore, SqlitePool, sqlx::sqlite::SqliteRow);
@@ -2698,11 +2813,19 @@ backup_store!(SqliteStore, SqlitePool, sqlx::sqlite::SqliteRow);
 
 /// PostgreSQL for scale-out: several nodes share one database. Migrations take an advisory
 /// lock so nodes starting together apply them once.
+///
+/// Every committed transaction that wrote a successful audit event notifies the channel
+/// [`CHANGES_CHANNEL`] (a trigger, migration 0007); [`Store::change_signal`] listens on it.
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
     chain: audit::ChainKeySlot,
+    /// The `LISTEN` connection's wake-up, made on first use.
+    changes: Arc<tokio::sync::OnceCell<Arc<Notify>>>,
 }
+
+/// The `NOTIFY` channel of committed changes.
+pub const CHANGES_CHANNEL: &str = "portcullis_changes";
 
 impl PgStore {
     pub async fn connect(url: &str, now: UnixTime) -> StoreResult<Self> {
@@ -2713,9 +2836,45 @@ impl PgStore {
             .connect_with(opts)
             .await
             .map_err(db_err)?;
-        let store = Self { pool, chain: audit::ChainKeySlot::default() };
+        let store = Self { pool, chain: audit::ChainKeySlot::default(), changes: Arc::default() };
         store.run_migrations(Some("SELECT pg_advisory_xact_lock(7261426469)"), migrate::POSTGRES, now).await?;
         Ok(store)
+    }
+
+    /// Listens on [`CHANGES_CHANNEL`] from a connection of its own and wakes the returned
+    /// `Notify` on every notification, and after the connection was lost (notifications sent
+    /// meanwhile are gone: the reader polls then). The listening task ends when the pool is
+    /// closed, or at the first notification after the `Notify` was dropped.
+    async fn change_notifier(&self) -> StoreResult<Option<Arc<Notify>>> {
+        let notify = self
+            .changes
+            .get_or_try_init(|| async {
+                let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await.map_err(db_err)?;
+                listener.listen(CHANGES_CHANNEL).await.map_err(db_err)?;
+                let notify = Arc::new(Notify::new());
+                let weak = Arc::downgrade(&notify);
+                tokio::spawn(async move {
+                    loop {
+                        let got = listener.try_recv().await;
+                        let Some(wake) = weak.upgrade() else { return };
+                        // A lost connection (`None`, reconnected on the next call) or an error
+                        // may have swallowed notifications: wake the reader to poll.
+                        wake.notify_one();
+                        match got {
+                            Ok(Some(_)) => {}
+                            Ok(None) => tracing::warn!("change notifications interrupted; reconnecting"),
+                            Err(sqlx::Error::PoolClosed) => return,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "change notifications failed; retrying");
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
+                        }
+                    }
+                });
+                Ok::<_, StoreError>(notify)
+            })
+            .await?;
+        Ok(Some(notify.clone()))
     }
 
     /// PostgreSQL flushes the WAL of concurrent commits together itself: one transaction each.

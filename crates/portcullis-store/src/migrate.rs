@@ -16,9 +16,11 @@ macro_rules! migrations {
 }
 
 pub const SQLITE: &[Migration] = migrations!("sqlite": 1 => "0001_initial", 2 => "0002_auth_api", 3 => "0003_pki",
-    4 => "0004_oidc", 5 => "0005_gateway_browser_sessions", 6 => "0006_audit_chain");
+    4 => "0004_oidc", 5 => "0005_gateway_browser_sessions", 6 => "0006_audit_chain",
+    7 => "0007_scale_out");
 pub const POSTGRES: &[Migration] = migrations!("postgres": 1 => "0001_initial", 2 => "0002_auth_api", 3 => "0003_pki",
-    4 => "0004_oidc", 5 => "0005_gateway_browser_sessions", 6 => "0006_audit_chain");
+    4 => "0004_oidc", 5 => "0005_gateway_browser_sessions", 6 => "0006_audit_chain",
+    7 => "0007_scale_out");
 
 /// FNV-1a 64 of the file: detects edited migrations; not a security boundary.
 pub fn checksum(sql: &str) -> String {

@@ -118,11 +118,27 @@ contract_tests!(
     concurrent_appends_from_several_nodes_form_one_chain,
     backup_and_restore_round_trip_on_both_backends,
     backups_cover_every_table,
+    shared_attempt_counters_count_atomically_per_window,
+    leases_have_one_holder_until_they_run_out,
+    staged_issuing_cas_are_promoted_once,
 );
 
 /// The audit chain and backup/restore cases.
 mod audit_backup;
 use audit_backup::*;
+
+/// PostgreSQL's `LISTEN/NOTIFY` change signal; one SQLite file has none.
+mod change_signal {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_committed_changes_wake_listeners() {
+        super::run_pg(super::committed_changes_wake_listeners).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_has_no_change_signal() {
+        super::run_sqlite(|s| async move { assert!(s.change_signal().await.unwrap().is_none()) }).await;
+    }
+}
 
 /// Databases left at schema v2 with rows in it, then opened (and so migrated) by the store.
 mod upgrade {
@@ -5071,4 +5087,126 @@ async fn organisation_counts_count_only_what_the_dashboard_shows(s: Arc<dyn Stor
     let counts = s.organisation_counts(&other.id, NOW, NOW + 30 * DAY, NOW - 100).await.unwrap();
     assert_eq!(counts, OrganisationCounts { applications: 1, users: 1, certificates_expiring: 1, failed_sign_ins: 1 });
     assert_eq!(s.organisation_counts("no-such-org", NOW, NOW + DAY, 0).await.unwrap(), zero);
+}
+
+async fn shared_attempt_counters_count_atomically_per_window(s: Arc<dyn Store>) {
+    let keys = |ks: &[&str]| ks.iter().map(|k| (*k).to_owned()).collect::<Vec<_>>();
+    assert_eq!(s.attempt_count("ip:a", NOW).await.unwrap(), None);
+    assert_eq!(
+        s.count_attempts(&keys(&["ip:a", "client:x"]), 60, NOW).await.unwrap(),
+        vec![(1, NOW + 60), (1, NOW + 60)]
+    );
+    assert_eq!(s.count_attempts(&keys(&["ip:a"]), 60, NOW + 10).await.unwrap(), vec![(2, NOW + 60)], "same window");
+    assert_eq!(s.attempt_count("ip:a", NOW + 59).await.unwrap(), Some((2, NOW + 60)));
+    assert_eq!(s.attempt_count("ip:a", NOW + 60).await.unwrap(), None, "the window ended");
+    s.forgive_attempt("ip:a", NOW + 20).await.unwrap();
+    assert_eq!(s.attempt_count("ip:a", NOW + 20).await.unwrap(), Some((1, NOW + 60)), "one taken back");
+    s.forgive_attempt("ip:a", NOW + 20).await.unwrap();
+    s.forgive_attempt("ip:a", NOW + 20).await.unwrap();
+    assert_eq!(s.attempt_count("ip:a", NOW + 20).await.unwrap(), Some((0, NOW + 60)), "never below zero");
+    assert_eq!(
+        s.count_attempts(&keys(&["ip:a"]), 60, NOW + 60).await.unwrap(),
+        vec![(1, NOW + 120)],
+        "an event after the window ended opens a new one"
+    );
+
+    // Concurrent events (several nodes) all count, each seeing a different count.
+    let mut tasks = Vec::new();
+    for _ in 0..24 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move { s.count_attempts(&["client:race".to_owned()], 60, NOW).await.unwrap() }));
+    }
+    let mut seen = Vec::new();
+    for t in tasks {
+        seen.push(t.await.unwrap()[0].0);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (1..=24).collect::<Vec<u32>>());
+    assert_eq!(s.attempt_count("client:race", NOW).await.unwrap(), Some((24, NOW + 60)));
+
+    assert_eq!(s.purge_attempt_counters(NOW + 61).await.unwrap(), 2, "client:x and client:race ended");
+    assert_eq!(s.attempt_count("ip:a", NOW + 61).await.unwrap(), Some((1, NOW + 120)), "a live window stays");
+}
+
+async fn leases_have_one_holder_until_they_run_out(s: Arc<dyn Store>) {
+    assert!(s.take_lease("maintenance", "node-a", NOW, 30).await.unwrap());
+    assert!(!s.take_lease("maintenance", "node-b", NOW + 1, 30).await.unwrap(), "held by node-a");
+    assert!(s.take_lease("other-job", "node-b", NOW + 1, 30).await.unwrap(), "leases are per name");
+    assert!(s.take_lease("maintenance", "node-a", NOW + 20, 30).await.unwrap(), "the holder renews");
+    assert!(!s.take_lease("maintenance", "node-b", NOW + 40, 30).await.unwrap(), "renewed until NOW + 50");
+    assert!(s.take_lease("maintenance", "node-b", NOW + 50, 30).await.unwrap(), "run out: taken over");
+    assert!(!s.take_lease("maintenance", "node-a", NOW + 51, 30).await.unwrap());
+    s.release_lease("maintenance", "node-a").await.unwrap();
+    assert!(!s.take_lease("maintenance", "node-c", NOW + 52, 30).await.unwrap(), "only the holder releases");
+    s.release_lease("maintenance", "node-b").await.unwrap();
+    assert!(s.take_lease("maintenance", "node-c", NOW + 52, 30).await.unwrap(), "released: free at once");
+
+    // Nodes asking at once: exactly one gets it.
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move { s.take_lease("race", &format!("node-{i}"), NOW, 30).await.unwrap() }));
+    }
+    let mut winners = 0;
+    for t in tasks {
+        winners += usize::from(t.await.unwrap());
+    }
+    assert_eq!(winners, 1);
+}
+
+async fn staged_issuing_cas_are_promoted_once(s: Arc<dyn Store>) {
+    let root = CaCertificate { active: true, ..ca_cert("ca-root", CaKind::Root, NOW - 10) };
+    let old = ca_cert("ca-issuing-1", CaKind::Issuing, NOW);
+    s.insert_ca_certificates(&[root.clone(), old.clone()], &audit(None, "ca.create")).await.unwrap();
+    let staged = CaCertificate { active: false, ..ca_cert("ca-issuing-2", CaKind::Issuing, NOW + 100) };
+    s.insert_ca_certificates(std::slice::from_ref(&staged), &audit(None, "ca.stage")).await.unwrap();
+    let active = |cas: Vec<CaCertificate>| cas.into_iter().filter(|c| c.active).map(|c| c.id).collect::<Vec<_>>();
+    assert_eq!(active(s.ca_certificates().await.unwrap()), vec!["ca-root", "ca-issuing-1"], "staged: not issuing");
+
+    let ev = audit(None, "ca.promote");
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let (s, ev) = (s.clone(), AuditEvent { id: new_id(), ..ev.clone() });
+        tasks.push(tokio::spawn(async move { s.promote_issuing_ca("ca-issuing-2", &ev).await }));
+    }
+    let mut won = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => won += 1,
+            Err(e) => assert!(matches!(e, StoreError::Conflict(_)), "{e:?}"),
+        }
+    }
+    assert_eq!(won, 1, "one node promotes; the others conflict");
+    assert_eq!(active(s.ca_certificates().await.unwrap()), vec!["ca-root", "ca-issuing-2"]);
+    let promotions =
+        s.audit_events(None, page(50, 0)).await.unwrap().into_iter().filter(|e| e.action == "ca.promote").count();
+    assert_eq!(promotions, 1, "the losers wrote no audit row");
+    assert_conflict(s.promote_issuing_ca("ca-root", &audit(None, "ca.promote")).await, "a root is never promoted");
+    assert_conflict(s.promote_issuing_ca("ca-missing", &audit(None, "ca.promote")).await, "unknown id");
+    assert_eq!(active(s.ca_certificates().await.unwrap()), vec!["ca-root", "ca-issuing-2"], "refusals changed nothing");
+}
+
+async fn committed_changes_wake_listeners(s: Arc<dyn Store>) {
+    let signal = s.change_signal().await.unwrap().expect("PostgreSQL signals changes");
+    let woken = |n: Arc<tokio::sync::Notify>| async move {
+        tokio::time::timeout(std::time::Duration::from_secs(5), n.notified()).await.is_ok()
+    };
+    // Drain a wake-up the listener may have stored while connecting.
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(200), signal.notified()).await;
+    let wait = tokio::spawn(woken(signal.clone()));
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    seed_org(&*s, "notified").await;
+    assert!(wait.await.unwrap(), "a committed change wakes the listener");
+
+    let mut failure = audit(None, "client.authenticate");
+    failure.outcome = "failure".into();
+    s.append_audit(&failure).await.unwrap();
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(700), signal.notified()).await.is_err(),
+        "a failed attempt changes nothing and notifies nobody"
+    );
+    assert!(
+        s.change_signal().await.unwrap().is_some_and(|again| Arc::ptr_eq(&again, &signal)),
+        "one listener per store"
+    );
 }

@@ -679,7 +679,15 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])
         .and_then(|b| b.install_recorder())
         .map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
-    spawn_maintenance(w.core.clone(), metrics.clone(), Duration::from_secs(s.raw.tokens.key_check_interval));
+    // Names this process in the maintenance lease (several nodes may share the database).
+    let node = portcullis_core::ids::new_id();
+    spawn_maintenance(
+        w.core.clone(),
+        metrics.clone(),
+        Duration::from_secs(s.raw.tokens.key_check_interval),
+        node.clone(),
+    );
+    spawn_change_follower(w.core.clone());
     spawn_mail_delivery(w.core.clone());
     spawn_logout_delivery(w.core.clone(), HttpLogoutNotifier::new()?);
     let app = portcullis_web::router(portcullis_web::AppState { core: w.core.clone(), metrics: Some(metrics) });
@@ -723,6 +731,9 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
     if let Some(t) = gateway_task {
         let _ = t.await;
     }
+    if let Err(e) = w.core.release_maintenance(&node).await {
+        tracing::warn!(error = %e, "could not give up the maintenance lease; it runs out by itself");
+    }
     tracing::info!("shut down cleanly");
     Ok(())
 }
@@ -762,32 +773,75 @@ async fn start_tls_listener(
     Ok(tokio::spawn(portcullis_web::tls::serve(listener, config, app, stop)))
 }
 
-/// Background upkeep: the key schedule (and picking up keys rotated elsewhere), purging
-/// expired revocations, and the metrics recorder's housekeeping.
-fn spawn_maintenance(core: Arc<Portcullis>, metrics: metrics_exporter_prometheus::PrometheusHandle, every: Duration) {
+/// Background upkeep every `every`: with the maintenance lease (one node at a time), the key
+/// and issuing-CA schedules, purges and expiry notices; on every node, re-reading the keys and
+/// CAs (another node's rotation is picked up here at the latest); the metrics recorder's
+/// housekeeping.
+fn spawn_maintenance(
+    core: Arc<Portcullis>,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    every: Duration,
+    node: String,
+) {
+    // Three missed rounds and another node takes over.
+    let lease = i64::try_from(every.as_secs().saturating_mul(3)).unwrap_or(i64::MAX).max(10);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            match core.maintain_keys().await {
-                Ok(true) => tracing::info!("signing keys rotated on schedule"),
-                Ok(false) => {}
-                Err(e) => tracing::error!(error = %e, "key maintenance failed"),
-            }
-            if let Err(e) = core.purge_expired_revocations().await {
-                tracing::warn!(error = %e, "purging expired revocations failed");
-            }
-            if let Err(e) = core.purge_ended_credentials().await {
-                tracing::warn!(error = %e, "purging ended sessions and codes failed");
-            }
-            if let Err(e) = core.load_ca().await {
-                tracing::error!(error = %e, "CA and CRL refresh failed");
-            }
-            if let Err(e) = core.send_expiry_notices().await {
-                tracing::warn!(error = %e, "certificate expiry notices failed");
+            match core.maintain(&node, lease).await {
+                Ok(m) => {
+                    if m.keys_rotated {
+                        tracing::info!("signing keys rotated on schedule");
+                    }
+                    if let Some(id) = &m.ca_staged {
+                        tracing::info!(ca = %id, "successor issuing CA created and published; it issues once every node has it");
+                    }
+                    if let Some(id) = &m.ca_promoted {
+                        tracing::info!(ca = %id, "successor issuing CA now issues");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "maintenance failed"),
             }
             metrics.run_upkeep();
+        }
+    });
+}
+
+/// How often a node re-reads the change feed even without a notification.
+const CHANGE_RESYNC: Duration = Duration::from_secs(2);
+
+/// Follows the changes every node commits (see `portcullis_core::usecases::cluster`): at once
+/// when the store signals one (PostgreSQL `LISTEN/NOTIFY`), at most ten rounds a second, and
+/// every [`CHANGE_RESYNC`] regardless, so a lost notification is made up for.
+fn spawn_change_follower(core: Arc<Portcullis>) {
+    tokio::spawn(async move {
+        let signal = match core.change_signal().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "no change notifications; polling for other nodes' changes");
+                None
+            }
+        };
+        let mut cursor: Option<String> = None;
+        loop {
+            match core.follow_changes(cursor.as_deref()).await {
+                Ok((next, refreshed)) => {
+                    if refreshed != portcullis_core::usecases::Refreshed::default() {
+                        tracing::debug!(?refreshed, "refreshed after changes");
+                    }
+                    cursor = Some(next);
+                }
+                Err(e) => tracing::warn!(error = %e, "following changes failed; retrying"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            match &signal {
+                Some(n) => {
+                    let _ = tokio::time::timeout(CHANGE_RESYNC, n.notified()).await;
+                }
+                None => tokio::time::sleep(CHANGE_RESYNC).await,
+            }
         }
     });
 }

@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::ids::{Email, RoleName, new_id};
 use crate::mail::{Mailer, MemoryMailer, Message, OutgoingMail};
 use crate::model::*;
-use crate::ratelimit::FailureLimiter;
+use crate::ratelimit::SharedLimiter;
 use crate::settings::AuthSettings;
 
 pub const SESSION_TOKEN_PREFIX: &str = "pcs_";
@@ -43,13 +43,13 @@ pub(crate) struct AuthState {
     pub(crate) mail_queued: tokio::sync::Notify,
     password_slots: tokio::sync::Semaphore,
     password_wait: Duration,
-    pub(crate) account_attempts: FailureLimiter,
-    ip_attempts: FailureLimiter,
+    pub(crate) account_attempts: SharedLimiter,
+    ip_attempts: SharedLimiter,
     /// Password resets asked for per address (known or not): 3 per 15 minutes.
-    pub(crate) reset_requests: FailureLimiter,
+    pub(crate) reset_requests: SharedLimiter,
     /// Self-service actions that send mail (adding an address, creating an API key), per user:
     /// 10 an hour.
-    pub(crate) mail_actions: FailureLimiter,
+    pub(crate) mail_actions: SharedLimiter,
     /// By the token's keyed hash.
     sessions: RwLock<HashMap<[u8; 32], Cached<SessionEntry>>>,
     /// By the public `api-key` value.
@@ -68,10 +68,10 @@ impl AuthState {
             mail_queued: tokio::sync::Notify::new(),
             password_slots: tokio::sync::Semaphore::new(s.password_hash_concurrency.max(1)),
             password_wait: Duration::from_millis(s.password_queue_wait_ms),
-            account_attempts: FailureLimiter::new(s.attempts_per_account_per_minute.max(1), 60),
-            ip_attempts: FailureLimiter::new(s.attempts_per_ip_per_minute.max(1), 60),
-            reset_requests: FailureLimiter::new(3, 900),
-            mail_actions: FailureLimiter::new(10, 3600),
+            account_attempts: SharedLimiter::new("account", s.attempts_per_account_per_minute.max(1), 60),
+            ip_attempts: SharedLimiter::new("ip", s.attempts_per_ip_per_minute.max(1), 60),
+            reset_requests: SharedLimiter::new("reset", 3, 900),
+            mail_actions: SharedLimiter::new("mail", 10, 3600),
             sessions: RwLock::new(HashMap::new()),
             api_keys: RwLock::new(HashMap::new()),
             generation: std::sync::atomic::AtomicU64::new(0),
@@ -378,31 +378,34 @@ impl Portcullis {
 
     // ---- attempt limits -------------------------------------------------------------------
 
-    /// Counts an attempt for the account (if known) and the client IP: 429 when either has
-    /// used up its minute.
-    pub(crate) fn count_attempt(&self, ctx: &RequestContext, account: Option<&str>) -> Result<()> {
+    /// Counts an attempt for the client IP and the account (if known), across every node:
+    /// 429 when either has used up its minute.
+    pub(crate) async fn count_attempt(&self, ctx: &RequestContext, account: Option<&str>) -> Result<()> {
         let now = self.now();
         let ip_key = format!("ip:{}", ip_bucket(ctx.ip.as_deref()));
+        let store = self.store.as_ref();
         self.auth
             .ip_attempts
-            .check(&ip_key, now)
+            .fail(store, &[&ip_key], now)
+            .await
             .map_err(|retry_after_secs| Error::RateLimited { retry_after_secs })?;
         if let Some(a) = account {
             self.auth
                 .account_attempts
-                .fail(&[&format!("account:{a}")], now)
+                .fail(store, &[&format!("account:{a}")], now)
+                .await
                 .map_err(|retry_after_secs| Error::RateLimited { retry_after_secs })?;
         }
-        self.auth.ip_attempts.record_failure(&ip_key, now);
         Ok(())
     }
 
     /// Self-service actions that send mail are limited per user (no mail bombing through a
     /// stolen session, no unbounded rows).
-    pub(crate) fn count_mail_action(&self, user_id: &str) -> Result<()> {
+    pub(crate) async fn count_mail_action(&self, user_id: &str) -> Result<()> {
         self.auth
             .mail_actions
-            .fail(&[user_id], self.now())
+            .fail(self.store.as_ref(), &[user_id], self.now())
+            .await
             .map_err(|retry_after_secs| Error::RateLimited { retry_after_secs })
     }
 
@@ -560,7 +563,7 @@ impl Portcullis {
         sub: &CodeSubmission,
         purpose: VerificationPurpose,
     ) -> Result<Verification> {
-        self.count_attempt(ctx, None)?;
+        self.count_attempt(ctx, None).await?;
         if !looks_like_code(&sub.code) {
             return Err(Error::invalid(format!("code must be {CODE_DIGITS} digits")));
         }
@@ -584,7 +587,8 @@ impl Portcullis {
         if !uniform {
             self.auth
                 .account_attempts
-                .fail(&[&account_key], self.now())
+                .fail(self.store.as_ref(), &[&account_key], self.now())
+                .await
                 .map_err(|retry_after_secs| Error::RateLimited { retry_after_secs })?;
         }
         if v.consumed_at.is_some() {
@@ -608,7 +612,7 @@ impl Portcullis {
             return Err(refuse(&format!("wrong code ({left} tries left)")));
         }
         if !uniform {
-            self.auth.account_attempts.forgive(&account_key);
+            self.auth.account_attempts.forgive(self.store.as_ref(), &account_key, self.now()).await;
         }
         Ok(v)
     }
@@ -666,7 +670,7 @@ impl Portcullis {
         app_factor: bool,
     ) -> Result<(PendingSession, bool)> {
         let email = Email::parse(&req.email)?;
-        self.count_attempt(ctx, Some(email.as_str()))?;
+        self.count_attempt(ctx, Some(email.as_str())).await?;
         let user = self.login_candidate(&email, req.organisation.as_deref()).await?;
         let now = self.now();
         let locked = user.as_ref().is_some_and(|u| u.locked_until.is_some_and(|t| t > now));
@@ -877,6 +881,17 @@ impl Portcullis {
         }
     }
 
+    /// Drops every cached session and API key (another node changed some).
+    pub(crate) fn forget_all_credentials(&self) {
+        self.auth.generation.fetch_add(1, Ordering::AcqRel);
+        if let Ok(mut map) = self.auth.sessions.write() {
+            map.clear();
+        }
+        if let Ok(mut map) = self.auth.api_keys.write() {
+            map.clear();
+        }
+    }
+
     /// Drops every cached session and API key of `user_id` (after a change to the user, or to
     /// all its sessions at once). Scans both caches: for the rarer changes only.
     pub(crate) fn forget_user_credentials(&self, user_id: &str) {
@@ -952,8 +967,10 @@ impl Portcullis {
         reason: &str,
     ) -> Error {
         if let Some(ip) = &ctx.ip
-            && let Err(retry_after_secs) =
-                self.auth_failures.fail(&[&format!("credential-ip:{}", ip_bucket(Some(ip)))], self.now())
+            && let Err(retry_after_secs) = self
+                .auth_failures
+                .fail(self.store.as_ref(), &[&format!("credential-ip:{}", ip_bucket(Some(ip)))], self.now())
+                .await
         {
             return Error::RateLimited { retry_after_secs };
         }
@@ -1082,7 +1099,7 @@ impl Portcullis {
     /// it works once the emailed code is verified.
     pub async fn create_api_key(&self, ctx: &RequestContext, who: &Principal, req: NewApiKey) -> Result<CreatedApiKey> {
         let user_id = who.ensure_user()?.to_owned();
-        self.count_mail_action(&user_id)?;
+        self.count_mail_action(&user_id).await?;
         let org = self.organisation_or_404(&who.org).await?;
         let user = self.store.user(&org.id, &user_id).await?.ok_or_else(|| Error::NotFound("user".into()))?;
         let name = req.name.trim();

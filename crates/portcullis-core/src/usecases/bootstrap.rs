@@ -1,7 +1,9 @@
 //! First start (DESIGN §1): check the master key against the database, then make sure every
 //! piece exists — signing keys, CA hierarchy, platform organisation, bootstrap admin user and
 //! the `portcullis$admin` application. Each step is idempotent, so a restart (or a start that
-//! crashed half-way) reuses what exists and creates only what is missing.
+//! crashed half-way) reuses what exists and creates only what is missing. Nodes starting
+//! together on one database take turns (a lease), so the CA hierarchy and the admin are
+//! created once.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -43,8 +45,32 @@ pub async fn master_key_matches(store: &dyn Store, vault: &dyn KeyVault) -> Resu
     Ok(Some(vault.open(VAULT_CHECK_PURPOSE, &bytes).is_ok_and(|p| p.as_slice() == VAULT_CHECK_PLAINTEXT)))
 }
 
+/// The lease nodes starting together take in turn: the first creates what is missing, the
+/// others find it.
+const BOOTSTRAP_LEASE: &str = "bootstrap";
+/// Longer than any bootstrap takes; a node that crashed holding the lease delays the others
+/// this long at most.
+const BOOTSTRAP_LEASE_SECS: i64 = 60;
+
 impl Portcullis {
+    /// Makes sure every piece exists (see the module documentation), one node at a time.
     pub async fn bootstrap(&self, secrets: BootstrapSecrets) -> Result<BootstrapReport> {
+        let holder = new_id();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+        while !self.store.take_lease(BOOTSTRAP_LEASE, &holder, self.now(), BOOTSTRAP_LEASE_SECS).await? {
+            if tokio::time::Instant::now() > deadline {
+                return Err(Error::internal("another node has been initialising the database for two minutes"));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let report = self.bootstrap_alone(secrets).await;
+        if let Err(e) = self.store.release_lease(BOOTSTRAP_LEASE, &holder).await {
+            tracing::warn!(error = %e, "could not give up the bootstrap lease; it runs out by itself");
+        }
+        report
+    }
+
+    async fn bootstrap_alone(&self, secrets: BootstrapSecrets) -> Result<BootstrapReport> {
         let mut report = BootstrapReport::default();
         self.check_vault().await?;
         // Only once the master key is known to be this database's: it seals the chain head.

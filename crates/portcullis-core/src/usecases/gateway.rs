@@ -255,6 +255,8 @@ pub const FEED_ACTIONS: &[(&str, FeedEffect)] = &[
     ("certificate.revoke", FeedEffect { trust: true, principals: true, ..NOTHING }),
     ("ca.create", TRUST),
     ("ca.rotate", TRUST),
+    ("ca.stage", TRUST),
+    ("ca.promote", TRUST),
     ("ca.import", TRUST),
     // Token signing keys.
     ("signing_key.create", KEYS),
@@ -884,6 +886,8 @@ mod tests {
             ("certificate.revoke", "principals+trust"),
             ("ca.create", "trust"),
             ("ca.rotate", "trust"),
+            ("ca.stage", "trust"),
+            ("ca.promote", "trust"),
             ("ca.import", "trust"),
             ("signing_key.create", "keys"),
             ("signing_key.rotate", "keys"),

@@ -131,25 +131,32 @@ impl Portcullis {
     /// configured interval, and always refreshes the ring (so keys rotated elsewhere — the
     /// CLI, another node — are picked up). Returns whether it rotated.
     pub async fn maintain_keys(&self) -> Result<bool> {
-        let interval = self.settings.key_rotation_interval;
-        let mut rotated = false;
-        if interval > 0 {
-            let stored = self.store.signing_keys().await?;
-            let now = self.now();
-            let due = stored
-                .iter()
-                .filter(|k| k.state == KeyState::Current)
-                .any(|k| k.activated_at.unwrap_or(k.created_at) + interval <= now);
-            if due {
-                match self.rotate_signing_keys("system:schedule", false).await {
-                    Ok(_) => rotated = true,
-                    // The next keys are too fresh (a manual rotation just happened): later.
-                    Err(Error::Conflict(_)) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
+        let rotated = self.rotate_keys_if_due().await?;
         self.reload_keys().await?;
         Ok(rotated)
+    }
+
+    /// Rotates when the oldest current key is older than the configured interval (run by the
+    /// node holding the maintenance lease). Returns whether it rotated.
+    pub(crate) async fn rotate_keys_if_due(&self) -> Result<bool> {
+        let interval = self.settings.key_rotation_interval;
+        if interval <= 0 {
+            return Ok(false);
+        }
+        let stored = self.store.signing_keys().await?;
+        let now = self.now();
+        let due = stored
+            .iter()
+            .filter(|k| k.state == KeyState::Current)
+            .any(|k| k.activated_at.unwrap_or(k.created_at) + interval <= now);
+        if !due {
+            return Ok(false);
+        }
+        match self.rotate_signing_keys("system:schedule", false).await {
+            Ok(_) => Ok(true),
+            // The next keys are too fresh (a manual rotation just happened): later.
+            Err(Error::Conflict(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 }

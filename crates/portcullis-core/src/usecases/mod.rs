@@ -5,6 +5,7 @@
 mod admin;
 mod auth;
 mod bootstrap;
+mod cluster;
 mod gateway;
 mod keys;
 mod oauth;
@@ -18,6 +19,7 @@ use std::sync::{Arc, RwLock};
 pub use admin::*;
 pub use auth::*;
 pub use bootstrap::*;
+pub use cluster::*;
 pub use gateway::*;
 pub use oauth::*;
 pub use oidc::*;
@@ -139,7 +141,7 @@ pub struct Portcullis {
     pub(crate) settings: CoreSettings,
     caches: Caches,
     /// Failed client authentications per client id and per IP.
-    auth_failures: crate::ratelimit::FailureLimiter,
+    auth_failures: crate::ratelimit::SharedLimiter,
     /// The platform's own service, built once (its audience is the issuer).
     pub(crate) platform: Service,
     pub(crate) auth: auth::AuthState,
@@ -157,7 +159,7 @@ impl std::fmt::Debug for Portcullis {
 
 impl Portcullis {
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, vault: Arc<dyn KeyVault>, settings: CoreSettings) -> Self {
-        let auth_failures = crate::ratelimit::FailureLimiter::new(settings.auth_failures_per_minute, 60);
+        let auth_failures = crate::ratelimit::SharedLimiter::new("auth", settings.auth_failures_per_minute, 60);
         let platform = platform_service(&settings.issuer);
         let settings_auth = settings.auth.clone();
         Self {

@@ -445,7 +445,7 @@ impl Portcullis {
         let client_key = format!("client:{presented}");
         let ip_key = ctx.ip.as_deref().map(|ip| format!("ip:{}", super::auth::ip_bucket(Some(ip))));
         let keys: Vec<&str> = std::iter::once(client_key.as_str()).chain(ip_key.as_deref()).collect();
-        if let Err(retry_after_secs) = self.auth_failures.fail(&keys, now) {
+        if let Err(retry_after_secs) = self.auth_failures.fail(self.store.as_ref(), &keys, now).await {
             return Error::RateLimited { retry_after_secs }.into();
         }
         self.audit_failed_authentication(ctx, presented, "client.authenticate", reason).await;
@@ -722,8 +722,10 @@ impl Portcullis {
         reason: &str,
     ) -> Error {
         if let Some(ip) = &ctx.ip
-            && let Err(retry_after_secs) =
-                self.auth_failures.fail(&[&format!("bearer-ip:{}", super::auth::ip_bucket(Some(ip)))], self.now())
+            && let Err(retry_after_secs) = self
+                .auth_failures
+                .fail(self.store.as_ref(), &[&format!("bearer-ip:{}", super::auth::ip_bucket(Some(ip)))], self.now())
+                .await
         {
             return Error::RateLimited { retry_after_secs };
         }

@@ -570,7 +570,7 @@ impl Portcullis {
     /// The second step with an authenticator app: the code of the current (±1) time step,
     /// never one accepted before, counted against the verification's tries.
     pub async fn verify_login_totp(&self, ctx: &RequestContext, verification_id: &str, code: &str) -> Result<()> {
-        self.count_attempt(ctx, None)?;
+        self.count_attempt(ctx, None).await?;
         if !super::auth::plausible_id(verification_id) {
             return Err(Error::Unauthenticated("sign in again".into()));
         }
@@ -587,7 +587,8 @@ impl Portcullis {
         let account_key = format!("verify:{}", v.user_id);
         self.auth
             .account_attempts
-            .fail(&[&account_key], self.now())
+            .fail(self.store.as_ref(), &[&account_key], self.now())
+            .await
             .map_err(|retry_after_secs| Error::RateLimited { retry_after_secs })?;
         let Some(tries) = self.store.count_verification_attempt(&v.id).await? else {
             return Err(Error::Unauthenticated("sign in again".into()));
@@ -610,7 +611,7 @@ impl Portcullis {
             self.audit_code_failure(ctx, &v, "authenticator code replayed").await;
             return Err(Error::Unauthenticated("this code was already used; wait for the next one".into()));
         }
-        self.auth.account_attempts.forgive(&account_key);
+        self.auth.account_attempts.forgive(self.store.as_ref(), &account_key, self.now()).await;
         self.consume(
             ctx,
             &v,
@@ -714,7 +715,7 @@ impl Portcullis {
 
     /// Confirms the enrolment with a first code.
     pub async fn confirm_totp(&self, ctx: &RequestContext, who: &super::auth::SessionEntry, code: &str) -> Result<()> {
-        self.count_attempt(ctx, Some(who.user.email.as_str()))?;
+        self.count_attempt(ctx, Some(who.user.email.as_str())).await?;
         self.fresh_sign_in(who)?;
         let user = &who.user;
         let Some(t) = self.store.user_totp(&user.id).await? else {
@@ -1567,7 +1568,7 @@ impl Portcullis {
         link_token: &str,
         password: SecretString,
     ) -> Result<User> {
-        self.count_attempt(ctx, None)?;
+        self.count_attempt(ctx, None).await?;
         let (v, user) = self.invitation(link_token).await?;
         crate::crypto::password::check_password_policy(&password)?;
         let hash = self.hash_password_limited(password).await?;
@@ -1589,7 +1590,7 @@ impl Portcullis {
     /// `/register`: self-registration where the organisation allows it. The answer is the
     /// same whether or not the address has an account (an existing one gets nothing).
     pub async fn register(&self, ctx: &RequestContext, org_slug: &str, email: &str, name: Option<&str>) -> Result<()> {
-        self.count_attempt(ctx, Some(email))?;
+        self.count_attempt(ctx, Some(email)).await?;
         let org = self.registration_org(org_slug).await?;
         let address = crate::ids::Email::parse(email)?;
         if self.store.user_by_email(&org.id, address.as_str()).await?.is_some() {

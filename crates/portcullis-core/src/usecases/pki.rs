@@ -901,22 +901,12 @@ impl Portcullis {
     /// A new issuing CA signed by the root; the old one stops issuing but stays loaded (its
     /// certificates remain valid until they expire, and its CRL is still signed).
     pub async fn rotate_issuing_ca(&self, actor: &str) -> Result<CaCertificate> {
-        let now = self.now();
         let records = self.store.ca_certificates().await?;
         let root = records
             .iter()
             .find(|r| r.kind == CaKind::Root && r.active)
             .ok_or_else(|| Error::Conflict("there is no active root CA".into()))?;
-        let root_key = self.vault.open(&ca::seal_purpose(&root.id), &root.sealed_private_key)?;
-        let n = records.iter().filter(|r| r.kind == CaKind::Issuing).count() + 1;
-        let new = ca::issue_issuing_ca(
-            self.vault.as_ref(),
-            root,
-            &root_key,
-            &format!("Portcullis Issuing CA {n}"),
-            now,
-            self.settings.ca.issuing_ca_validity_days,
-        )?;
+        let new = self.new_issuing_ca(root, &records)?;
         let ev = self.audit(
             &RequestContext::default(),
             actor,
@@ -928,6 +918,20 @@ impl Portcullis {
         self.store.activate_ca_certificates(std::slice::from_ref(&new), &ev).await?;
         self.load_ca().await?;
         Ok(new)
+    }
+
+    /// A new issuing CA signed by `root` (active), numbered after the issuing CAs in `records`.
+    pub(crate) fn new_issuing_ca(&self, root: &CaCertificate, records: &[CaCertificate]) -> Result<CaCertificate> {
+        let root_key = self.vault.open(&ca::seal_purpose(&root.id), &root.sealed_private_key)?;
+        let n = records.iter().filter(|r| r.kind == CaKind::Issuing).count() + 1;
+        ca::issue_issuing_ca(
+            self.vault.as_ref(),
+            root,
+            &root_key,
+            &format!("Portcullis Issuing CA {n}"),
+            self.now(),
+            self.settings.ca.issuing_ca_validity_days,
+        )
     }
 
     /// Imports an existing CA (PEM certificate + PEM PKCS#8 key). A self-signed CA becomes the

@@ -269,7 +269,7 @@ impl Portcullis {
     pub async fn add_email(&self, ctx: &RequestContext, who: &Principal, email: &str) -> Result<(UserEmail, String)> {
         let user = self.me_user(who).await?;
         let email = Email::parse(email)?;
-        self.count_mail_action(&user.id)?;
+        self.count_mail_action(&user.id).await?;
         if self.store.user_emails(&user.id).await?.len() >= 10 {
             return Err(Error::Conflict("a user may have at most 10 addresses".into()));
         }
@@ -323,7 +323,7 @@ impl Portcullis {
         current_password: SecretString,
     ) -> Result<()> {
         let user = self.me_user(who).await?;
-        self.count_attempt(ctx, Some(user.email.as_str()))?;
+        self.count_attempt(ctx, Some(user.email.as_str())).await?;
         if !self.verify_password_limited(current_password, user.password_hash.clone()).await? {
             return Err(Error::Forbidden("the current password is wrong".into()));
         }
@@ -359,7 +359,7 @@ impl Portcullis {
         let mut user = self.me_user(who).await?;
         crate::crypto::password::check_password_policy(&req.new_password)?;
         // Guessing the current password is guessing a password: same limits as a login.
-        self.count_attempt(ctx, Some(user.email.as_str()))?;
+        self.count_attempt(ctx, Some(user.email.as_str())).await?;
         if !self.verify_password_limited(req.current_password, user.password_hash.clone()).await? {
             let mut ev = self.audit(
                 ctx,
@@ -386,10 +386,11 @@ impl Portcullis {
     /// (no enumeration); only a real account gets a code.
     pub async fn request_password_reset(&self, ctx: &RequestContext, req: ResetRequest) -> Result<String> {
         let email = Email::parse(&req.email)?;
-        self.count_attempt(ctx, Some(email.as_str()))?;
+        self.count_attempt(ctx, Some(email.as_str())).await?;
         self.auth
             .reset_requests
-            .fail(&[email.as_str()], self.now())
+            .fail(self.store.as_ref(), &[email.as_str()], self.now())
+            .await
             .map_err(|retry_after_secs| Error::RateLimited { retry_after_secs })?;
         let Some(user) = self.login_candidate(&email, req.organisation.as_deref()).await?.filter(|u| u.enabled) else {
             self.audit_failed_authentication(ctx, email.as_str(), "user.password.reset", "unknown email").await;

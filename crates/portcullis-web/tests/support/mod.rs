@@ -27,6 +27,22 @@ pub struct Env {
     _dir: tempfile::TempDir,
 }
 
+impl Env {
+    /// A second node: its own core and caches over its own connections to the same database,
+    /// with the same master key, settings and clock, started as `serve` starts one.
+    pub async fn another_node(&self) -> (Router, Arc<Portcullis>) {
+        let store = SqliteStore::open(&self._dir.path().join("t.db"), self.clock.now()).await.unwrap();
+        let core = Arc::new(Portcullis::new(
+            Arc::new(store),
+            self.clock.clone(),
+            Arc::new(LocalKeyVault::new(&[42u8; 32]).unwrap()),
+            self.core.settings().clone(),
+        ));
+        core.bootstrap(BootstrapSecrets { admin_password: None, admin_client_secret: None }).await.unwrap();
+        (router(AppState { core: core.clone(), metrics: None }), core)
+    }
+}
+
 /// `tweak` adjusts the settings; `wrap` may put a mailer of the test's in front of the memory one.
 pub async fn build(
     tweak: impl FnOnce(&mut CoreSettings),
