@@ -527,9 +527,10 @@ pub struct AuditEvent {
     pub details: serde_json::Value,
 }
 
-/// An audit row as the gateway change feed reads it: its position in the log (`seq`, taken
-/// from one counter as rows are inserted, so a row committed late may appear behind newer
-/// positions) and what happened.
+/// An audit row as the change feeds read it: its position in the log (`seq`; since the hash
+/// chain, positions are taken under the chain head's lock and so commit in order, but the
+/// feeds still handle a position appearing late, as databases written before it may) and what
+/// happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditMark {
     pub seq: i64,

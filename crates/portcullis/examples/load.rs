@@ -182,7 +182,8 @@ struct World {
     gateway: String,
     client: (String, String),
     session: String,
-    admin: String,
+    /// The admin's access token, replaced before it expires (a soak outlives it).
+    admin: tokio::sync::RwLock<String>,
     csrs: Vec<String>,
     http: reqwest::Client,
     gw_http: reqwest::Client,
@@ -251,10 +252,11 @@ impl World {
             }
             Op::Certificate => {
                 let csr = &self.csrs[node % self.csrs.len()];
+                let admin = self.admin.read().await.clone();
                 let r = self
                     .http
                     .post(format!("{at}/api/v1/organisations/load/certificates"))
-                    .bearer_auth(&self.admin)
+                    .bearer_auth(admin)
                     .json(&json!({"type": "transport", "application": "client", "csr": csr}))
                     .send()
                     .await
@@ -467,11 +469,36 @@ async fn run(a: Args, work: PathBuf, db_url: String) -> bool {
         gateway: format!("https://localhost:{port}"),
         client,
         session,
-        admin,
+        admin: tokio::sync::RwLock::new(admin),
         csrs,
         http,
         gw_http: gw_http.build().unwrap(),
     });
+
+    // An admin token lives 15 minutes: a new one every 5.
+    {
+        let (world, base) = (world.clone(), base.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(300)).await;
+                let r = world
+                    .http
+                    .post(format!("{base}/oauth2/token"))
+                    .basic_auth("portcullis$admin", Some(ADMIN_SECRET))
+                    .form(&[("grant_type", "client_credentials")])
+                    .send()
+                    .await;
+                let token = match r {
+                    Ok(r) => r.json::<Value>().await.ok().and_then(|v| v["access_token"].as_str().map(str::to_owned)),
+                    Err(_) => None,
+                };
+                match token {
+                    Some(t) => *world.admin.write().await = t,
+                    None => eprintln!("could not renew the admin token; retrying in 5 minutes"),
+                }
+            }
+        });
+    }
 
     // ---- the run --------------------------------------------------------------------------------
     let stats = Arc::new(Mutex::new(Stats::default()));

@@ -689,7 +689,7 @@ async fn health_ready_metrics() {
     assert_eq!(r.text, "ok");
     let r = send(http().get(format!("{}/readyz", s.url))).await;
     r.expect(200);
-    assert_eq!(r.json, json!({ "database": true, "keys": true }));
+    assert_eq!(r.json, json!({ "database": true, "keys": true, "storage": "ok" }));
 
     for _ in 0..3 {
         admin_token(&s).await;
