@@ -131,23 +131,6 @@ impl SharedLimiter {
         map.insert(stored.to_owned(), until);
     }
 
-    /// `Err(retry after)` when `key` has used up its events in its current window.
-    pub async fn check(&self, store: &dyn Store, key: &str, now: UnixTime) -> Result<(), u64> {
-        let stored = self.stored_key(key);
-        self.known_blocked(&stored, now)?;
-        match store.attempt_count(&stored, now).await {
-            Ok(Some((n, until))) if n >= self.max_failures => {
-                self.remember_blocked(&stored, until, now);
-                Err(retry_after(until, now))
-            }
-            Ok(_) => Ok(()),
-            Err(e) => {
-                tracing::error!(error = %e, limiter = self.name, "could not read a shared failure counter");
-                Ok(())
-            }
-        }
-    }
-
     /// Counts an event for every key in `keys`: `Err(retry after)` when any of them is past its
     /// limit with this event (which counts all the same: a refused attempt is an attempt).
     pub async fn fail(&self, store: &dyn Store, keys: &[&str], now: UnixTime) -> Result<(), u64> {
@@ -172,11 +155,6 @@ impl SharedLimiter {
             }
         }
         refused.map_or(Ok(()), Err)
-    }
-
-    /// Counts an event for `key` without asking whether it may happen.
-    pub async fn record(&self, store: &dyn Store, key: &str, now: UnixTime) {
-        let _ = self.fail(store, &[key], now).await;
     }
 
     /// Takes back one counted event (an attempt that turned out right).
