@@ -17,6 +17,8 @@
 #   FUZZ_SECONDS    seconds per target (default 10: the CI smoke; e.g. 600 for a real run)
 #   FUZZ_JOBS       targets run at once (default: the number of CPUs, at most 2)
 #   FUZZ_SANITIZER  none (default) or address (AddressSanitizer; slower, builds separately)
+#   FUZZ_BUILD      release (default: optimised, with debug assertions) or dev (unoptimised:
+#                   builds faster, runs slower; the CI smoke's choice)
 #   FUZZ_RSS_MB     libFuzzer's memory limit per target (default 2048)
 #   CARGO_TARGET_DIR  the fuzz build goes to "$CARGO_TARGET_DIR/fuzz" (default target/fuzz):
 #                   beside the workspace's build, apart from it (other compiler flags)
@@ -35,6 +37,7 @@ die() {
 
 FUZZ_SECONDS=${FUZZ_SECONDS:-10}
 FUZZ_SANITIZER=${FUZZ_SANITIZER:-none}
+FUZZ_BUILD=${FUZZ_BUILD:-release}
 FUZZ_RSS_MB=${FUZZ_RSS_MB:-2048}
 cpus=$(nproc 2>/dev/null || echo 1)
 FUZZ_JOBS=${FUZZ_JOBS:-$((cpus < 2 ? cpus : 2))}
@@ -67,7 +70,11 @@ else
 fi
 [[ ${#targets[@]} -gt 0 ]] || die "no fuzz targets found in fuzz/Cargo.toml"
 
-flags=(--sanitizer "$FUZZ_SANITIZER" --release --debug-assertions)
+case "$FUZZ_BUILD" in
+    release) flags=(--sanitizer "$FUZZ_SANITIZER" --release --debug-assertions) ;;
+    dev) flags=(--sanitizer "$FUZZ_SANITIZER" --dev) ;;
+    *) die "FUZZ_BUILD must be release or dev, not $FUZZ_BUILD" ;;
+esac
 
 start=$SECONDS
 info "building ${#targets[@]} targets (sanitizer: $FUZZ_SANITIZER, target dir: $CARGO_TARGET_DIR)"

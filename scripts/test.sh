@@ -314,7 +314,7 @@ main() {
     local fuzz_seconds=${PORTCULLIS_TEST_FUZZ_SECONDS:-5}
     if [[ -z "${PORTCULLIS_TEST_RUNNER:-}" && $# -eq 0 && "$fuzz_seconds" != 0 ]]; then
         section "Fuzz smoke: scripts/fuzz.sh, ${fuzz_seconds} s per target"
-        FUZZ_SECONDS=$fuzz_seconds nice -n 10 scripts/fuzz.sh </dev/null || status=1
+        FUZZ_SECONDS=$fuzz_seconds FUZZ_BUILD=dev nice -n 10 scripts/fuzz.sh </dev/null || status=1
     fi
 
     section "Tests finished with exit status $status"
