@@ -475,8 +475,8 @@ async fn run(a: Args, work: PathBuf, db_url: String) -> bool {
         gw_http: gw_http.build().unwrap(),
     });
 
-    // An admin token lives 15 minutes: a new one every 5.
-    {
+    // An admin token lives 15 minutes: a new one every 5 (until the run ends).
+    let renewal = {
         let (world, base) = (world.clone(), base.clone());
         tokio::spawn(async move {
             loop {
@@ -497,8 +497,8 @@ async fn run(a: Args, work: PathBuf, db_url: String) -> bool {
                     None => eprintln!("could not renew the admin token; retrying in 5 minutes"),
                 }
             }
-        });
-    }
+        })
+    };
 
     // ---- the run --------------------------------------------------------------------------------
     let stats = Arc::new(Mutex::new(Stats::default()));
@@ -564,6 +564,7 @@ async fn run(a: Args, work: PathBuf, db_url: String) -> bool {
     for w in workers {
         let _ = w.await;
     }
+    renewal.abort();
     let elapsed = started.elapsed().as_secs_f64();
 
     // ---- the report -----------------------------------------------------------------------------

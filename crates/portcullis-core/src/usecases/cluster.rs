@@ -114,7 +114,12 @@ impl Portcullis {
             ..Maintenance::default()
         };
         if m.leader {
-            m.keys_rotated = self.rotate_keys_if_due().await?;
+            // A failed job is logged and the round goes on: one broken job must not stop the
+            // others, nor this node's reloads below.
+            match self.rotate_keys_if_due().await {
+                Ok(rotated) => m.keys_rotated = rotated,
+                Err(e) => tracing::error!(error = %e, "signing-key rotation failed"),
+            }
             match self.maintain_issuing_ca().await {
                 Ok((staged, promoted)) => {
                     m.ca_staged = staged;
