@@ -92,8 +92,10 @@ impl FailureLimiter {
 /// key in a fixed window of `window_secs` (the counters are rows of the store, updated
 /// atomically). Keys are stored as SHA-256 digests under the limiter's name, never raw (they
 /// may be addresses). A key found used up is remembered here until its window ends, so a
-/// flood against it costs no database round trip. If the store cannot be reached, the event
-/// is let through (logged): every guessable check behind a limit needs the store too.
+/// flood against it costs no database round trip (a `forgive` on another node is seen here
+/// only when that window ends). If the store cannot be reached, the event is let through
+/// (logged): the checks behind these limits need the store too, except a client secret
+/// compared with a cached client, and those are 256-bit secrets.
 #[derive(Debug)]
 pub struct SharedLimiter {
     name: &'static str,
