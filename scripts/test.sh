@@ -291,6 +291,12 @@ main() {
 
     section "PostgreSQL"
     ensure_postgres
+    # The full-disk test of crash_e2e.rs runs its own server on a tmpfs: it needs the server
+    # binaries even when the database in use is somebody else's.
+    if ! find_pg_bin; then
+        apt_install postgresql
+        find_pg_bin || die "PostgreSQL server binaries not found after installing 'postgresql'"
+    fi
 
     local runner=()
     if [[ -n "${PORTCULLIS_TEST_RUNNER:-}" ]]; then
